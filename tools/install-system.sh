@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install the Debian packages the plane and its tests need. Idempotent: it asks
+# apt only for what dpkg says is missing, so a warm machine pays nothing.
+set -euo pipefail
+
+PACKAGES=(
+  etcd-server etcd-client                       # the store (etcd 3.4 on bookworm)
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
+  qemu-system-x86 qemu-utils                    # real guests under QEMU
+  busybox-static genisoimage                    # test guest image and config drives
+  extlinux syslinux-common mtools dosfstools    # a real BIOS-bootable test disk
+  python3-venv python3-dev gcc                  # the venv and libvirt-python's build
+  nodejs npm                                    # buf comes from npm
+  iproute2 curl
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# node and npm may come from elsewhere (for example a preinstalled Node.js).
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  missing=("${missing[@]/nodejs}"); missing=("${missing[@]/npm}")
+fi
+read -r -a missing <<<"${missing[*]}"
+((${#missing[@]})) || exit 0
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "missing Debian packages (run as root to install): ${missing[*]}" >&2
+  exit 1
+fi
+echo "installing Debian packages: ${missing[*]}"
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
