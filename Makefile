@@ -1,0 +1,52 @@
+# The two commands (see README.md):
+#   make run    the whole plane on this machine
+#   make test   the test suite
+# Both install whatever is missing first, idempotently: Debian packages, the
+# venv, buf, and the generated API.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BUF := .tools/node_modules/.bin/buf
+BUF_VERSION := 1.75.0
+PROTOS := $(shell find protos third_party -name '*.proto') buf.yaml
+STATE_DIR ?= ./.sf-state
+GRPC_PORT ?= 13001
+REST_PORT ?= 13000
+PYTEST_ARGS ?=
+
+.PHONY: run test deps gen schema-check clean
+
+run: deps gen
+	$(VENV)/bin/sf-up --state-dir $(STATE_DIR) --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT)
+
+test: deps gen schema-check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+deps: .stamps/system .stamps/venv $(BUF)
+
+.stamps/system: tools/install-system.sh
+	bash tools/install-system.sh
+	@mkdir -p .stamps && touch $@
+
+# The generated package must exist before the editable install maps it.
+.stamps/venv: pyproject.toml .stamps/system
+	test -x $(PY) || python3 -m venv $(VENV)
+	mkdir -p shakenfist && touch shakenfist/__init__.py
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@mkdir -p .stamps && touch $@
+
+$(BUF): .stamps/system
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+	test -x $(BUF) && touch $(BUF)
+
+gen: shakenfist/descriptors.binpb
+
+shakenfist/descriptors.binpb: $(PROTOS) tools/gen.py .stamps/venv
+	$(PY) tools/gen.py
+
+schema-check: $(BUF)
+	BUF=$(BUF) bash tools/check-schema.sh
+
+clean:
+	rm -rf shakenfist .stamps build
