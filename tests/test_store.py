@@ -15,21 +15,6 @@ from tests.etcd_server import EtcdServer, _free_ports
 from sfcontrol.store import Store, StoreCompacted, StoreUnavailable, Txn
 
 
-@pytest.fixture(scope="session")
-def etcd(tmp_path_factory):
-    server = EtcdServer(tmp_path_factory.mktemp("etcd-shared") / "data").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def private_etcd(tmp_path):
-    """An etcd of the test's own, for tests that stop or restart it."""
-    server = EtcdServer(tmp_path / "etcd").start()
-    yield server
-    server.stop()
-
-
 @pytest_asyncio.fixture
 async def store(etcd):
     # A fresh prefix per test keeps tests independent on the shared etcd.

@@ -1,0 +1,1 @@
+"""Runtime pieces shared by sfcontrol, sfnode and the gateway."""

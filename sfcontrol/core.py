@@ -1,0 +1,136 @@
+"""The controller's shared state and the one way to change it.
+
+Every change is one etcd transaction built by a function that reads the cache:
+mutate() commits it, retries it when a checked revision moved, records the
+response of a request that carries a request_id (AIP-155) in the same
+transaction, and waits until the cache shows the change before returning.
+"""
+
+import hashlib
+import logging
+import socket
+import time
+from typing import Callable
+
+from google.protobuf import descriptor_pool, message_factory, struct_pb2
+from google.protobuf.message import Message
+
+from sfcommon import errors
+from sfcontrol import caller, keys
+from sfcontrol.cache import Kind, ObjectCache
+from sfcontrol.store import Store, Txn
+from shakenfist.store.v1alpha1 import records_pb2
+from shakenfist.v1 import (agent_operation_pb2, event_pb2, instance_pb2, namespace_pb2,
+                           network_pb2)
+
+log = logging.getLogger(__name__)
+
+KINDS = [
+    Kind('namespaces/', namespace_pb2.Namespace),
+    Kind('namespace-keys/', records_pb2.NamespaceKeyRecord),
+    Kind('instances/', instance_pb2.Instance),
+    Kind('networks/', network_pb2.Network),
+    Kind('interfaces/', network_pb2.NetworkInterface, index=('instance_uuid', 'network_uuid')),
+    Kind('agentops/', agent_operation_pb2.AgentOperation, index=('instance_uuid',)),
+    Kind('nodes/', records_pb2.NodeRecord),
+    Kind('placements/', records_pb2.Placement),
+]
+
+MAX_ATTEMPTS = 20
+
+
+class Core:
+    def __init__(self, store: Store, cache: ObjectCache, fqdn: str | None = None):
+        self.store = store
+        self.cache = cache
+        self.fqdn = fqdn or socket.gethostname()
+
+    @classmethod
+    async def open(cls, store: Store) -> 'Core':
+        cache = ObjectCache(store, KINDS)
+        await cache.start()
+        return cls(store, cache)
+
+    async def close(self):
+        await self.cache.stop()
+
+    # -- changing state --------------------------------------------------------
+    async def mutate(self, build: Callable[[], tuple[Txn, Message]], *,
+                     request: Message | None = None, method: str | None = None) -> Message:
+        """Commit the transaction build() returns and return its response.
+
+        build() reads the cache and checks the revisions it relied on; it is called
+        again when they moved. With a request_id, a repeat of the same request gets
+        the first response and changes nothing."""
+        request_id = getattr(request, 'request_id', '') if request is not None else ''
+        ns = caller.current().namespace
+        method = method or caller.current_method.get()
+        digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest() if request_id else b''
+        if request_id:
+            prior = await self._prior(ns, request_id, method, digest)
+            if prior is not None:
+                return prior[0]
+        for _ in range(MAX_ATTEMPTS):
+            txn, response = build()
+            if request_id:
+                record = records_pb2.RequestRecord(
+                    method=method, request_hash=digest, created_at=time.time(),
+                    response=response.SerializeToString())
+                txn.create(keys.request(ns, request_id), record.SerializeToString())
+            ok, revision = await self.store.commit(txn)
+            if ok:
+                await self.cache.wait_for(revision)
+                return response
+            if request_id:
+                prior = await self._prior(ns, request_id, method, digest, type(response))
+                if prior is not None:
+                    return prior[0]
+            await self.cache.wait_for(revision)
+        raise errors.unavailable('the request conflicted with others too often; retry it')
+
+    async def _prior(self, ns, request_id, method, digest, response_cls=None):
+        found = await self.store.get(keys.request(ns, request_id))
+        if found is None:
+            return None
+        record = records_pb2.RequestRecord.FromString(found[0])
+        if record.method != method or record.request_hash != digest:
+            raise errors.invalid(f'request_id {request_id} was already used for another request')
+        # The retry must also see what the first request changed.
+        await self.cache.wait_for(found[1])
+        if response_cls is None:
+            response_cls = _response_class(method)
+        return (response_cls.FromString(record.response),)
+
+    # -- events ----------------------------------------------------------------
+    def event(self, txn: Txn, ns: str, object_type: int, uuid: str, event_type: int,
+              message: str, extra: dict | None = None, duration: float | None = None):
+        """Add an event to txn, so that it is recorded with the change it describes."""
+        ev = make_event(self.fqdn, object_type, uuid, event_type, message, extra, duration)
+        txn.put(keys.event(ns, object_type_name(object_type), uuid), ev.SerializeToString())
+
+
+def make_event(fqdn, object_type, uuid, event_type, message, extra=None, duration=None):
+    ev = event_pb2.Event(type=event_type, timestamp=time.time(), fqdn=fqdn, message=message,
+                         object_type=object_type, object_uuid=uuid)
+    if duration is not None:
+        ev.duration = duration
+    if extra is not None:
+        ev.extra.update(extra)
+    return ev
+
+
+def object_type_name(object_type: int) -> str:
+    return event_pb2.ObjectType.Name(object_type)[len('OBJECT_TYPE_'):].lower()
+
+
+def _response_class(method: str):
+    """The response class of a method named '/package.Service/Method'."""
+    service, name = method.lstrip('/').rsplit('/', 1)
+    desc = descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
+    return message_factory.GetMessageClass(desc.output_type)
+
+
+def struct(d: dict) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(d)
+    return s

@@ -1,0 +1,452 @@
+"""Instances: the business logic behind InstanceService.
+
+The servicer only adapts calls to these methods. Every change is one
+transaction built from the cache (see Core.mutate).
+"""
+
+import base64
+import uuid as uuidlib
+
+from google.protobuf import json_format
+
+from sfcommon import errors
+from sfcontrol import caller, keys, scheduler, states, validation
+from sfcontrol.core import Core, object_type_name
+from sfcontrol.events import Events
+from sfcontrol.networks import Networks
+from sfcontrol.nodeclient import NodeClients
+from sfcontrol.store import Txn
+from shakenfist.node.v1alpha1 import node_pb2
+from shakenfist.store.v1alpha1 import records_pb2
+from shakenfist.v1 import event_pb2, instance_pb2 as pb, instance_service_pb2 as api
+from shakenfist.v1 import network_pb2, specs_pb2
+
+OBJ = event_pb2.OBJECT_TYPE_INSTANCE
+AUDIT, STATUS = event_pb2.EVENT_TYPE_AUDIT, event_pb2.EVENT_TYPE_STATUS
+P = pb.PowerState
+ON, OFF, PAUSED = P.Value('POWER_STATE_ON'), P.Value('POWER_STATE_OFF'), P.Value('POWER_STATE_PAUSED')
+A = pb.AgentState
+DEFAULT_PAGE = 1000
+CONSOLE_DEFAULT_LENGTH = 10240
+
+
+def _copy(message):
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
+
+
+class Instances:
+    def __init__(self, core: Core, networks: Networks, nodes: NodeClients, events: Events):
+        self.core = core
+        self.networks = networks
+        self.nodes = nodes
+        self.events = events
+
+    # -- lookups ---------------------------------------------------------------
+    def resolve(self, ref: str, namespace: str | None = None):
+        """An instance by UUID (any state) or by name (active ones in the namespace)."""
+        me = caller.current()
+        if namespace is not None:
+            if not me.can_see(namespace):
+                raise errors.not_found('namespace not found')
+            if self.core.cache.get(keys.namespace(namespace)) is None:
+                raise errors.not_found('namespace not found')
+        entry = self.core.cache.by_uuid('instances/', ref)
+        if entry is not None:
+            if not me.can_see(entry.value.namespace) or (
+                    namespace is not None and entry.value.namespace != namespace):
+                raise errors.not_found('instance not found')
+            return entry
+        scope = namespace or (None if me.is_system else me.namespace)
+        prefix = f'instances/{scope}/' if scope else 'instances/'
+        matches, _ = self.core.cache.range(
+            prefix, filter=lambda i: i.name == ref and states.is_active(i.state))
+        if not matches:
+            raise errors.not_found('instance not found')
+        if len(matches) > 1:
+            raise errors.invalid(f'multiple instances have the name "{ref}" in namespace '
+                                 f'"{scope or "all"}"')
+        return matches[0]
+
+    def view(self, instance: pb.Instance) -> pb.Instance:
+        """The instance as users see it: with its interfaces and its node's health."""
+        out = _copy(instance)
+        out.interfaces.extend(self.networks.interfaces_of(instance.uuid))
+        if instance.HasField('node'):
+            node = self.core.cache.get(keys.node(instance.node))
+            out.node_unreachable = node is None or node.value.unreachable
+        return out
+
+    def _active(self, ref: str):
+        """For power, console and agent calls: NOT_READY (406) unless created."""
+        entry = self.resolve(ref)
+        if entry.value.state != states.CREATED:
+            raise errors.not_ready(f'instance {entry.value.uuid} is not ready '
+                                   f'({states.name(entry.value.state)})')
+        return entry
+
+    # -- create ------------------------------------------------------------------
+    async def create(self, req: api.CreateInstanceRequest):
+        me = caller.current()
+        ns = req.namespace if req.HasField('namespace') else me.namespace
+        if not me.can_see(ns) or self.core.cache.get(keys.namespace(ns)) is None:
+            raise errors.not_found('namespace not found')
+        validation.check_create(req)
+        affinity = {}
+        if req.HasField('metadata') and 'affinity' in req.metadata:
+            affinity = json_format.MessageToDict(req.metadata)['affinity']
+        disk_gib = sum(d.size for d in req.disk if d.type != specs_pb2.DISK_TYPE_CDROM)
+        size = scheduler.size_of(req.cpus, req.memory, disk_gib)
+
+        def build():
+            txn = Txn()
+            inst = pb.Instance(
+                uuid=str(uuidlib.uuid4()), state=states.INITIAL, version=1, name=req.name,
+                namespace=ns, cpus=req.cpus, memory=req.memory, disk_spec=req.disk,
+                uefi=req.uefi, secure_boot=req.secure_boot,
+                configdrive=req.configdrive or pb.CONFIG_DRIVE_OPENSTACK_DISK,
+                machine_type=pb.MACHINE_TYPE_Q35 if req.secure_boot else pb.MACHINE_TYPE_PC,
+                side_channels=(req.side_channels.side_channels if req.HasField('side_channels')
+                               else validation.DEFAULT_SIDE_CHANNELS),
+                power_state=P.Value('POWER_STATE_INITIAL'))
+            inst.metadata.update(json_format.MessageToDict(req.metadata) if req.HasField('metadata') else {})
+            inst.video.CopyFrom(specs_pb2.VideoSpec(**validation.DEFAULT_VIDEO))
+            if req.HasField('video'):
+                inst.video.model, inst.video.memory = req.video.model, req.video.memory
+                inst.video.vdi = req.video.vdi or specs_pb2.VDI_TYPE_SPICE
+            for field in ('ssh_key', 'user_data', 'nvram_template'):
+                if req.HasField(field):
+                    setattr(inst, field, getattr(req, field))
+            if req.HasField('user_data'):
+                try:
+                    base64.b64decode(req.user_data, validate=True)
+                except ValueError:
+                    raise errors.invalid('user_data: must be base64 encoded')
+            if req.HasField('placed_on'):
+                inst.requested_placement = req.placed_on
+            interfaces = [self.networks.new_interface(txn, spec, inst.uuid, order, ns)
+                          for order, spec in enumerate(req.network)]
+            node = scheduler.choose(self.core.cache, size, ns, affinity,
+                                    req.placed_on if req.HasField('placed_on') else None)
+            inst.node = node.value.name
+            scheduler.allocate(txn, node, size)
+            txn.put(keys.instance(ns, inst.uuid), inst.SerializeToString())
+            self._place(txn, inst, interfaces, ON, size)
+            self.core.event(txn, ns, OBJ, inst.uuid, AUDIT, 'create request from API',
+                            {'caller': me.namespace})
+            for iface in interfaces:
+                self.core.event(txn, ns, OBJ, inst.uuid, STATUS, 'allocated ip address',
+                                {'interface': iface.uuid, 'ipv4': iface.ipv4 or None,
+                                 'macaddr': iface.macaddr})
+            self.core.event(txn, ns, OBJ, inst.uuid, STATUS, 'instance placed',
+                            {'node': inst.node})
+            view = _copy(inst)
+            view.interfaces.extend(interfaces)
+            return txn, api.CreateInstanceResponse(instance=view)
+        return await self.core.mutate(build, request=req)
+
+    def _place(self, txn: Txn, inst: pb.Instance, interfaces, desired_power, size):
+        """Write what the instance's node should make true."""
+        desired = node_pb2.DesiredInstance(instance=inst, desired_power_state=desired_power)
+        desired.instance.interfaces.extend(interfaces)
+        for net_uuid in dict.fromkeys(i.network_uuid for i in interfaces):
+            desired.networks.append(self.core.cache.by_uuid('networks/', net_uuid).value)
+        placement = records_pb2.Placement(desired=desired, size=size)
+        txn.put(keys.placement(inst.node, inst.uuid), placement.SerializeToString())
+
+    def _update_placement(self, txn: Txn, inst: pb.Instance, desired_power=None, interfaces=None):
+        entry = self.core.cache.get(keys.placement(inst.node, inst.uuid))
+        if entry is None:
+            return
+        placement = entry.value
+        if interfaces is None:
+            interfaces = self.networks.interfaces_of(inst.uuid)
+        self._place(txn, inst, interfaces, desired_power or placement.desired.desired_power_state,
+                    placement.size)
+
+    # -- read ----------------------------------------------------------------------
+    def get(self, req: api.GetInstanceRequest):
+        entry = self.resolve(req.instance_ref, req.namespace if req.HasField('namespace') else None)
+        return api.GetInstanceResponse(instance=self.view(entry.value))
+
+    def list(self, req: api.ListInstancesRequest):
+        me = caller.current()
+        ns = req.namespace if req.HasField('namespace') else (None if me.is_system else me.namespace)
+        if ns is not None and not me.can_see(ns):
+            raise errors.not_found('namespace not found')
+        page, more = self.core.cache.range(
+            f'instances/{ns}/' if ns else 'instances/', start_after=req.page_token or None,
+            limit=req.page_size or DEFAULT_PAGE,
+            filter=None if req.all else (lambda i: states.is_active(i.state)))
+        return api.ListInstancesResponse(instances=[self.view(e.value) for e in page],
+                                         next_page_token=page[-1].key if more else '')
+
+    # -- delete ----------------------------------------------------------------------
+    async def delete(self, req: api.DeleteInstanceRequest):
+        entry = self.resolve(req.instance_ref, req.namespace if req.HasField('namespace') else None)
+
+        def build():
+            current = self.core.cache.get(entry.key)
+            if current.value.state == states.DELETED:
+                raise errors.not_found('instance not found')
+            txn = Txn()
+            before = self.view(current.value)
+            self._delete(txn, current)
+            return txn, api.DeleteInstanceResponse(instance=before)
+        return await self.core.mutate(build, request=req)
+
+    def _delete(self, txn: Txn, entry):
+        inst = _copy(entry.value)
+        txn.check_revision(entry.key, entry.mod_revision)
+        placement = self.core.cache.get(keys.placement(inst.node, inst.uuid)) if inst.HasField('node') else None
+        self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT, 'delete request from API')
+        if inst.state == states.DELETE_WAIT:
+            return          # already on its way
+        if placement is None:
+            # Nothing on a node (it failed and was cleaned up): delete now.
+            states.check(inst.state, states.DELETED)
+            self.finish_delete(txn, inst)
+        else:
+            states.check(inst.state, states.DELETE_WAIT)
+            inst.state = states.DELETE_WAIT
+            txn.delete(placement.key)       # the node sees it go and tears the domain down
+        txn.put(entry.key, inst.SerializeToString())
+
+    def finish_delete(self, txn: Txn, inst: pb.Instance):
+        """The node has removed the instance: free what it held. Mutates inst."""
+        inst.state = states.ERROR if inst.state in states.ERROR_OF.values() and \
+            inst.state != states.DELETE_WAIT_ERROR else states.DELETED
+        for iface in self.networks.interfaces_of(inst.uuid):
+            if iface.state != network_pb2.NETWORK_INTERFACE_STATE_DELETED:
+                self.networks.release_interface(txn, iface)
+        placement = self.core.cache.get(keys.placement(inst.node, inst.uuid)) if inst.HasField('node') else None
+        node = self.core.cache.get(keys.node(inst.node)) if inst.HasField('node') else None
+        if node is not None and inst.HasField('node') and not inst.node == '':
+            size = (placement.value.size if placement else
+                    scheduler.size_of(inst.cpus, inst.memory,
+                                      sum(d.size for d in inst.disk_spec
+                                          if d.type != specs_pb2.DISK_TYPE_CDROM)))
+            scheduler.allocate(txn, node, size, release=True)
+        if placement is not None:
+            txn.delete(placement.key)
+        inst.power_state = OFF if inst.state == states.ERROR else inst.power_state
+        self.core.event(txn, inst.namespace, OBJ, inst.uuid, STATUS,
+                        'deleted' if inst.state == states.DELETED else 'cleaned up after error')
+
+    async def delete_all(self, req: api.DeleteAllInstancesRequest):
+        me = caller.current()
+        if not req.confirm:
+            raise errors.invalid('parameter confirm is not set true')
+        if me.is_system and not req.HasField('namespace'):
+            raise errors.invalid('system user must specify parameter namespace')
+        ns = req.namespace if req.HasField('namespace') else me.namespace
+        if not me.can_see(ns):
+            raise errors.unauthenticated('you cannot delete other namespaces')
+
+        def build():
+            txn, uuids = Txn(), []
+            live, _ = self.core.cache.range(
+                f'instances/{ns}/', filter=lambda i: i.state not in (states.DELETED, states.DELETE_WAIT_ERROR))
+            for entry in live:
+                self._delete(txn, entry)
+                uuids.append(entry.value.uuid)
+            return txn, api.DeleteAllInstancesResponse(instance_uuids=uuids)
+        return await self.core.mutate(build, request=req)
+
+    # -- interfaces -----------------------------------------------------------------
+    def list_interfaces(self, req: api.ListInstanceInterfacesRequest):
+        entry = self.resolve(req.instance_ref)
+        ifaces = self.networks.interfaces_of(entry.value.uuid)
+        start = int(req.page_token) if req.page_token.isdigit() else 0
+        end = start + req.page_size if req.page_size else len(ifaces)
+        return api.ListInstanceInterfacesResponse(
+            interfaces=ifaces[start:end], next_page_token=str(end) if end < len(ifaces) else '')
+
+    async def add_interface(self, req: api.AddInstanceInterfaceRequest):
+        entry = self.resolve(req.instance_ref)
+        if not req.HasField('network'):
+            raise errors.invalid('network: a networkspec is required')
+        if not req.network.network_uuid:
+            raise errors.invalid('network: a networkspec must name a network_uuid')
+
+        def build():
+            current = self.core.cache.get(entry.key)
+            inst = current.value
+            if inst.state in states.TERMINAL:
+                raise errors.not_ready(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
+            txn = Txn().check_revision(current.key, current.mod_revision)
+            existing = self.networks.interfaces_of(inst.uuid)
+            order = max((i.order for i in existing), default=-1) + 1
+            iface = self.networks.new_interface(txn, req.network, inst.uuid, order, inst.namespace)
+            txn.put(current.key, inst.SerializeToString())      # bumps its revision
+            self._update_placement(txn, inst, interfaces=existing + [iface])
+            self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT, 'hot plug interface request',
+                            {'interface': iface.uuid, 'network': iface.network_uuid})
+            return txn, api.AddInstanceInterfaceResponse(network_interface=iface)
+        return await self.core.mutate(build, request=req)
+
+    # -- metadata --------------------------------------------------------------------
+    def get_metadata(self, req):
+        entry = self.resolve(req.instance_ref)
+        return api.GetInstanceMetadataResponse(metadata=entry.value.metadata)
+
+    async def set_metadata(self, req: api.SetInstanceMetadataRequest):
+        if not req.key:
+            raise errors.invalid('key: a metadata key is required')
+        value = json_format.MessageToDict(req.value) if req.HasField('value') else None
+        if not value:
+            raise errors.invalid('no value specified')
+        validation.check_metadata(req.key, value)
+        return await self._change(req, 'set metadata',
+                                  lambda inst: inst.metadata.update({req.key: value}),
+                                  api.SetInstanceMetadataResponse())
+
+    async def delete_metadata(self, req: api.DeleteInstanceMetadataRequest):
+        def change(inst):
+            if req.key not in inst.metadata:
+                raise errors.not_found(f'metadata key {req.key} not found')
+            del inst.metadata[req.key]
+        return await self._change(req, 'delete metadata', change,
+                                  api.DeleteInstanceMetadataResponse())
+
+    async def _change(self, req, what, change, response, *, ready=False,
+                      desired_power=None, check=None):
+        """Apply change(instance) in one transaction, with an audit event."""
+        entry = self._active(req.instance_ref) if ready else self.resolve(req.instance_ref)
+
+        def build():
+            current = self.core.cache.get(entry.key)
+            inst = _copy(current.value)
+            if ready and inst.state != states.CREATED:
+                raise errors.not_ready(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
+            if check:
+                check(inst)
+            change(inst)
+            txn = Txn().check_revision(current.key, current.mod_revision)
+            txn.put(current.key, inst.SerializeToString())
+            if desired_power is not None:
+                self._update_placement(txn, inst, desired_power=desired_power)
+            self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT, what)
+            return txn, response
+        return await self.core.mutate(build, request=req)
+
+    # -- power ------------------------------------------------------------------------
+    @staticmethod
+    def _not_off(action):
+        def check(inst):
+            if inst.power_state in (OFF, P.Value('POWER_STATE_TRANSITION_TO_OFF')):
+                raise errors.conflict(f'Invalid lifecycle state: you cannot {action} a powered off instance')
+        return check
+
+    async def power_off(self, req):
+        def change(inst):
+            inst.power_state = P.Value('POWER_STATE_TRANSITION_TO_OFF')
+            inst.agent_state = A.Value('AGENT_STATE_NOT_READY_INSTANCE_POWERED_OFF')
+        return await self._change(req, 'poweroff', change, api.PowerOffInstanceResponse(),
+                                  ready=True, desired_power=OFF)
+
+    async def power_on(self, req):
+        def change(inst):
+            inst.power_state = P.Value('POWER_STATE_TRANSITION_TO_ON')
+        return await self._change(req, 'poweron', change, api.PowerOnInstanceResponse(),
+                                  ready=True, desired_power=ON)
+
+    async def pause(self, req):
+        def change(inst):
+            inst.power_state = P.Value('POWER_STATE_TRANSITION_TO_PAUSED')
+            inst.agent_state = A.Value('AGENT_STATE_NOT_READY_INSTANCE_PAUSED')
+        return await self._change(req, 'pause', change, api.PauseInstanceResponse(),
+                                  ready=True, desired_power=PAUSED, check=self._not_off('pause'))
+
+    async def unpause(self, req):
+        def change(inst):
+            inst.power_state = P.Value('POWER_STATE_TRANSITION_TO_ON')
+            if inst.side_channels:
+                inst.agent_state = A.Value('AGENT_STATE_NOT_READY_NO_CONTACT')
+        return await self._change(req, 'unpause', change, api.UnpauseInstanceResponse(),
+                                  ready=True, desired_power=ON, check=self._not_off('unpause'))
+
+    async def reboot(self, req, hard: bool):
+        entry = self._active(req.instance_ref)
+        self._not_off('reboot')(entry.value)
+        response = api.HardRebootInstanceResponse() if hard else api.SoftRebootInstanceResponse()
+
+        async def act():
+            await self.nodes.call(entry.value.node, 'RebootInstance', node_pb2.RebootInstanceRequest(
+                instance_uuid=entry.value.uuid, hard=hard))
+        return await self._node_action(req, entry, 'hard reboot' if hard else 'soft reboot',
+                                       act, response)
+
+    async def _node_action(self, req, entry, what, act, response):
+        """Run a node action, then record it (once per request_id)."""
+        await act()
+
+        def build():
+            txn = Txn()
+            self.core.event(txn, entry.value.namespace, OBJ, entry.value.uuid, AUDIT, what)
+            return txn, response
+        return await self.core.mutate(build, request=req)
+
+    # -- consoles ---------------------------------------------------------------------
+    async def console_data(self, req: api.GetConsoleDataRequest):
+        entry = self.resolve(req.instance_ref)
+        length = req.length if req.HasField('length') else CONSOLE_DEFAULT_LENGTH
+        if length < -1:
+            raise errors.invalid('length must be -1 (everything) or a number of bytes')
+        if not entry.value.HasField('node') or entry.value.state in (states.DELETED,):
+            return api.GetConsoleDataResponse(console={'content_type': 'application/octet-stream'})
+        reply = await self.nodes.call(entry.value.node, 'GetConsoleData', node_pb2.GetConsoleDataRequest(
+            instance_uuid=entry.value.uuid, length=length))
+        resp = api.GetConsoleDataResponse()
+        resp.console.content_type = 'application/octet-stream'
+        resp.console.data = reply.data
+        return resp
+
+    async def clear_console(self, req):
+        entry = self.resolve(req.instance_ref)
+
+        async def act():
+            await self.nodes.call(entry.value.node, 'ClearConsoleData',
+                                  node_pb2.ClearConsoleDataRequest(instance_uuid=entry.value.uuid))
+        return await self._node_action(req, entry, 'console log cleared', act,
+                                       api.DeleteConsoleDataResponse())
+
+    def vdi_helper(self, req):
+        entry = self.resolve(req.instance_ref)
+        inst = entry.value
+        if not inst.HasField('vdi_port'):
+            raise errors.not_ready(f'instance {inst.uuid} has no console yet')
+        node = self.core.cache.get(keys.node(inst.node))
+        vdi = 'vnc' if inst.video.vdi == specs_pb2.VDI_TYPE_VNC else 'spice'
+        lines = ['[virt-viewer]', f'type={vdi}', f'host={node.value.console_host if node else ""}',
+                 f'port={inst.vdi_port}']
+        if inst.HasField('vdi_tls_port'):
+            lines.append(f'tls-port={inst.vdi_tls_port}')
+        lines += [f'title={inst.name}', 'delete-this-file=1']
+        resp = api.GetVdiConsoleHelperResponse()
+        resp.helper.content_type = 'application/x-virt-viewer'
+        resp.helper.data = ('\n'.join(lines) + '\n').encode()
+        return resp
+
+    # -- events -------------------------------------------------------------------------
+    async def list_events(self, req: api.ListInstanceEventsRequest):
+        inst = self.resolve(req.instance_ref).value
+        events, token, cursor = await self.events.list(
+            inst.namespace, OBJ, inst.uuid, event_type=req.event_type,
+            limit=req.page_size or req.limit, page_token=req.page_token)
+        return api.ListInstanceEventsResponse(events=events, next_page_token=token,
+                                              watch_cursor=cursor)
+
+    def events_prefix(self, req):
+        """The event key prefix a WatchEvents request may see (its namespace scoping)."""
+        me = caller.current()
+        object_type = object_type_name(req.object_type) if req.object_type else ''
+        if req.object_ref:
+            if req.object_type != OBJ:
+                raise errors.invalid('object_ref: only instances can be watched by reference')
+            inst = self.resolve(req.object_ref).value
+            return keys.events(inst.namespace, object_type, inst.uuid), ''
+        if me.is_system:
+            return 'events/', object_type
+        return keys.events(me.namespace, object_type), ''

@@ -1,0 +1,117 @@
+"""Authentication, namespace scoping and the error model, for every RPC.
+
+Access comes from the schema: each method's (shakenfist.v1.access) option.
+shakenfist.v1 methods without it are ACCESS_NAMESPACE; the node API is
+ACCESS_SYSTEM (nodes authenticate with a system key); health and reflection
+are public. Handlers raise ApiError; this turns it into a gRPC status with
+ErrorInfo. Anything unexpected is logged and answered INTERNAL, with no
+traceback for the caller.
+"""
+
+import functools
+import logging
+import uuid
+
+import grpc
+from google.protobuf import descriptor_pool
+
+from sfcommon import errors
+from sfcontrol import caller
+from sfcontrol.caller import Caller
+from sfcontrol.store import StoreError
+from shakenfist.v1 import wire_pb2
+
+log = logging.getLogger(__name__)
+PUBLIC, NAMESPACE, SYSTEM = wire_pb2.ACCESS_PUBLIC, wire_pb2.ACCESS_NAMESPACE, wire_pb2.ACCESS_SYSTEM
+_PUBLIC_SERVICES = ('grpc.health.v1.Health', 'grpc.reflection.v1alpha.ServerReflection')
+
+
+@functools.cache
+def access_of(method: str) -> int:
+    """The access policy of '/package.Service/Method'."""
+    service, name = method.lstrip('/').rsplit('/', 1)
+    if service in _PUBLIC_SERVICES:
+        return PUBLIC
+    try:
+        desc = descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
+    except KeyError:
+        return SYSTEM
+    if not service.startswith('shakenfist.v1.'):
+        return SYSTEM
+    return desc.GetOptions().Extensions[wire_pb2.access] or NAMESPACE
+
+
+class ApiInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, auth_provider):
+        self._auth = auth_provider     # a callable returning the Auth (set once started)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        access = access_of(method)
+        auth = self._auth
+
+        def enter(context):
+            md = dict(context.invocation_metadata() or ())
+            request_id = md.get('x-request-id') or str(uuid.uuid4())
+            if access == PUBLIC:
+                who = Caller('', '', request_id)
+            else:
+                who = auth().authenticate(md.get('authorization'), request_id)
+                if access == SYSTEM and not who.is_system:
+                    raise errors.permission_denied('only the system namespace may do this')
+            caller.set_current(who)
+            caller.current_method.set(method)
+
+        async def fail(context, e):
+            if isinstance(e, errors.ApiError):
+                err = e
+            elif isinstance(e, StoreError):
+                log.warning('%s: store failure: %s', method, e)
+                err = errors.unavailable('the state store is unavailable; retry')
+            elif isinstance(e, TimeoutError):
+                err = errors.unavailable('timed out waiting for the state store; retry')
+            else:
+                log.exception('%s failed', method)
+                err = errors.internal('internal error')
+            await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
+
+        def unary(behaviour):
+            async def wrapped(request, context):
+                try:
+                    enter(context)
+                    return await behaviour(request, context)
+                except Exception as e:   # noqa: BLE001 -- every failure becomes a status
+                    if _is_abort(e):
+                        raise
+                    await fail(context, e)
+            return wrapped
+
+        def streaming(behaviour):
+            async def wrapped(request, context):
+                try:
+                    enter(context)
+                    async for item in behaviour(request, context):
+                        yield item
+                except Exception as e:   # noqa: BLE001
+                    if _is_abort(e):
+                        raise
+                    await fail(context, e)
+            return wrapped
+
+        kw = dict(request_deserializer=handler.request_deserializer,
+                  response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kw)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kw)
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)
+
+
+def _is_abort(e: BaseException) -> bool:
+    # context.abort() raises this to end the RPC; it must pass through.
+    return isinstance(e, grpc.aio.AbortError) or type(e).__name__ == 'AbortError'

@@ -1,0 +1,65 @@
+"""The etcd key layout. Every key is relative to the store prefix (/sf by default).
+
+Objects, stored as their protobuf messages and mirrored in memory by the
+ObjectCache (cached=True below):
+
+  namespaces/<ns>                        shakenfist.v1.Namespace
+  namespace-keys/<ns>/<key name>         store.v1alpha1.NamespaceKeyRecord (hash only)
+  instances/<ns>/<uuid>                  shakenfist.v1.Instance
+  networks/<ns>/<uuid>                   shakenfist.v1.Network
+  interfaces/<uuid>                      shakenfist.v1.NetworkInterface
+  agentops/<uuid>                        shakenfist.v1.AgentOperation
+  nodes/<name>                           store.v1alpha1.NodeRecord
+  placements/<node>/<instance uuid>      store.v1alpha1.Placement (what the node watches)
+
+Guards, written with create-if-absent in the same transaction as the object
+they protect, so that two controllers cannot both take one:
+
+  network-names/<ns>/<name>              network uuid
+  addresses/<network uuid>/<ipv4>        interface uuid
+  macs/<mac>                             interface uuid
+  floating/<ipv4>                        interface uuid
+
+Not cached (read from etcd when asked for):
+
+  events/<ns>/<object type>/<object uuid>/<seq>   shakenfist.v1.Event; seq sorts by time
+  requests/<ns>/<request id>             store.v1alpha1.RequestRecord (AIP-155 idempotency)
+  config/token-secret                    the HMAC secret that signs tokens
+"""
+
+import os
+import time
+
+
+def namespace(ns): return f'namespaces/{ns}'
+def namespace_key(ns, name): return f'namespace-keys/{ns}/{name}'
+def namespace_keys(ns): return f'namespace-keys/{ns}/'
+def instance(ns, uuid): return f'instances/{ns}/{uuid}'
+def network(ns, uuid): return f'networks/{ns}/{uuid}'
+def network_name(ns, name): return f'network-names/{ns}/{name}'
+def interface(uuid): return f'interfaces/{uuid}'
+def agentop(uuid): return f'agentops/{uuid}'
+def node(name): return f'nodes/{name}'
+def placement(node_name, uuid): return f'placements/{node_name}/{uuid}'
+def placements(node_name): return f'placements/{node_name}/'
+def address(network_uuid, ipv4): return f'addresses/{network_uuid}/{ipv4}'
+def mac(macaddr): return f'macs/{macaddr}'
+def floating(ipv4): return f'floating/{ipv4}'
+def request(ns, request_id): return f'requests/{ns}/{request_id}'
+TOKEN_SECRET = 'config/token-secret'
+
+
+def events(ns='', object_type='', uuid=''):
+    """The prefix of events, narrowed by whichever parts are given, left to right."""
+    parts = ['events', ns, object_type, uuid]
+    prefix = []
+    for p in parts:
+        if not p:
+            break
+        prefix.append(p)
+    return '/'.join(prefix) + '/'
+
+
+def event(ns, object_type, uuid):
+    """A new event key: the sequence part sorts by time, then at random."""
+    return f'events/{ns}/{object_type}/{uuid}/{time.time_ns():020d}-{os.urandom(3).hex()}'

@@ -1,0 +1,275 @@
+"""Networks, IPAM and network interfaces."""
+
+import ipaddress
+import random
+import uuid as uuidlib
+
+from sfcommon import errors
+from sfcontrol import caller, keys
+from sfcontrol.core import Core
+from sfcontrol.store import Txn
+from shakenfist.v1 import event_pb2, network_pb2 as pb, network_service_pb2 as api, specs_pb2
+
+NET = pb.NetworkState
+IFACE = pb.NetworkInterfaceState
+OBJ_NETWORK = event_pb2.OBJECT_TYPE_NETWORK
+OBJ_IFACE = event_pb2.OBJECT_TYPE_NETWORK_INTERFACE
+AUDIT, STATUS = event_pb2.EVENT_TYPE_AUDIT, event_pb2.EVENT_TYPE_STATUS
+MIN_PREFIX = 29
+DEFAULT_PAGE = 1000
+
+
+def parse_netblock(netblock: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(netblock, strict=False)
+    except ValueError as e:
+        raise errors.invalid(f'cannot parse netblock: {e}')
+    if net.prefixlen > MIN_PREFIX:
+        raise errors.invalid(f'network is below minimum size of /{MIN_PREFIX}')
+    return net
+
+
+def gateway(net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """The first host address is the network's router, never handed out."""
+    return net.network_address + 1
+
+
+def _assignable(net, address) -> bool:
+    return address in net and address not in (net.network_address, net.broadcast_address,
+                                              gateway(net))
+
+
+class Networks:
+    def __init__(self, core: Core, floating_netblock: str):
+        self.core = core
+        self.floating = ipaddress.IPv4Network(floating_netblock)
+
+    # -- lookups ---------------------------------------------------------------
+    def resolve(self, ref: str, namespace: str | None = None):
+        """A network by UUID or name, as the caller may see it; NOT_FOUND otherwise."""
+        me = caller.current()
+        ns = namespace or me.namespace
+        if namespace and not me.can_see(namespace):
+            raise errors.not_found('network not found')
+        entry = self.core.cache.by_uuid('networks/', ref)
+        if entry is None:
+            matches, _ = self.core.cache.range(f'networks/{ns}/', filter=lambda n: n.name == ref
+                                               and n.state != NET.Value('NETWORK_STATE_DELETED'))
+            entry = matches[0] if len(matches) == 1 else None
+        if entry is None or not me.can_see(entry.value.namespace):
+            raise errors.not_found('network not found')
+        return entry
+
+    def interface(self, uuid: str):
+        entry = self.core.cache.get(keys.interface(uuid))
+        if entry is None or not self._visible(entry.value):
+            raise errors.not_found('interface not found')
+        return entry
+
+    def _visible(self, iface) -> bool:
+        inst = self.core.cache.by_uuid('instances/', iface.instance_uuid)
+        return inst is not None and caller.current().can_see(inst.value.namespace)
+
+    def interfaces_of(self, instance_uuid: str):
+        entries = self.core.cache.where('interfaces/', 'instance_uuid', instance_uuid)
+        return sorted((e.value for e in entries), key=lambda i: i.order)
+
+    # -- networks --------------------------------------------------------------
+    async def create(self, req: api.CreateNetworkRequest) -> api.CreateNetworkResponse:
+        me = caller.current()
+        ns = req.namespace if req.HasField('namespace') else me.namespace
+        if not me.can_see(ns):
+            raise errors.not_found('namespace not found')
+        if not req.name:
+            raise errors.invalid('name: a network needs a name')
+        net = parse_netblock(req.netblock)
+
+        def build():
+            if self.core.cache.get(keys.namespace(ns)) is None:
+                raise errors.not_found('namespace not found')
+            network = pb.Network(
+                uuid=str(uuidlib.uuid4()), name=req.name, namespace=ns, netblock=str(net),
+                provide_dhcp=req.provide_dhcp, provide_nat=req.provide_nat,
+                provide_dns=req.provide_dns, vxlan_id=random.randint(1, 2**24 - 1),
+                state=NET.Value('NETWORK_STATE_CREATED'), version=1)
+            txn = Txn().create(keys.network_name(ns, req.name), network.uuid.encode())
+            if req.provide_nat:
+                network.floating_gateway = str(self._random_free(self.floating, self._floating_used()))
+                txn.create(keys.floating(network.floating_gateway), network.uuid.encode())
+            txn.put(keys.network(ns, network.uuid), network.SerializeToString())
+            self.core.event(txn, ns, OBJ_NETWORK, network.uuid, AUDIT, 'create request from API')
+            return txn, api.CreateNetworkResponse(network=network)
+
+        name_taken = self.core.cache.range(
+            f'networks/{ns}/', filter=lambda n: n.name == req.name
+            and n.state != NET.Value('NETWORK_STATE_DELETED'))[0]
+        if name_taken:
+            raise errors.already_exists(f'a network named {req.name} already exists')
+        return await self.core.mutate(build, request=req)
+
+    def list(self, req: api.ListNetworksRequest) -> api.ListNetworksResponse:
+        me = caller.current()
+        prefix = 'networks/' if me.is_system else f'networks/{me.namespace}/'
+        deleted = NET.Value('NETWORK_STATE_DELETED')
+        page, more = self.core.cache.range(
+            prefix, start_after=req.page_token or None, limit=req.page_size or DEFAULT_PAGE,
+            filter=None if req.all else (lambda n: n.state != deleted))
+        return api.ListNetworksResponse(networks=[e.value for e in page],
+                                        next_page_token=page[-1].key if more else '')
+
+    async def delete(self, req: api.DeleteNetworkRequest) -> api.DeleteNetworkResponse:
+        entry = self.resolve(req.network_ref, req.namespace if req.HasField('namespace') else None)
+
+        def build():
+            current = self.core.cache.get(entry.key)
+            network = current.value
+            if network.state == NET.Value('NETWORK_STATE_DELETED'):
+                raise errors.not_found('network not found')
+            txn = Txn().check_revision(current.key, current.mod_revision)
+            self._delete_network(txn, network)
+            return txn, api.DeleteNetworkResponse(network=network)
+        return await self.core.mutate(build, request=req)
+
+    def _delete_network(self, txn: Txn, network: pb.Network):
+        in_use = [i for i in self.core.cache.where('interfaces/', 'network_uuid', network.uuid)
+                  if i.value.state != IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')]
+        if in_use:
+            raise errors.conflict(f'network {network.uuid} is in use by {len(in_use)} interfaces')
+        gone = pb.Network()
+        gone.CopyFrom(network)
+        gone.state = NET.Value('NETWORK_STATE_DELETED')
+        txn.put(keys.network(network.namespace, network.uuid), gone.SerializeToString())
+        txn.delete(keys.network_name(network.namespace, network.name))
+        if network.HasField('floating_gateway'):
+            txn.delete(keys.floating(network.floating_gateway))
+        self.core.event(txn, network.namespace, OBJ_NETWORK, network.uuid, AUDIT,
+                        'delete request from API')
+
+    async def delete_all(self, req: api.DeleteAllNetworksRequest):
+        me = caller.current()
+        if not req.confirm:
+            raise errors.invalid('parameter confirm is not set true')
+        if me.is_system and not req.HasField('namespace'):
+            raise errors.invalid('system user must specify parameter namespace')
+        ns = req.namespace if req.HasField('namespace') else me.namespace
+        if not me.can_see(ns):
+            raise errors.not_found('namespace not found')
+
+        def build():
+            txn, uuids = Txn(), []
+            live, _ = self.core.cache.range(
+                f'networks/{ns}/', filter=lambda n: n.state != NET.Value('NETWORK_STATE_DELETED'))
+            for entry in live:
+                txn.check_revision(entry.key, entry.mod_revision)
+                self._delete_network(txn, entry.value)
+                uuids.append(entry.value.uuid)
+            return txn, api.DeleteAllNetworksResponse(network_uuids=uuids)
+        return await self.core.mutate(build, request=req)
+
+    # -- interfaces and addresses ----------------------------------------------
+    def _used(self, network_uuid: str) -> set[str]:
+        return {e.value.ipv4 for e in self.core.cache.where('interfaces/', 'network_uuid', network_uuid)
+                if e.value.HasField('ipv4')
+                and e.value.state != IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')}
+
+    def new_interface(self, txn: Txn, spec: specs_pb2.NetworkSpec, instance_uuid: str,
+                      order: int, ns: str) -> pb.NetworkInterface:
+        """Allocate an interface (address, MAC) into txn. Guards make the allocation safe
+        against concurrent controllers: a clash fails the transaction, which is retried."""
+        entry = self.resolve(spec.network_uuid, ns)
+        network = entry.value
+        if network.namespace != ns:
+            raise errors.not_found('network not found')
+        if network.state != NET.Value('NETWORK_STATE_CREATED'):
+            raise errors.not_ready(f'network {network.uuid} is not ready ({pb.NetworkState.Name(network.state)})')
+        net = ipaddress.IPv4Network(network.netblock)
+        iface = pb.NetworkInterface(
+            uuid=str(uuidlib.uuid4()), state=IFACE.Value('NETWORK_INTERFACE_STATE_INITIAL'),
+            version=1, network_uuid=network.uuid, instance_uuid=instance_uuid, order=order,
+            model=spec.model or specs_pb2.NIC_MODEL_VIRTIO)
+        used = self._used(network.uuid)
+        if not spec.HasField('address'):
+            iface.ipv4 = str(self._random_free(net, used))
+        elif spec.address != 'none':
+            try:
+                address = ipaddress.IPv4Address(spec.address)
+            except ValueError:
+                raise errors.invalid(f'address {spec.address} is not an IPv4 address')
+            if not _assignable(net, address):
+                raise errors.invalid(f'address {address} is not in the range of network {network.uuid}')
+            if str(address) in used:
+                raise errors.already_exists(f'address {address} is already in use')
+            iface.ipv4 = str(address)
+        if iface.HasField('ipv4'):
+            txn.create(keys.address(network.uuid, iface.ipv4), iface.uuid.encode())
+        iface.macaddr = spec.macaddress if spec.HasField('macaddress') else _random_mac()
+        txn.create(keys.mac(iface.macaddr), iface.uuid.encode())
+        txn.put(keys.interface(iface.uuid), iface.SerializeToString())
+        if spec.float:
+            self._float_into(txn, iface)
+        return iface
+
+    def release_interface(self, txn: Txn, iface: pb.NetworkInterface):
+        """Delete an interface and free its address, MAC and floating address."""
+        gone = pb.NetworkInterface()
+        gone.CopyFrom(iface)
+        gone.state = IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')
+        if iface.HasField('ipv4'):
+            txn.delete(keys.address(iface.network_uuid, iface.ipv4))
+        if iface.HasField('floating'):
+            txn.delete(keys.floating(iface.floating))
+            gone.ClearField('floating')
+        txn.delete(keys.mac(iface.macaddr))
+        txn.put(keys.interface(iface.uuid), gone.SerializeToString())
+
+    def _random_free(self, net, used):
+        hosts = net.num_addresses - 3
+        if hosts - len(used) <= 0:
+            raise errors.insufficient(f'network {net} has no free addresses')
+        for _ in range(64):
+            address = net.network_address + random.randint(2, net.num_addresses - 2)
+            if _assignable(net, address) and str(address) not in used:
+                return address
+        for address in net.hosts():       # nearly full: search in order
+            if _assignable(net, address) and str(address) not in used:
+                return address
+        raise errors.insufficient(f'network {net} has no free addresses')
+
+    def _floating_used(self) -> set[str]:
+        used = {e.value.floating for e in self.core.cache.range('interfaces/')[0]
+                if e.value.HasField('floating')}
+        used |= {e.value.floating_gateway for e in self.core.cache.range('networks/')[0]
+                 if e.value.HasField('floating_gateway')}
+        return used
+
+    def _float_into(self, txn: Txn, iface: pb.NetworkInterface):
+        iface.floating = str(self._random_free(self.floating, self._floating_used()))
+        txn.create(keys.floating(iface.floating), iface.uuid.encode())
+
+    async def float(self, req, floating: bool):
+        entry = self.interface(req.interface_uuid)
+
+        def build():
+            current = self.core.cache.get(entry.key)
+            iface = pb.NetworkInterface()
+            iface.CopyFrom(current.value)
+            if iface.state == IFACE.Value('NETWORK_INTERFACE_STATE_DELETED'):
+                raise errors.not_found('interface not found')
+            txn = Txn().check_revision(current.key, current.mod_revision)
+            if floating and not iface.HasField('floating'):
+                self._float_into(txn, iface)
+            elif not floating and iface.HasField('floating'):
+                txn.delete(keys.floating(iface.floating))
+                iface.ClearField('floating')
+            txn.put(current.key, iface.SerializeToString())
+            inst = self.core.cache.by_uuid('instances/', iface.instance_uuid).value
+            self.core.event(txn, inst.namespace, OBJ_IFACE, iface.uuid, AUDIT,
+                            'float request from API' if floating else 'defloat request from API')
+            response = api.FloatInterfaceResponse() if floating else api.DefloatInterfaceResponse()
+            return txn, response
+        return await self.core.mutate(build, request=req)
+
+
+def _random_mac() -> str:
+    return '02:00:00:%02x:%02x:%02x' % tuple(random.randint(0, 255) for _ in range(3))
+

@@ -1,0 +1,204 @@
+"""The controller's side of the node API (NodeControlService).
+
+Nodes register, send heartbeats, watch the instances placed on them, and
+report what they observe. A node is alive while it heartbeats: each heartbeat
+re-arms a timer; when the timer fires the node is marked unreachable (one
+write, on the transition), and its instances show it.
+"""
+
+import asyncio
+import logging
+import time
+
+from sfcommon import errors
+from sfcontrol import caller, keys, states
+from sfcontrol.agentops import AgentOperations
+from sfcontrol.core import Core
+from sfcontrol.instances import Instances
+from sfcontrol.store import Txn
+from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
+from shakenfist.store.v1alpha1 import records_pb2
+from shakenfist.v1 import event_pb2, instance_pb2
+
+log = logging.getLogger(__name__)
+OBJ_NODE, OBJ_INSTANCE = event_pb2.OBJECT_TYPE_NODE, event_pb2.OBJECT_TYPE_INSTANCE
+STATUS = event_pb2.EVENT_TYPE_STATUS
+
+
+class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
+    def __init__(self, core: Core, instances: Instances, agentops: AgentOperations,
+                 heartbeat_interval: float = 5.0, heartbeat_timeout: float = 20.0):
+        self.core = core
+        self.instances = instances
+        self.agentops = agentops
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def stop(self):
+        for timer in self._timers.values():
+            timer.cancel()
+
+    # -- membership ------------------------------------------------------------
+    async def RegisterNode(self, request: pb.RegisterNodeRequest, context):
+        if not request.name or not request.address:
+            raise errors.invalid('a node needs a name and an address')
+
+        def build():
+            entry = self.core.cache.get(keys.node(request.name))
+            record = records_pb2.NodeRecord(
+                name=request.name, address=request.address, console_host=request.console_host,
+                capacity=request.capacity, features=request.features, registered_at=time.time())
+            # What is allocated follows from the placements, so re-registering heals it.
+            for placement in self.core.cache.range(keys.placements(request.name))[0]:
+                size = placement.value.size
+                record.allocated.cpus += size.cpus
+                record.allocated.memory_mib += size.memory_mib
+                record.allocated.disk_gib += size.disk_gib
+            txn = Txn()
+            if entry is None:
+                txn.check_absent(keys.node(request.name))
+            else:
+                txn.check_revision(entry.key, entry.mod_revision)
+            txn.put(keys.node(request.name), record.SerializeToString())
+            self.core.event(txn, caller.SYSTEM, OBJ_NODE, request.name, STATUS, 'node registered',
+                            {'address': request.address})
+            return txn, pb.RegisterNodeResponse(heartbeat_interval_seconds=self.heartbeat_interval)
+        response = await self.core.mutate(build)
+        self._arm(request.name)
+        return response
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context):
+        entry = self.core.cache.get(keys.node(request.name))
+        if entry is None:
+            raise errors.not_found(f'node {request.name} is not registered')
+        self._arm(request.name)
+        if entry.value.unreachable:
+            await self._set_reachable(request.name, True)
+        return pb.HeartbeatResponse()
+
+    def _arm(self, name: str):
+        if (old := self._timers.pop(name, None)) is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[name] = loop.call_later(
+            self.heartbeat_timeout, lambda: asyncio.ensure_future(self._lost(name)))
+
+    async def _lost(self, name: str):
+        self._timers.pop(name, None)
+        caller.set_current(caller.Caller(caller.SYSTEM))
+        try:
+            await self._set_reachable(name, False)
+            log.warning('node %s missed its heartbeats: marked unreachable', name)
+        except Exception:   # noqa: BLE001 -- a timer callback has no caller to report to
+            log.exception('could not mark node %s unreachable', name)
+
+    async def _set_reachable(self, name: str, reachable: bool):
+        def build():
+            entry = self.core.cache.get(keys.node(name))
+            record = records_pb2.NodeRecord()
+            record.CopyFrom(entry.value)
+            record.unreachable = not reachable
+            txn = Txn().check_revision(entry.key, entry.mod_revision).put(entry.key, record.SerializeToString())
+            self.core.event(txn, caller.SYSTEM, OBJ_NODE, name, STATUS,
+                            'node reachable again' if reachable else 'node unreachable: missed heartbeats')
+            return txn, record
+        await self.core.mutate(build)
+
+    # -- desired state -----------------------------------------------------------
+    async def WatchDesiredInstances(self, request: pb.WatchDesiredInstancesRequest, context):
+        if self.core.cache.get(keys.node(request.name)) is None:
+            raise errors.not_found(f'node {request.name} is not registered')
+        prefix = keys.placements(request.name)
+        listing = await self.core.store.get_prefix(prefix)
+        # Tell the node only what this controller's cache already shows, so that the
+        # node's reports about an instance always find it here.
+        await self.core.cache.wait_for(listing.revision)
+        for _, value, _ in listing:
+            placement = records_pb2.Placement.FromString(value)
+            yield pb.WatchDesiredInstancesResponse(upsert=placement.desired)
+        yield pb.WatchDesiredInstancesResponse(sync_complete=pb.SyncComplete())
+        async for change in self.core.store.watch_prefix(prefix, start_revision=listing.revision + 1):
+            await self.core.cache.wait_for(change.mod_revision)
+            if change.type == 'put':
+                placement = records_pb2.Placement.FromString(change.value)
+                yield pb.WatchDesiredInstancesResponse(upsert=placement.desired)
+            else:
+                yield pb.WatchDesiredInstancesResponse(remove_uuid=change.key.rsplit('/', 1)[-1])
+
+    # -- reports -------------------------------------------------------------------
+    async def ReportInstanceStatus(self, request: pb.ReportInstanceStatusRequest, context):
+        entry = self.core.cache.by_uuid('instances/', request.instance_uuid)
+        if entry is None:
+            raise errors.not_found('instance not found')
+
+        def build():
+            current = self.core.cache.get(entry.key)
+            inst = instance_pb2.Instance()
+            inst.CopyFrom(current.value)
+            if inst.node != request.node:
+                raise errors.conflict(f'instance {inst.uuid} is not placed on {request.node}')
+            txn = Txn().check_revision(current.key, current.mod_revision)
+            if request.HasField('state') and request.state != inst.state:
+                self._apply_state(txn, inst, request)
+            for field in ('power_state', 'agent_state', 'agent_system_boot_time', 'console_port',
+                          'vdi_port', 'vdi_tls_port'):
+                if request.HasField(field):
+                    setattr(inst, field, getattr(request, field))
+            if request.disks_set:
+                del inst.disks[:]
+                inst.disks.extend(request.disks)
+            for iface_uuid, iface_state in request.interface_states.items():
+                iface = self.core.cache.get(keys.interface(iface_uuid))
+                if iface is not None and iface.value.instance_uuid == inst.uuid:
+                    updated = type(iface.value)()
+                    updated.CopyFrom(iface.value)
+                    updated.state = iface_state
+                    txn.check_revision(iface.key, iface.mod_revision).put(iface.key, updated.SerializeToString())
+            txn.put(current.key, inst.SerializeToString())
+            return txn, pb.ReportInstanceStatusResponse()
+        return await self.core.mutate(build)
+
+    def _apply_state(self, txn: Txn, inst, request):
+        new = request.state
+        if new == states.DELETED:
+            if inst.state not in (states.DELETE_WAIT, *states.ERROR_OF.values()):
+                raise errors.conflict(f'instance {inst.uuid} is {states.name(inst.state)}, not being deleted')
+            self.instances.finish_delete(txn, inst)
+            return
+        states.check(inst.state, new)
+        inst.state = new
+        if request.HasField('error_message'):
+            inst.error_message = request.error_message
+        if new in states.ERROR_OF.values():
+            # The node cleans up once the placement goes; it then reports deleted,
+            # which finishes in state error.
+            placement = self.core.cache.get(keys.placement(inst.node, inst.uuid))
+            if placement is not None:
+                txn.delete(placement.key)
+        self.core.event(txn, inst.namespace, OBJ_INSTANCE, inst.uuid, STATUS,
+                        f'state changed to {states.name(new)}',
+                        {'error': request.error_message} if request.HasField('error_message') else None)
+
+    async def RecordEvents(self, request: pb.RecordEventsRequest, context):
+        txn = Txn()
+        for item in request.events:
+            ev = item.event
+            ns = caller.SYSTEM
+            if ev.object_type == OBJ_INSTANCE:
+                inst = self.core.cache.by_uuid('instances/', ev.object_uuid)
+                if inst is None:
+                    continue
+                ns = inst.value.namespace
+            type_name = event_pb2.ObjectType.Name(ev.object_type)[len('OBJECT_TYPE_'):].lower()
+            txn.put(keys.event(ns, type_name, ev.object_uuid), ev.SerializeToString())
+        if txn.ops:
+            await self.core.mutate(lambda: (txn, pb.RecordEventsResponse()))
+        return pb.RecordEventsResponse()
+
+    async def UpdateAgentOperation(self, request: pb.UpdateAgentOperationRequest, context):
+        await self.agentops.update(
+            request.uuid, request.state, results=dict(request.results),
+            error_message=request.error_message if request.HasField('error_message') else None,
+            last_progress=request.last_progress if request.HasField('last_progress') else None)
+        return pb.UpdateAgentOperationResponse()

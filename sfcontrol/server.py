@@ -1,0 +1,112 @@
+"""Assemble and run the controller: one grpc.aio server with reflection and health."""
+
+import dataclasses
+import logging
+import os
+import pathlib
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sfcontrol import services
+from sfcontrol.agentops import AgentOperations
+from sfcontrol.auth import Auth
+from sfcontrol.core import Core
+from sfcontrol.events import Events
+from sfcontrol.interceptor import ApiInterceptor
+from sfcontrol.metadata import Metadata
+from sfcontrol.networks import Networks
+from sfcontrol.nodeapi import NodeControl
+from sfcontrol.nodeclient import NodeClients
+from sfcontrol.instances import Instances
+from sfcontrol.store import Store
+from shakenfist.node.v1alpha1 import node_pb2, node_pb2_grpc
+from shakenfist.v1 import (agent_operation_service_pb2, agent_operation_service_pb2_grpc,
+                           auth_service_pb2, auth_service_pb2_grpc, event_service_pb2,
+                           event_service_pb2_grpc, instance_service_pb2,
+                           instance_service_pb2_grpc, network_service_pb2,
+                           network_service_pb2_grpc, server_service_pb2,
+                           server_service_pb2_grpc)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Config:
+    """Controller settings; each has a flag and an SF_* environment variable (main.py)."""
+    etcd_endpoints: list[str]
+    listen: str = '127.0.0.1:0'
+    state_dir: pathlib.Path | None = None
+    store_prefix: str = '/sf'
+    token_ttl: int = 900
+    floating_netblock: str = '198.51.100.0/24'
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 20.0
+
+
+@dataclasses.dataclass
+class Controller:
+    server: grpc.aio.Server
+    port: int
+    core: Core
+    auth: Auth
+    agentops: AgentOperations
+    node_control: NodeControl
+    nodes: NodeClients
+
+    async def stop(self, grace: float | None = 1.0):
+        await self.server.stop(grace)
+        self.agentops.stop()
+        self.node_control.stop()
+        await self.nodes.close()
+        await self.core.close()
+        await self.core.store.close()
+
+
+async def start(config: Config) -> Controller:
+    store = await Store.connect(config.etcd_endpoints, prefix=config.store_prefix)
+    core = await Core.open(store)
+    auth = await Auth.start(core, config.state_dir, config.token_ttl)
+    nodes = NodeClients(core.cache)
+    networks = Networks(core, config.floating_netblock)
+    events = Events(core)
+    instances = Instances(core, networks, nodes, events)
+    agentops = AgentOperations(core, instances, nodes)
+    agentops.start()
+    node_control = NodeControl(core, instances, agentops, config.heartbeat_interval,
+                               config.heartbeat_timeout)
+    metadata = Metadata(core)
+
+    server = grpc.aio.server(interceptors=[ApiInterceptor(lambda: auth)], options=[
+        ('grpc.max_receive_message_length', 16 * 1024 * 1024)])
+    instance_service_pb2_grpc.add_InstanceServiceServicer_to_server(
+        services.InstanceService(instances), server)
+    network_service_pb2_grpc.add_NetworkServiceServicer_to_server(
+        services.NetworkService(networks, metadata), server)
+    network_service_pb2_grpc.add_InterfaceServiceServicer_to_server(
+        services.InterfaceService(networks, metadata), server)
+    agent_operation_service_pb2_grpc.add_AgentOperationServiceServicer_to_server(
+        services.AgentOperationService(agentops), server)
+    auth_service_pb2_grpc.add_AuthServiceServicer_to_server(services.AuthService(auth), server)
+    event_service_pb2_grpc.add_EventServiceServicer_to_server(
+        services.EventService(instances, events), server)
+    server_service_pb2_grpc.add_ServerServiceServicer_to_server(services.ServerService(), server)
+    node_pb2_grpc.add_NodeControlServiceServicer_to_server(node_control, server)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [m.DESCRIPTOR.services_by_name[s].full_name for m, s in [
+        (instance_service_pb2, 'InstanceService'), (network_service_pb2, 'NetworkService'),
+        (network_service_pb2, 'InterfaceService'),
+        (agent_operation_service_pb2, 'AgentOperationService'),
+        (auth_service_pb2, 'AuthService'), (event_service_pb2, 'EventService'),
+        (server_service_pb2, 'ServerService'), (node_pb2, 'NodeControlService')]]
+    reflection.enable_server_reflection(
+        names + [health_pb2.DESCRIPTOR.services_by_name['Health'].full_name, reflection.SERVICE_NAME],
+        server)
+    port = server.add_insecure_port(config.listen)
+    await server.start()
+    await health_servicer.set('', health_pb2.HealthCheckResponse.SERVING)
+    log.info('controller listening', extra={'port': port, 'pid': os.getpid()})
+    return Controller(server, port, core, auth, agentops, node_control, nodes)

@@ -1,0 +1,158 @@
+"""The public gRPC services: thin adapters from RPCs to the domain objects.
+
+Authentication, namespace scoping and error reporting happen in the
+interceptor; the logic lives in instances.py, networks.py, auth.py,
+agentops.py and events.py.
+"""
+
+from shakenfist.v1 import (agent_operation_service_pb2 as aop, agent_operation_service_pb2_grpc,
+                           auth_service_pb2, auth_service_pb2_grpc, event_service_pb2_grpc,
+                           instance_service_pb2_grpc, network_service_pb2 as net,
+                           network_service_pb2_grpc, server_service_pb2 as server,
+                           server_service_pb2_grpc)
+
+VERSION = '0.1.0'
+# What GET / advertises: only what is implemented (wire reference §A.6). sf-client
+# tests these as substrings of the body.
+CAPABILITIES = [
+    'events-by-type', 'get-instance-namespace', 'get-network-namespace', 'provide-dns',
+    'interface-metadata', 'hot-plug-interface', 'vdi-console-helper', 'instance-execute',
+    'instance-get', 'agentoperations-crud', 'instance-agentoperations-all',
+    'agentoperation-deadlines',
+]
+
+
+class InstanceService(instance_service_pb2_grpc.InstanceServiceServicer):
+    def __init__(self, instances):
+        self.i = instances
+
+    async def ListInstances(self, request, context): return self.i.list(request)
+    async def CreateInstance(self, request, context): return await self.i.create(request)
+    async def GetInstance(self, request, context): return self.i.get(request)
+    async def DeleteInstance(self, request, context): return await self.i.delete(request)
+    async def DeleteAllInstances(self, request, context): return await self.i.delete_all(request)
+    async def ListInstanceInterfaces(self, request, context): return self.i.list_interfaces(request)
+    async def AddInstanceInterface(self, request, context): return await self.i.add_interface(request)
+    async def GetInstanceMetadata(self, request, context): return self.i.get_metadata(request)
+    async def SetInstanceMetadata(self, request, context): return await self.i.set_metadata(request)
+    async def DeleteInstanceMetadata(self, request, context): return await self.i.delete_metadata(request)
+    async def ListInstanceEvents(self, request, context): return await self.i.list_events(request)
+    async def SoftRebootInstance(self, request, context): return await self.i.reboot(request, hard=False)
+    async def HardRebootInstance(self, request, context): return await self.i.reboot(request, hard=True)
+    async def PowerOffInstance(self, request, context): return await self.i.power_off(request)
+    async def PowerOnInstance(self, request, context): return await self.i.power_on(request)
+    async def PauseInstance(self, request, context): return await self.i.pause(request)
+    async def UnpauseInstance(self, request, context): return await self.i.unpause(request)
+    async def GetConsoleData(self, request, context): return await self.i.console_data(request)
+    async def DeleteConsoleData(self, request, context): return await self.i.clear_console(request)
+    async def GetVdiConsoleHelper(self, request, context): return self.i.vdi_helper(request)
+
+
+class NetworkService(network_service_pb2_grpc.NetworkServiceServicer):
+    def __init__(self, networks, metadata):
+        self.n = networks
+        self.m = metadata
+
+    async def CreateNetwork(self, request, context): return await self.n.create(request)
+    async def ListNetworks(self, request, context): return self.n.list(request)
+
+    async def GetNetwork(self, request, context):
+        ns = request.namespace if request.HasField('namespace') else None
+        return net.GetNetworkResponse(network=self.n.resolve(request.network_ref, ns).value)
+
+    async def DeleteNetwork(self, request, context): return await self.n.delete(request)
+    async def DeleteAllNetworks(self, request, context): return await self.n.delete_all(request)
+
+    async def ListNetworkInterfaces(self, request, context):
+        network = self.n.resolve(request.network_ref).value
+        ifaces = [e.value for e in self.n.core.cache.where('interfaces/', 'network_uuid', network.uuid)]
+        start = int(request.page_token) if request.page_token.isdigit() else 0
+        end = start + (request.page_size or 1000)
+        return net.ListNetworkInterfacesResponse(
+            interfaces=ifaces[start:end], next_page_token=str(end) if end < len(ifaces) else '')
+
+    async def GetNetworkMetadata(self, request, context):
+        return net.GetNetworkMetadataResponse(metadata=self.n.resolve(request.network_ref).value.metadata)
+
+    async def SetNetworkMetadata(self, request, context):
+        entry = self.n.resolve(request.network_ref)
+        return await self.m.set(entry.key, request, net.SetNetworkMetadataResponse())
+
+    async def DeleteNetworkMetadata(self, request, context):
+        entry = self.n.resolve(request.network_ref)
+        return await self.m.delete(entry.key, request, net.DeleteNetworkMetadataResponse())
+
+
+class InterfaceService(network_service_pb2_grpc.InterfaceServiceServicer):
+    def __init__(self, networks, metadata):
+        self.n = networks
+        self.m = metadata
+
+    async def GetInterface(self, request, context):
+        return net.GetInterfaceResponse(network_interface=self.n.interface(request.interface_uuid).value)
+
+    async def GetInterfaceMetadata(self, request, context):
+        return net.GetInterfaceMetadataResponse(
+            metadata=self.n.interface(request.interface_uuid).value.metadata)
+
+    async def SetInterfaceMetadata(self, request, context):
+        entry = self.n.interface(request.interface_uuid)
+        return await self.m.set(entry.key, request, net.SetInterfaceMetadataResponse())
+
+    async def DeleteInterfaceMetadata(self, request, context):
+        entry = self.n.interface(request.interface_uuid)
+        return await self.m.delete(entry.key, request, net.DeleteInterfaceMetadataResponse())
+
+    async def FloatInterface(self, request, context): return await self.n.float(request, True)
+    async def DefloatInterface(self, request, context): return await self.n.float(request, False)
+
+
+class AgentOperationService(agent_operation_service_pb2_grpc.AgentOperationServiceServicer):
+    def __init__(self, agentops):
+        self.a = agentops
+
+    async def ExecuteCommand(self, request, context): return await self.a.execute(request)
+    async def PutFile(self, request, context): return await self.a.put_file(request)
+    async def GetFile(self, request, context): return await self.a.get_file(request)
+    async def ListInstanceAgentOperations(self, request, context): return self.a.list(request)
+
+    async def GetAgentOperation(self, request, context):
+        return aop.GetAgentOperationResponse(agent_operation=self.a.get(request.agent_operation_uuid).value)
+
+    async def DeleteAgentOperation(self, request, context): return await self.a.delete(request)
+
+
+class AuthService(auth_service_pb2_grpc.AuthServiceServicer):
+    def __init__(self, auth):
+        self.a = auth
+
+    async def CreateToken(self, request, context): return self.a.create_token(request)
+    async def ListNamespaces(self, request, context): return self.a.list_namespaces(request)
+
+    async def CreateNamespace(self, request, context): return await self.a.create_namespace(request)
+
+    async def GetNamespace(self, request, context):
+        return auth_service_pb2.GetNamespaceResponse(namespace=self.a.view(request.namespace))
+
+    async def DeleteNamespace(self, request, context): return await self.a.delete_namespace(request)
+    async def ListNamespaceKeys(self, request, context): return self.a.list_keys(request)
+    async def AddNamespaceKey(self, request, context): return await self.a.set_key(request, create=True)
+    async def UpdateNamespaceKey(self, request, context): return await self.a.set_key(request, create=False)
+    async def DeleteNamespaceKey(self, request, context): return await self.a.delete_key(request)
+
+
+class EventService(event_service_pb2_grpc.EventServiceServicer):
+    def __init__(self, instances, events):
+        self.i = instances
+        self.e = events
+
+    async def WatchEvents(self, request, context):
+        prefix, object_type = self.i.events_prefix(request)
+        async for item in self.e.watch(prefix, request.event_types, request.cursor,
+                                       object_type=object_type):
+            yield item
+
+
+class ServerService(server_service_pb2_grpc.ServerServiceServicer):
+    async def GetCapabilities(self, request, context):
+        return server.GetCapabilitiesResponse(capabilities=CAPABILITIES, version=VERSION)

@@ -1,0 +1,50 @@
+"""Shared fixtures: a real etcd per session, and a controller per test on its own
+key prefix (so tests are independent yet share the etcd)."""
+
+import uuid
+
+import pytest
+import pytest_asyncio
+
+from sfcontrol import server
+from tests.etcd_server import EtcdServer
+from tests.grpc_client import Client
+
+
+@pytest.fixture(scope='session')
+def etcd(tmp_path_factory):
+    s = EtcdServer(tmp_path_factory.mktemp('etcd-shared') / 'data').start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def private_etcd(tmp_path):
+    """An etcd of the test's own, for tests that stop or restart it."""
+    s = EtcdServer(tmp_path / 'etcd').start()
+    yield s
+    s.stop()
+
+
+def controller_config(etcd, tmp_path, **overrides):
+    return server.Config(etcd_endpoints=[etcd.endpoint], state_dir=tmp_path / 'state',
+                         store_prefix=f'/sftest/{uuid.uuid4().hex}', **overrides)
+
+
+@pytest_asyncio.fixture
+async def controller(etcd, tmp_path):
+    ctl = await server.start(controller_config(etcd, tmp_path))
+    yield ctl
+    await ctl.stop(None)
+
+
+def system_key(tmp_path) -> str:
+    return (tmp_path / 'state' / 'system.key').read_text().strip()
+
+
+@pytest_asyncio.fixture
+async def system(controller, tmp_path):
+    """A client logged in as the system namespace."""
+    c = await Client(f'127.0.0.1:{controller.port}').login('system', system_key(tmp_path))
+    yield c
+    await c.close()

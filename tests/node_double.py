@@ -1,0 +1,105 @@
+"""A scripted node for controller tests.
+
+It speaks the real node API over gRPC: it registers with the controller,
+heartbeats, watches its desired instances and reports status, and it serves
+NodeService so that the controller's routed calls (console, reboot, agent
+operations) can be checked. It runs no guests: sfnode, tested against real
+libvirt/QEMU, is the node that does.
+"""
+
+import asyncio
+
+import grpc
+
+from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
+from shakenfist.v1 import instance_pb2
+
+
+class NodeDouble(node_pb2_grpc.NodeServiceServicer):
+    def __init__(self, client, name='node1', cpus=8, memory_mib=16384, disk_gib=200):
+        self.client = client
+        self.name = name
+        self.capacity = pb.NodeCapacity(cpus=cpus, memory_mib=memory_mib, disk_gib=disk_gib)
+        self.desired: dict[str, pb.DesiredInstance] = {}
+        self.synced = asyncio.Event()
+        self.changed = asyncio.Condition()
+        self.calls: list[tuple[str, object]] = []
+        self.console = b''
+        self.server = None
+        self.port = 0
+        self._watch = None
+
+    async def start(self, auto_create=True):
+        """Serve NodeService, register, and follow the desired state. With auto_create,
+        report every new instance created and powered on, as a healthy node would."""
+        self.auto_create = auto_create
+        self.server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port('127.0.0.1:0')
+        await self.server.start()
+        await self.client.node_control.RegisterNode(pb.RegisterNodeRequest(
+            name=self.name, address=f'127.0.0.1:{self.port}', capacity=self.capacity,
+            console_host='127.0.0.1'))
+        self._watch = asyncio.create_task(self._follow())
+        await asyncio.wait_for(self.synced.wait(), 10)
+        return self
+
+    async def stop(self):
+        if self._watch:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self.server:
+            await self.server.stop(None)
+
+    async def _follow(self):
+        stream = self.client.node_control.WatchDesiredInstances(
+            pb.WatchDesiredInstancesRequest(name=self.name))
+        async for change in stream:
+            kind = change.WhichOneof('change')
+            if kind == 'upsert':
+                uuid = change.upsert.instance.uuid
+                new = uuid not in self.desired
+                self.desired[uuid] = change.upsert
+                if new and self.auto_create:
+                    for state in (instance_pb2.INSTANCE_STATE_PREFLIGHT,
+                                  instance_pb2.INSTANCE_STATE_CREATING):
+                        await self.report(uuid, state=state)
+                    await self.report(uuid, state=instance_pb2.INSTANCE_STATE_CREATED,
+                                      power_state=instance_pb2.POWER_STATE_ON,
+                                      console_port=31000, vdi_port=31001)
+                elif self.auto_create:
+                    await self.report(uuid, power_state=change.upsert.desired_power_state)
+            elif kind == 'remove_uuid':
+                self.desired.pop(change.remove_uuid, None)
+                if self.auto_create:
+                    await self.report(change.remove_uuid, state=instance_pb2.INSTANCE_STATE_DELETED)
+            else:
+                self.synced.set()
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def report(self, uuid, **fields):
+        await self.client.node_control.ReportInstanceStatus(pb.ReportInstanceStatusRequest(
+            node=self.name, instance_uuid=uuid, **fields))
+
+    async def heartbeat(self):
+        await self.client.node_control.Heartbeat(pb.HeartbeatRequest(name=self.name))
+
+    # -- NodeService ----------------------------------------------------------
+    async def GetConsoleData(self, request, context):
+        self.calls.append(('GetConsoleData', request))
+        data = self.console if request.length < 0 else self.console[-request.length:]
+        return pb.GetConsoleDataResponse(data=data)
+
+    async def ClearConsoleData(self, request, context):
+        self.calls.append(('ClearConsoleData', request))
+        self.console = b''
+        return pb.ClearConsoleDataResponse()
+
+    async def RebootInstance(self, request, context):
+        self.calls.append(('RebootInstance', request))
+        return pb.RebootInstanceResponse()
+
+    async def RunAgentOperation(self, request, context):
+        self.calls.append(('RunAgentOperation', request))
+        return pb.RunAgentOperationResponse()
