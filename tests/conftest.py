@@ -7,7 +7,7 @@ import pytest
 import pytest_asyncio
 
 from sfcontrol import server
-from tests.etcd_server import EtcdServer
+from sfcontrol.etcd_process import EtcdServer
 from tests.grpc_client import Client
 
 
@@ -46,5 +46,26 @@ def system_key(tmp_path) -> str:
 async def system(controller, tmp_path):
     """A client logged in as the system namespace."""
     c = await Client(f'127.0.0.1:{controller.port}').login('system', system_key(tmp_path))
+    yield c
+    await c.close()
+
+
+@pytest_asyncio.fixture
+async def node(system):
+    """One healthy node, following its desired state."""
+    from tests.node_double import NodeDouble
+    n = await NodeDouble(system).start()
+    yield n
+    await n.stop()
+
+
+@pytest_asyncio.fixture
+async def tenant(system, controller):
+    """A client of a fresh namespace "tenant" (key "tenant-key")."""
+    from shakenfist.v1 import auth_service_pb2 as auth
+    await system.auth.CreateNamespace(auth.CreateNamespaceRequest(namespace='tenant'))
+    await system.auth.AddNamespaceKey(auth.AddNamespaceKeyRequest(
+        namespace='tenant', key_name='k1', key='tenant-key'))
+    c = await Client(f'127.0.0.1:{controller.port}').login('tenant', 'tenant-key')
     yield c
     await c.close()

@@ -1,4 +1,6 @@
-"""A real, throwaway etcd for tests: free loopback ports, own data dir, stopped by PID.
+"""A private etcd child process: loopback ports, its own data dir, stopped by PID.
+
+Used by sf-up (the one-command plane) and by the tests.
 
     server = EtcdServer(tmp_path / "etcd")
     server.start()            # or: await server.start_async()
@@ -52,10 +54,11 @@ def _free_ports(n: int) -> list[int]:
 
 
 class EtcdServer:
-    def __init__(self, data_dir: str | os.PathLike, name: str = "sftest"):
+    def __init__(self, data_dir: str | os.PathLike, name: str = "sftest",
+                 ports: tuple[int, int] | None = None):
         self.data_dir = Path(data_dir)
         self.name = name
-        self.client_port, self.peer_port = _free_ports(2)
+        self.client_port, self.peer_port = ports or _free_ports(2)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
 
