@@ -1,0 +1,6 @@
+"""REST gateway: google.api.http transcoding to the shakenfist.v1 gRPC services.
+
+app (aiohttp server, start_gateway), routes (path templates), codec (the
+Shaken Fist JSON wire), schema (descriptors), openapi (/openapi.json, /docs),
+envoy (an Envoy transcoder config), main (the sf-gateway command).
+"""

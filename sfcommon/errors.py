@@ -91,6 +91,8 @@ def from_rpc_error(err: grpc.RpcError) -> ApiError | None:
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info) and info.domain == DOMAIN:
-                    number = errors_pb2.ErrorReason.Value(_PREFIX + info.reason)
-                    return ApiError(number, status.message, **dict(info.metadata))
+                    number = errors_pb2.ErrorReason.DESCRIPTOR.values_by_name.get(_PREFIX + info.reason)
+                    if number is None:      # a reason newer than this schema
+                        return None
+                    return ApiError(number.number, status.message, **dict(info.metadata))
     return None

@@ -73,6 +73,9 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 err = errors.unavailable('the state store is unavailable; retry')
             elif isinstance(e, TimeoutError):
                 err = errors.unavailable('timed out waiting for the state store; retry')
+            elif isinstance(e, NotImplementedError):
+                # An RPC of the schema whose implementation has not landed yet.
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f'{method} is not implemented yet')
             else:
                 log.exception('%s failed', method)
                 err = errors.internal('internal error')

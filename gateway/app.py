@@ -1,0 +1,395 @@
+"""The REST gateway: aiohttp in front, one grpc.aio channel behind.
+
+Every route comes from the google.api.http bindings in the descriptors. All
+per-method work (path templates, body handling, response rendering, the gRPC
+multicallables) is done once at start-up into an Endpoint; a request is then
+a trie lookup, a JSON parse, one gRPC call and a render.
+"""
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+
+import grpc
+from aiohttp import web
+
+from gateway import codec, openapi, routes, schema
+from sfcommon import errors
+from shakenfist.v1 import wire_pb2
+
+log = logging.getLogger('gateway')
+
+MiB = 1024 * 1024
+DEFAULT_MAX_BODY = 10 * MiB
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_STREAM_TIMEOUT = 3600.0
+UPLOAD_CHUNK = MiB  # bytes per message when streaming a request body
+
+JSON = 'application/json'
+OCTET_STREAM = 'application/octet-stream'
+NDJSON = 'application/x-ndjson'
+NULL = b'null'
+
+# gRPC code -> HTTP status, for errors that carry no ErrorInfo.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 507, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNIMPLEMENTED: 501,
+}
+_METADATA_VALUE = re.compile(r'[\x20-\x7e]{1,8192}')  # what gRPC accepts in ASCII metadata
+_REQUEST_ID = re.compile(r'[\x21-\x7e]{1,128}')
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(',', ':')).encode
+
+
+class HttpError(Exception):
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def _json_body(value):
+    return _dumps(value).encode()
+
+
+def _wire_key(field):
+    return field.GetOptions().Extensions[wire_pb2.wire_name] or field.name
+
+
+def _is_http_body(field):
+    return field is not None and field.message_type is not None \
+        and field.message_type.full_name == schema.HTTP_BODY
+
+
+class Endpoint:
+    """Everything needed to serve one binding, computed once."""
+
+    def __init__(self, binding: schema.Binding):
+        self.binding = binding
+        self.request_class = binding.request_class
+        self.path_keys = frozenset(path[0] for path in routes.variables(binding.template))
+        fields = binding.input.fields_by_name
+        self.repeated_keys = frozenset(
+            key for f in binding.input.fields if f.is_repeated for key in (f.name, _wire_key(f)))
+
+        # Request side: where the HTTP body goes.
+        body_field = fields.get(binding.body) if binding.body not in ('', '*') else None
+        if binding.body not in ('', '*') and body_field is None:
+            raise ValueError(f'{binding.operation_id}: no request field {binding.body!r}')
+        self.raw_body_field = binding.body if _is_http_body(body_field) else None
+        self.body_key = _wire_key(body_field) if body_field and not self.raw_body_field else None
+        self.chunked = binding.client_streaming and self.raw_body_field is not None
+
+        # Response side: what becomes the HTTP body.
+        out = binding.output
+        selected = out.fields_by_name.get(binding.response_body) if binding.response_body else None
+        if binding.response_body and selected is None:
+            raise ValueError(f'{binding.operation_id}: no response field {binding.response_body!r}')
+        self.raw_response_field = binding.response_body if _is_http_body(selected) else None
+        if selected is not None:
+            key = _wire_key(selected)
+            self.encode = lambda m: _json_body(codec.to_wire(m).get(key))
+        elif out.fields:
+            self.encode = lambda m: _json_body(codec.to_wire(m))
+        else:
+            self.encode = lambda m: NULL  # a void call: Shaken Fist answers null
+        # The page token has no place in a bare-list body, so it moves to a header.
+        self.page_token = selected is not None and 'next_page_token' in out.fields_by_name \
+            and binding.response_body != 'next_page_token'
+
+        self.streaming = binding.client_streaming or binding.server_streaming
+        self.kind = ('stream' if binding.client_streaming else 'unary') + '_' + \
+            ('stream' if binding.server_streaming else 'unary')  # a grpc.aio.Channel method
+        self.call = None  # the multicallable, made when the channel exists
+
+    def connect(self, channel):
+        self.call = getattr(channel, self.kind)(
+            self.binding.grpc_path,
+            request_serializer=self.request_class.SerializeToString,
+            response_deserializer=self.binding.response_class.FromString)
+
+
+class Gateway:
+    def __init__(self, grpc_target, *, max_body=DEFAULT_MAX_BODY, timeout=DEFAULT_TIMEOUT,
+                 stream_timeout=DEFAULT_STREAM_TIMEOUT, channel_options=()):
+        self.grpc_target = grpc_target
+        self.max_body = max_body
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self.channel_options = [('grpc.max_receive_message_length', -1), *channel_options]
+        self.channel = None
+        self.endpoints = [Endpoint(b) for b in schema.bindings()]
+        self.router = routes.Router()
+        for e in self.endpoints:
+            self.router.add(e.binding.http_method, e.binding.template, e)
+        # The gateway's own pages, built once.
+        document = openapi.document()
+        self._openapi = _json_body(document)
+        self._docs = openapi.html(document).encode()
+        self.router.add('GET', '/openapi.json', self._serve_openapi)
+        self.router.add('GET', '/docs', self._serve_docs)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def on_startup(self, app):
+        # grpc.aio channels bind to the running loop, so this cannot happen earlier.
+        self.channel = grpc.aio.insecure_channel(self.grpc_target, options=self.channel_options)
+        for e in self.endpoints:
+            e.connect(self.channel)
+
+    async def on_cleanup(self, app):
+        if self.channel is not None:
+            await self.channel.close()
+
+    # ------------------------------------------------------------- handling
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rid = request.headers.get('X-Request-ID')
+        if rid is None or not _REQUEST_ID.fullmatch(rid):
+            rid = str(uuid.uuid4())
+        try:
+            target, params = self.router.match(request.method, request.rel_url.raw_path)
+            if isinstance(target, Endpoint):
+                return await self._forward(request, target, params, rid)
+            return target(rid)
+        except routes.NotFound:
+            return _error(404, f'no route for {request.method} {request.path}', rid)
+        except routes.MethodNotAllowed as e:
+            return _error(405, f'{request.method} is not allowed here; allowed: {e}', rid,
+                          {'Allow': ', '.join(e.allowed)})
+        except HttpError as e:
+            return _error(e.status, e.message, rid, e.headers)
+        except codec.WireError as e:
+            return _error(400, str(e), rid)
+        except grpc.aio.AioRpcError as e:
+            return _rpc_error(e, rid)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, 'request body too large', rid)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception('request failed', extra={'request_id': rid})
+            return _error(500, 'internal error', rid)
+
+    def _serve_openapi(self, rid):
+        return web.Response(body=self._openapi, content_type=JSON, headers={'X-Request-ID': rid})
+
+    def _serve_docs(self, rid):
+        return web.Response(body=self._docs, content_type='text/html', charset='utf-8',
+                            headers={'X-Request-ID': rid})
+
+    def _metadata(self, request, rid):
+        metadata = [('x-request-id', rid)]
+        auth = request.headers.get('Authorization')
+        if auth is not None:
+            if not _METADATA_VALUE.fullmatch(auth):
+                raise HttpError(400, 'the Authorization header is not printable ASCII')
+            metadata.append(('authorization', auth))
+        return metadata
+
+    async def _forward(self, request, e: Endpoint, params, rid):
+        metadata = self._metadata(request, rid)
+        # Path variables, then the body, then query parameters.
+        message = e.request_class()
+        if params:
+            codec.from_wire(message, params)
+        if not e.chunked:
+            await self._read_body(request, e, message)
+        if request.query_string:
+            codec.from_wire(message, _query(request.query, e.repeated_keys), ignore=e.path_keys)
+
+        if e.chunked:
+            messages = _chunks(request, message, e.raw_body_field)
+        elif e.binding.client_streaming:
+            messages = _one(message)
+        else:
+            messages = message
+        timeout = self.stream_timeout if e.streaming else self.timeout
+        call = e.call(messages, timeout=timeout, metadata=metadata)
+        if e.binding.server_streaming:
+            return await self._stream(request, e, call, rid)
+        return self._respond(e, await call, rid)
+
+    async def _read_body(self, request, e, message):
+        if not request.can_read_body:
+            return
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise HttpError(413, 'request body too large')
+        raw = await request.read()  # bounded by client_max_size: HTTPRequestEntityTooLarge
+        if e.raw_body_field is not None:
+            body = getattr(message, e.raw_body_field)
+            body.data = raw
+            body.content_type = request.headers.get('Content-Type', OCTET_STREAM)
+            return
+        if not raw.strip():
+            return  # an empty body is {}
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as err:  # also UnicodeDecodeError
+            raise HttpError(400, f'the request body is not valid JSON: {err}') from None
+        if e.body_key is not None:
+            codec.from_wire(message, {e.body_key: data})
+            return
+        if not isinstance(data, dict):
+            raise HttpError(400, 'the request body must be a JSON object')
+        codec.from_wire(message, data, ignore=e.path_keys)
+
+    def _respond(self, e: Endpoint, response, rid):
+        headers = {'X-Request-ID': rid}
+        if e.page_token and response.next_page_token:
+            headers['X-Next-Page-Token'] = response.next_page_token
+        if e.raw_response_field is not None:
+            body = getattr(response, e.raw_response_field)
+            headers['Content-Type'] = body.content_type or OCTET_STREAM
+            return web.Response(body=body.data, headers=headers)
+        return web.Response(body=e.encode(response), content_type=JSON, headers=headers)
+
+    async def _stream(self, request, e: Endpoint, call, rid):
+        raw = e.raw_response_field
+        try:
+            # Wait for the first message so that an immediate failure is a
+            # proper error response rather than a broken 200.
+            first = await call.read()
+            if raw is not None:
+                content_type = OCTET_STREAM
+                if first is not grpc.aio.EOF:
+                    content_type = getattr(first, raw).content_type or OCTET_STREAM
+            else:
+                content_type = NDJSON
+            response = web.StreamResponse(headers={'Content-Type': content_type,
+                                                   'X-Request-ID': rid})
+            await response.prepare(request)
+            message = first
+            try:
+                while message is not grpc.aio.EOF:
+                    if raw is not None:
+                        await response.write(getattr(message, raw).data)
+                    else:
+                        await response.write(e.encode(message) + b'\n')
+                    message = await call.read()
+            except ConnectionResetError:
+                return response  # the client went away
+            except grpc.aio.AioRpcError as err:
+                # Too late for a status code. NDJSON readers get an error line;
+                # for raw bytes, cutting the connection is the only signal.
+                log.warning('stream %s failed: %s', e.binding.grpc_path, err.code(),
+                            extra={'request_id': rid})
+                if raw is not None:
+                    if request.transport is not None:
+                        request.transport.close()
+                    return response
+                status, text = _rpc_status(err)
+                await response.write(_json_body({'error': text, 'status': status}) + b'\n')
+            await response.write_eof()
+            return response
+        finally:
+            call.cancel()  # a no-op when finished; stops the RPC if the client left
+
+
+def _query(query, repeated_keys):
+    """Query parameters as a JSON-like dict: a.b=x nests, repeated fields list."""
+    data = {}
+    for key, value in query.items():
+        *parents, leaf = key.split('.')
+        target = data
+        for name in parents:
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise HttpError(400, f'query parameter {key!r} conflicts with another')
+        if not parents and leaf in repeated_keys:
+            target.setdefault(leaf, []).append(value)
+        else:
+            target[leaf] = value
+    return data
+
+
+async def _one(message):
+    yield message
+
+
+async def _chunks(request, base, field):
+    """Streams the request body as messages, each a copy of base with one
+    piece of at most UPLOAD_CHUNK bytes; at least one message is sent."""
+    content_type = request.headers.get('Content-Type', OCTET_STREAM)
+    sent = False
+    while True:
+        data = await _read_up_to(request.content, UPLOAD_CHUNK)
+        if not data and sent:
+            return
+        message = type(base)()
+        message.CopyFrom(base)
+        body = getattr(message, field)
+        body.data = data
+        body.content_type = content_type
+        yield message
+        sent = True
+        if len(data) < UPLOAD_CHUNK:
+            return
+
+
+async def _read_up_to(stream, size):
+    data = await stream.read(size)
+    if len(data) in (0, size):
+        return data
+    buffer = bytearray(data)
+    while len(buffer) < size:
+        more = await stream.read(size - len(buffer))
+        if not more:
+            break
+        buffer += more
+    return bytes(buffer)
+
+
+def _error(status, message, rid, headers=None):
+    all_headers = {'X-Request-ID': rid, **(headers or {})}
+    return web.Response(status=status, body=_json_body({'error': message, 'status': status}),
+                        content_type=JSON, headers=all_headers)
+
+
+def _rpc_status(err):
+    """(HTTP status, message) for a failed call."""
+    try:
+        api_error = errors.from_rpc_error(err)
+    except ValueError:  # an ErrorInfo reason this schema does not know
+        api_error = None
+    if api_error is not None and api_error.http_status:
+        return api_error.http_status, api_error.message
+    return HTTP_STATUS.get(err.code(), 500), err.details() or err.code().name.lower()
+
+
+def _rpc_error(err, rid):
+    status, message = _rpc_status(err)
+    if status >= 500:
+        log.warning('gRPC call failed: %s %s', err.code().name, err.details(),
+                    extra={'request_id': rid})
+    return _error(status, message, rid)
+
+
+GATEWAY = web.AppKey('gateway', Gateway)
+
+
+def create_app(grpc_target, **options) -> web.Application:
+    """The aiohttp application. options: max_body, timeout, stream_timeout,
+    channel_options (see Gateway)."""
+    gateway = Gateway(grpc_target, **options)
+    # client_max_size bounds request.read(); streamed uploads bypass it.
+    app = web.Application(client_max_size=gateway.max_body)
+    app[GATEWAY] = gateway
+    app.on_startup.append(gateway.on_startup)
+    app.on_cleanup.append(gateway.on_cleanup)
+    app.router.add_route('*', '/{path:.*}', gateway.handle)
+    return app
+
+
+async def start_gateway(grpc_target, host='127.0.0.1', port=0, **options):
+    """Starts the gateway; returns (runner, the port it listens on). Stop it
+    with `await runner.cleanup()`."""
+    runner = web.AppRunner(create_app(grpc_target, **options), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, runner.addresses[0][1]
