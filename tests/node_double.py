@@ -16,7 +16,7 @@ from shakenfist.v1 import instance_pb2
 
 
 class NodeDouble(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, client, name='node1', cpus=8, memory_mib=16384, disk_gib=200):
+    def __init__(self, client, name='node1', cpus=64, memory_mib=65536, disk_gib=2000):
         self.client = client
         self.name = name
         self.capacity = pb.NodeCapacity(cpus=cpus, memory_mib=memory_mib, disk_gib=disk_gib)

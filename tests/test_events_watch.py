@@ -1,0 +1,116 @@
+"""Event watches: resumable from a cursor, surviving an etcd restart, and a clear
+error for a cursor older than the history kept."""
+
+import asyncio
+
+import grpc
+from google.protobuf import struct_pb2
+
+from sfcontrol import server
+from shakenfist.v1 import event_pb2, event_service_pb2 as ev, instance_service_pb2 as api
+from tests.conftest import controller_config, system_key
+from tests.grpc_client import Client
+from tests.helpers import create_created, raises
+from tests.node_double import NodeDouble
+from tests.waiting import eventually
+
+INSTANCE = event_pb2.OBJECT_TYPE_INSTANCE
+
+
+async def set_md(client, n):
+    await client.instances.SetInstanceMetadata(api.SetInstanceMetadataRequest(
+        instance_ref='inst1', key='n', value=struct_pb2.Value(number_value=n)))
+
+
+class Collector:
+    """Runs a watch in the background and keeps what it yields."""
+
+    def __init__(self, client, **request):
+        self.items = []
+        self.call = client.events.WatchEvents(ev.WatchEventsRequest(**request))
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self):
+        async for item in self.call:
+            self.items.append(item)
+
+    def messages(self, message='set metadata'):
+        return [i for i in self.items if i.event.message == message]
+
+    async def stop(self):
+        self.call.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def test_a_watch_resumes_from_its_cursor_with_nothing_missed_or_repeated(system, node):
+    await create_created(system)
+    listing = await system.instances.ListInstanceEvents(api.ListInstanceEventsRequest(instance_ref='inst1'))
+    first = Collector(system, object_type=INSTANCE, object_ref='inst1', cursor=listing.watch_cursor)
+    await set_md(system, 1)
+    await set_md(system, 2)
+    await eventually(lambda: len(first.messages()) == 2, what='two events')
+    await first.stop()
+    cursor = first.items[-1].cursor
+    await set_md(system, 3)        # happens while nobody watches
+    second = Collector(system, object_type=INSTANCE, object_ref='inst1', cursor=cursor)
+    await set_md(system, 4)
+    await eventually(lambda: len(second.messages()) == 2, what='the missed and the new event')
+    await second.stop()
+    revisions = [int(i.cursor) for i in first.items + second.items]
+    assert revisions == sorted(set(revisions)), 'an event was repeated or out of order'
+
+
+async def test_watch_filters_by_event_type(system, node):
+    await create_created(system)
+    w = Collector(system, event_types=[event_pb2.EVENT_TYPE_STATUS])
+    await set_md(system, 1)                                  # audit: filtered out
+    await system.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref='inst1'))
+    await eventually(lambda: any(i.event.message == 'deleted' for i in w.items))
+    await w.stop()
+    assert all(i.event.type == event_pb2.EVENT_TYPE_STATUS for i in w.items)
+
+
+async def test_a_watch_survives_an_etcd_restart(private_etcd, tmp_path):
+    ctl = await server.start(controller_config(private_etcd, tmp_path))
+    c = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
+    node = await NodeDouble(c).start()
+    try:
+        await create_created(c)
+        w = Collector(c, object_type=INSTANCE, object_ref='inst1')
+        await set_md(c, 1)
+        await eventually(lambda: len(w.messages()) == 1)
+        await private_etcd.restart_async()
+
+        async def write(n):
+            try:
+                await set_md(c, n)
+                return True
+            except grpc.aio.AioRpcError as e:       # etcd may still be electing a leader
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                return False
+        await eventually(lambda: write(2), timeout=20, interval=0.2, what='a write after the restart')
+        await set_md(c, 3)
+        await eventually(lambda: len(w.messages()) == 3, timeout=20, what='all three events')
+        await w.stop()
+        revisions = [int(i.cursor) for i in w.items]
+        assert revisions == sorted(set(revisions))
+    finally:
+        await node.stop()
+        await c.close()
+        await ctl.stop(None)
+
+
+async def test_an_expired_cursor_is_a_clear_error(system, node, controller):
+    await create_created(system)
+    listing = await system.instances.ListInstanceEvents(api.ListInstanceEventsRequest(instance_ref='inst1'))
+    old = listing.watch_cursor
+    await set_md(system, 1)
+    await set_md(system, 2)
+    current = (await controller.core.store.get_prefix('', limit=1)).revision
+    await controller.core.store.compact(current)
+    async with raises(grpc.StatusCode.OUT_OF_RANGE, 'CURSOR_EXPIRED', 'list the events again'):
+        async for _ in system.events.WatchEvents(ev.WatchEventsRequest(cursor=old)):
+            pass
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT):
+        async for _ in system.events.WatchEvents(ev.WatchEventsRequest(cursor='nonsense')):
+            pass
