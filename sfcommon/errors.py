@@ -96,3 +96,21 @@ def from_rpc_error(err: grpc.RpcError) -> ApiError | None:
                         return None
                     return ApiError(number.number, status.message, **dict(info.metadata))
     return None
+
+
+def reported(method):
+    """Decorate a unary gRPC servicer method: an ApiError becomes its status with
+    ErrorInfo; anything unexpected is logged and answered INTERNAL, no traceback."""
+    import logging
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except ApiError as e:
+            err = e
+        except Exception:   # noqa: BLE001 -- every failure becomes a status
+            logging.getLogger(method.__module__).exception('%s failed', method.__name__)
+            err = internal('internal error')
+        await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
+    return wrapper

@@ -123,10 +123,12 @@ class AgentOperations:
         if not agent.startswith('AGENT_STATE_READY'):
             raise errors.agent_not_ready('instance agent not ready')
 
+        new_uuid = str(uuidlib.uuid4())
+
         def build():
             inst = entry.value
             op = pb.AgentOperation(
-                uuid=str(uuidlib.uuid4()), state=state, version=1, namespace=inst.namespace,
+                uuid=new_uuid, state=state, version=1, namespace=inst.namespace,
                 instance_uuid=inst.uuid, commands=commands,
                 deadline=time.time() + (deadline_seconds or DEFAULT_DEADLINE),
                 progress_timeout=progress_timeout)
@@ -136,10 +138,15 @@ class AgentOperations:
                             {'agentoperation': op.uuid})
             return txn, response_cls(agent_operation=op)
         op = (await self.core.mutate(build, request=req)).agent_operation
-        if op.state not in FINAL and op.uuid not in self._timers:
+        if op.uuid == new_uuid:
+            # This call made it: arm its deadline and hand it to the node, once.
             self._arm(op)
             await self._dispatch(op, entry.value.node)
-        return response_cls(agent_operation=self.core.cache.get(keys.agentop(op.uuid)).value)
+        # Otherwise it is a repeat of a request_id (the first response): never run it again.
+        current = self.core.cache.get(keys.agentop(op.uuid)).value
+        if current.state not in FINAL and current.uuid not in self._timers:
+            self._arm(current)
+        return response_cls(agent_operation=current)
 
     async def _dispatch(self, op: pb.AgentOperation, node: str):
         try:

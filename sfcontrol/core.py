@@ -16,11 +16,12 @@ from google.protobuf import descriptor_pool, message_factory, struct_pb2
 from google.protobuf.message import Message
 
 from sfcommon import errors
+from sfcommon.events import make_event
 from sfcontrol import caller, keys
 from sfcontrol.cache import Kind, ObjectCache
 from sfcontrol.store import Store, Txn
 from shakenfist.store.v1alpha1 import records_pb2
-from shakenfist.v1 import (agent_operation_pb2, event_pb2, instance_pb2, namespace_pb2,
+from shakenfist.v1 import (agent_operation_pb2, blob_pb2, event_pb2, instance_pb2, namespace_pb2,
                            network_pb2)
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ KINDS = [
     Kind('agentops/', agent_operation_pb2.AgentOperation, index=('instance_uuid',)),
     Kind('nodes/', records_pb2.NodeRecord),
     Kind('placements/', records_pb2.Placement),
+    Kind('blobs/', blob_pb2.Blob, index=('sha512',)),
+    Kind('blob-refs/', records_pb2.BlobRef, index=('holder_uuid',)),
+    Kind('uploads/', blob_pb2.Upload),
+    Kind('artifacts/', blob_pb2.Artifact),
 ]
 
 MAX_ATTEMPTS = 20
@@ -107,16 +112,6 @@ class Core:
         """Add an event to txn, so that it is recorded with the change it describes."""
         ev = make_event(self.fqdn, object_type, uuid, event_type, message, extra, duration)
         txn.put(keys.event(ns, object_type_name(object_type), uuid), ev.SerializeToString())
-
-
-def make_event(fqdn, object_type, uuid, event_type, message, extra=None, duration=None):
-    ev = event_pb2.Event(type=event_type, timestamp=time.time(), fqdn=fqdn, message=message,
-                         object_type=object_type, object_uuid=uuid)
-    if duration is not None:
-        ev.duration = duration
-    if extra is not None:
-        ev.extra.update(extra)
-    return ev
 
 
 def object_type_name(object_type: int) -> str:

@@ -37,11 +37,12 @@ def _copy(message):
 
 
 class Instances:
-    def __init__(self, core: Core, networks: Networks, nodes: NodeClients, events: Events):
+    def __init__(self, core: Core, networks: Networks, nodes: NodeClients, events: Events, blobs):
         self.core = core
         self.networks = networks
         self.nodes = nodes
         self.events = events
+        self.blobs = blobs
 
     # -- lookups ---------------------------------------------------------------
     def resolve(self, ref: str, namespace: str | None = None):
@@ -230,6 +231,7 @@ class Instances:
             scheduler.allocate(txn, node, size, release=True)
         if placement is not None:
             txn.delete(placement.key)
+        self.blobs.release_into(txn, inst.uuid)     # its screenshots and agent output
         inst.power_state = OFF if inst.state == states.ERROR else inst.power_state
         self.core.event(txn, inst.namespace, OBJ, inst.uuid, STATUS,
                         'deleted' if inst.state == states.DELETED else 'cleaned up after error')
@@ -428,6 +430,21 @@ class Instances:
         resp.helper.content_type = 'application/x-virt-viewer'
         resp.helper.data = ('\n'.join(lines) + '\n').encode()
         return resp
+
+    async def screenshot(self, req: api.GetScreenshotRequest):
+        entry = self._active(req.instance_ref)
+        inst = entry.value
+        reply = await self.nodes.call(inst.node, 'TakeScreenshot',
+                                      node_pb2.TakeScreenshotRequest(instance_uuid=inst.uuid))
+        from sfcontrol.blobs import bytes_chunks
+        blob = await self.blobs.store(bytes_chunks(reply.png), 'instance', inst.uuid, inst.namespace)
+
+        def build():
+            txn = Txn()
+            self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT,
+                            'acquired screenshot of instance console', {'blob': blob.uuid})
+            return txn, api.GetScreenshotResponse(blob_uuid=blob.uuid)
+        return await self.core.mutate(build)
 
     # -- events -------------------------------------------------------------------------
     async def list_events(self, req: api.ListInstanceEventsRequest):

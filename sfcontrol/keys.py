@@ -11,6 +11,10 @@ ObjectCache (cached=True below):
   agentops/<uuid>                        shakenfist.v1.AgentOperation
   nodes/<name>                           store.v1alpha1.NodeRecord
   placements/<node>/<instance uuid>      store.v1alpha1.Placement (what the node watches)
+  blobs/<uuid>                           shakenfist.v1.Blob (bytes in the state directory)
+  blob-refs/<blob>/<holder type>/<uuid>  store.v1alpha1.BlobRef (a blob lives while held)
+  uploads/<uuid>                         shakenfist.v1.Upload
+  artifacts/<ns>/<uuid>                  shakenfist.v1.Artifact
 
 Guards, written with create-if-absent in the same transaction as the object
 they protect, so that two controllers cannot both take one:

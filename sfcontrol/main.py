@@ -20,8 +20,8 @@ def parser() -> argparse.ArgumentParser:
                    help='comma-separated etcd endpoints (SF_ETCD_ENDPOINTS)')
     p.add_argument('--listen', default=env('SF_GRPC_LISTEN', '0.0.0.0:13001'),
                    help='host:port for gRPC (SF_GRPC_LISTEN)')
-    p.add_argument('--state-dir', type=pathlib.Path, default=env('SF_STATE_DIR'),
-                   help='where the system key is written on first start (SF_STATE_DIR)')
+    p.add_argument('--state-dir', type=pathlib.Path, default=env('SF_STATE_DIR', '/var/lib/shakenfist'),
+                   help='the system key (written on first start) and blob bytes (SF_STATE_DIR)')
     p.add_argument('--prefix', default=env('SF_ETCD_PREFIX', '/sf'),
                    help='etcd key prefix (SF_ETCD_PREFIX)')
     p.add_argument('--token-ttl', type=int, default=int(env('SF_TOKEN_TTL', '900')),

@@ -87,6 +87,13 @@ class Networks:
         def build():
             if self.core.cache.get(keys.namespace(ns)) is None:
                 raise errors.not_found('namespace not found')
+            # Checked in build, so that a create that lost a race for the name guard
+            # sees the winner when it is retried (rather than retrying until UNAVAILABLE).
+            name_taken = self.core.cache.range(
+                f'networks/{ns}/', filter=lambda n: n.name == req.name
+                and n.state != NET.Value('NETWORK_STATE_DELETED'))[0]
+            if name_taken:
+                raise errors.already_exists(f'a network named {req.name} already exists')
             network = pb.Network(
                 uuid=str(uuidlib.uuid4()), name=req.name, namespace=ns, netblock=str(net),
                 provide_dhcp=req.provide_dhcp, provide_nat=req.provide_nat,
@@ -94,17 +101,11 @@ class Networks:
                 state=NET.Value('NETWORK_STATE_CREATED'), version=1)
             txn = Txn().create(keys.network_name(ns, req.name), network.uuid.encode())
             if req.provide_nat:
-                network.floating_gateway = str(self._random_free(self.floating, self._floating_used()))
+                network.floating_gateway = str(self._random_free(self.floating, self._floating_used(txn)))
                 txn.create(keys.floating(network.floating_gateway), network.uuid.encode())
             txn.put(keys.network(ns, network.uuid), network.SerializeToString())
             self.core.event(txn, ns, OBJ_NETWORK, network.uuid, AUDIT, 'create request from API')
             return txn, api.CreateNetworkResponse(network=network)
-
-        name_taken = self.core.cache.range(
-            f'networks/{ns}/', filter=lambda n: n.name == req.name
-            and n.state != NET.Value('NETWORK_STATE_DELETED'))[0]
-        if name_taken:
-            raise errors.already_exists(f'a network named {req.name} already exists')
         return await self.core.mutate(build, request=req)
 
     def list(self, req: api.ListNetworksRequest) -> api.ListNetworksResponse:
@@ -187,7 +188,8 @@ class Networks:
             uuid=str(uuidlib.uuid4()), state=IFACE.Value('NETWORK_INTERFACE_STATE_INITIAL'),
             version=1, network_uuid=network.uuid, instance_uuid=instance_uuid, order=order,
             model=spec.model or specs_pb2.NIC_MODEL_VIRTIO)
-        used = self._used(network.uuid)
+        # Addresses this transaction already takes (earlier interfaces of one request) count too.
+        used = self._used(network.uuid) | _pending(txn, keys.address(network.uuid, ''))
         if not spec.HasField('address'):
             iface.ipv4 = str(self._random_free(net, used))
         elif spec.address != 'none':
@@ -202,12 +204,26 @@ class Networks:
             iface.ipv4 = str(address)
         if iface.HasField('ipv4'):
             txn.create(keys.address(network.uuid, iface.ipv4), iface.uuid.encode())
-        iface.macaddr = spec.macaddress if spec.HasField('macaddress') else _random_mac()
+        macs = _pending(txn, keys.mac(''))
+        if spec.HasField('macaddress'):
+            if spec.macaddress in macs or self._mac_in_use(spec.macaddress):
+                raise errors.already_exists(f'mac address {spec.macaddress} is already in use')
+            iface.macaddr = spec.macaddress
+        else:
+            # A clash with a committed MAC fails the guard and the build is retried.
+            iface.macaddr = _random_mac()
+            while iface.macaddr in macs:
+                iface.macaddr = _random_mac()
         txn.create(keys.mac(iface.macaddr), iface.uuid.encode())
         txn.put(keys.interface(iface.uuid), iface.SerializeToString())
         if spec.float:
             self._float_into(txn, iface)
         return iface
+
+    def _mac_in_use(self, macaddr: str) -> bool:
+        return any(e.value.macaddr == macaddr
+                   and e.value.state != IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')
+                   for e in self.core.cache.range('interfaces/')[0])
 
     def release_interface(self, txn: Txn, iface: pb.NetworkInterface):
         """Delete an interface and free its address, MAC and floating address."""
@@ -235,15 +251,15 @@ class Networks:
                 return address
         raise errors.insufficient(f'network {net} has no free addresses')
 
-    def _floating_used(self) -> set[str]:
+    def _floating_used(self, txn: Txn) -> set[str]:
         used = {e.value.floating for e in self.core.cache.range('interfaces/')[0]
                 if e.value.HasField('floating')}
         used |= {e.value.floating_gateway for e in self.core.cache.range('networks/')[0]
                  if e.value.HasField('floating_gateway')}
-        return used
+        return used | _pending(txn, keys.floating(''))
 
     def _float_into(self, txn: Txn, iface: pb.NetworkInterface):
-        iface.floating = str(self._random_free(self.floating, self._floating_used()))
+        iface.floating = str(self._random_free(self.floating, self._floating_used(txn)))
         txn.create(keys.floating(iface.floating), iface.uuid.encode())
 
     async def float(self, req, floating: bool):
@@ -268,6 +284,12 @@ class Networks:
             response = api.FloatInterfaceResponse() if floating else api.DefloatInterfaceResponse()
             return txn, response
         return await self.core.mutate(build, request=req)
+
+
+def _pending(txn: Txn, prefix: str) -> set[str]:
+    """The key suffixes under prefix that txn already writes: guards it takes but has not
+    committed, which the cache cannot show (etcd refuses a key twice in one transaction)."""
+    return {op[1][len(prefix):] for op in txn.ops if op[0] == 'put' and op[1].startswith(prefix)}
 
 
 def _random_mac() -> str:

@@ -26,14 +26,20 @@ STATUS = event_pb2.EVENT_TYPE_STATUS
 
 
 class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
-    def __init__(self, core: Core, instances: Instances, agentops: AgentOperations,
+    def __init__(self, core: Core, instances: Instances, agentops: AgentOperations, blobs,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 20.0):
         self.core = core
         self.instances = instances
         self.agentops = agentops
+        self.blobs = blobs
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Nodes registered before this controller started get one timeout to heartbeat
+        # to it; otherwise a node that died while no controller ran would never be noticed.
+        for entry in core.cache.range('nodes/')[0]:
+            if not entry.value.unreachable:
+                self._arm(entry.value.name)
 
     def stop(self):
         for timer in self._timers.values():
@@ -49,12 +55,19 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
             record = records_pb2.NodeRecord(
                 name=request.name, address=request.address, console_host=request.console_host,
                 capacity=request.capacity, features=request.features, registered_at=time.time())
-            # What is allocated follows from the placements, so re-registering heals it.
-            for placement in self.core.cache.range(keys.placements(request.name))[0]:
-                size = placement.value.size
-                record.allocated.cpus += size.cpus
-                record.allocated.memory_mib += size.memory_mib
-                record.allocated.disk_gib += size.disk_gib
+            if entry is not None:
+                # Kept as it is: every create and every finished delete changes it in the
+                # transaction that changes the placements, and an instance in delete-wait
+                # (or failed, awaiting the node's clean-up) still holds its share with no
+                # placement left, so a sum of the placements would free it twice.
+                record.allocated.CopyFrom(entry.value.allocated)
+            else:
+                # A new node (or one whose record was lost): what its placements hold.
+                for placement in self.core.cache.range(keys.placements(request.name))[0]:
+                    size = placement.value.size
+                    record.allocated.cpus += size.cpus
+                    record.allocated.memory_mib += size.memory_mib
+                    record.allocated.disk_gib += size.disk_gib
             txn = Txn()
             if entry is None:
                 txn.check_absent(keys.node(request.name))
@@ -197,8 +210,37 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         return pb.RecordEventsResponse()
 
     async def UpdateAgentOperation(self, request: pb.UpdateAgentOperationRequest, context):
+        # As with ReportInstanceStatus: only the node the instance is placed on may report.
+        op = self.core.cache.get(keys.agentop(request.uuid))
+        if op is None:
+            raise errors.not_found('agent operation not found')
+        inst = self.core.cache.by_uuid('instances/', op.value.instance_uuid)
+        if inst is None or inst.value.node != request.node:
+            raise errors.conflict(f'agent operation {request.uuid} is not for an instance '
+                                  f'placed on {request.node}')
         await self.agentops.update(
             request.uuid, request.state, results=dict(request.results),
             error_message=request.error_message if request.HasField('error_message') else None,
             last_progress=request.last_progress if request.HasField('last_progress') else None)
         return pb.UpdateAgentOperationResponse()
+
+    async def PutBlob(self, request_iterator, context):
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof('part') != 'header':
+            raise errors.invalid('a blob stream starts with its header')
+        header = first.header
+        inst = self.core.cache.by_uuid('instances/', header.instance_uuid)
+        if inst is None:
+            raise errors.not_found('instance not found')
+
+        async def chunks():
+            async for part in request_iterator:
+                if part.WhichOneof('part') != 'data':
+                    raise errors.invalid('only the first message of a blob stream is a header')
+                yield part.data
+        blob = await self.blobs.store(chunks(), 'instance', inst.value.uuid, inst.value.namespace)
+        return pb.PutBlobResponse(blob_uuid=blob.uuid, size=blob.size, sha512=blob.sha512)
+
+    async def GetBlob(self, request: pb.GetBlobRequest, context):
+        async for chunk in self.blobs.read(request.blob_uuid, request.offset):
+            yield pb.GetBlobResponse(data=chunk)

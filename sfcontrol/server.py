@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from sfcontrol import services
 from sfcontrol.agentops import AgentOperations
 from sfcontrol.auth import Auth
+from sfcontrol.blobs import Blobs
 from sfcontrol.core import Core
 from sfcontrol.events import Events
 from sfcontrol.interceptor import ApiInterceptor
@@ -23,6 +24,7 @@ from sfcontrol.instances import Instances
 from sfcontrol.store import Store
 from shakenfist.node.v1alpha1 import node_pb2, node_pb2_grpc
 from shakenfist.v1 import (agent_operation_service_pb2, agent_operation_service_pb2_grpc,
+                           blob_service_pb2, blob_service_pb2_grpc,
                            auth_service_pb2, auth_service_pb2_grpc, event_service_pb2,
                            event_service_pb2_grpc, instance_service_pb2,
                            instance_service_pb2_grpc, network_service_pb2,
@@ -37,7 +39,7 @@ class Config:
     """Controller settings; each has a flag and an SF_* environment variable (main.py)."""
     etcd_endpoints: list[str]
     listen: str = '127.0.0.1:0'
-    state_dir: pathlib.Path | None = None
+    state_dir: pathlib.Path = pathlib.Path('/var/lib/shakenfist')
     store_prefix: str = '/sf'
     token_ttl: int = 900
     floating_netblock: str = '198.51.100.0/24'
@@ -69,12 +71,14 @@ async def start(config: Config) -> Controller:
     core = await Core.open(store)
     auth = await Auth.start(core, config.state_dir, config.token_ttl)
     nodes = NodeClients(core.cache)
+    blobs = Blobs(core, pathlib.Path(config.state_dir) / 'blobs')
+    blobs.start()
     networks = Networks(core, config.floating_netblock)
     events = Events(core)
-    instances = Instances(core, networks, nodes, events)
+    instances = Instances(core, networks, nodes, events, blobs)
     agentops = AgentOperations(core, instances, nodes)
     agentops.start()
-    node_control = NodeControl(core, instances, agentops, config.heartbeat_interval,
+    node_control = NodeControl(core, instances, agentops, blobs, config.heartbeat_interval,
                                config.heartbeat_timeout)
     metadata = Metadata(core)
 
@@ -93,6 +97,9 @@ async def start(config: Config) -> Controller:
         services.EventService(instances, events), server)
     server_service_pb2_grpc.add_ServerServiceServicer_to_server(services.ServerService(), server)
     node_pb2_grpc.add_NodeControlServiceServicer_to_server(node_control, server)
+    blob_service_pb2_grpc.add_BlobServiceServicer_to_server(services.BlobService(blobs), server)
+    blob_service_pb2_grpc.add_UploadServiceServicer_to_server(services.UploadService(blobs), server)
+    blob_service_pb2_grpc.add_ArtifactServiceServicer_to_server(services.ArtifactService(blobs), server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -101,7 +108,9 @@ async def start(config: Config) -> Controller:
         (network_service_pb2, 'InterfaceService'),
         (agent_operation_service_pb2, 'AgentOperationService'),
         (auth_service_pb2, 'AuthService'), (event_service_pb2, 'EventService'),
-        (server_service_pb2, 'ServerService'), (node_pb2, 'NodeControlService')]]
+        (server_service_pb2, 'ServerService'), (node_pb2, 'NodeControlService'),
+        (blob_service_pb2, 'BlobService'), (blob_service_pb2, 'UploadService'),
+        (blob_service_pb2, 'ArtifactService')]]
     reflection.enable_server_reflection(
         names + [health_pb2.DESCRIPTOR.services_by_name['Health'].full_name, reflection.SERVICE_NAME],
         server)

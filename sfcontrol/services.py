@@ -5,7 +5,9 @@ interceptor; the logic lives in instances.py, networks.py, auth.py,
 agentops.py and events.py.
 """
 
+from sfcommon import errors
 from shakenfist.v1 import (agent_operation_service_pb2 as aop, agent_operation_service_pb2_grpc,
+                           blob_service_pb2 as blob, blob_service_pb2_grpc,
                            auth_service_pb2, auth_service_pb2_grpc, event_service_pb2_grpc,
                            instance_service_pb2_grpc, network_service_pb2 as net,
                            network_service_pb2_grpc, server_service_pb2 as server,
@@ -18,7 +20,8 @@ CAPABILITIES = [
     'events-by-type', 'get-instance-namespace', 'get-network-namespace', 'provide-dns',
     'interface-metadata', 'hot-plug-interface', 'vdi-console-helper', 'instance-execute',
     'instance-get', 'agentoperations-crud', 'instance-agentoperations-all',
-    'agentoperation-deadlines',
+    'agentoperation-deadlines', 'instance-put-blob', 'instance-screenshot', 'blob-search-by-hash',
+    'blob-data-limit',
 ]
 
 
@@ -46,6 +49,7 @@ class InstanceService(instance_service_pb2_grpc.InstanceServiceServicer):
     async def GetConsoleData(self, request, context): return await self.i.console_data(request)
     async def DeleteConsoleData(self, request, context): return await self.i.clear_console(request)
     async def GetVdiConsoleHelper(self, request, context): return self.i.vdi_helper(request)
+    async def GetScreenshot(self, request, context): return await self.i.screenshot(request)
 
 
 class NetworkService(network_service_pb2_grpc.NetworkServiceServicer):
@@ -156,3 +160,55 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
 class ServerService(server_service_pb2_grpc.ServerServiceServicer):
     async def GetCapabilities(self, request, context):
         return server.GetCapabilitiesResponse(capabilities=CAPABILITIES, version=VERSION)
+
+
+class BlobService(blob_service_pb2_grpc.BlobServiceServicer):
+    def __init__(self, blobs):
+        self.b = blobs
+
+    async def GetBlob(self, request, context):
+        return blob.GetBlobResponse(blob=self.b.get(request.blob_uuid))
+
+    async def GetBlobBySha512(self, request, context):
+        found = self.b.by_sha512(request.sha512)
+        return blob.GetBlobBySha512Response(blob=found) if found else blob.GetBlobBySha512Response()
+
+    async def ReadBlobData(self, request, context):
+        async for chunk in self.b.read(request.blob_uuid, request.offset, request.limit):
+            response = blob.ReadBlobDataResponse()
+            response.data.content_type = 'application/octet-stream'
+            response.data.data = chunk
+            yield response
+
+
+class UploadService(blob_service_pb2_grpc.UploadServiceServicer):
+    def __init__(self, blobs):
+        self.b = blobs
+
+    async def CreateUpload(self, request, context):
+        return blob.CreateUploadResponse(upload=await self.b.create_upload(request))
+
+    async def WriteUpload(self, request_iterator, context):
+        first = await anext(request_iterator, None)
+        if first is None:
+            raise errors.invalid('an upload write needs at least one message')
+
+        async def chunks():
+            yield first.data.data
+            async for message in request_iterator:
+                if message.upload_uuid and message.upload_uuid != first.upload_uuid:
+                    raise errors.invalid('every message of an upload write names the same upload')
+                yield message.data.data
+        return blob.WriteUploadResponse(size=await self.b.write_upload(first.upload_uuid, chunks()))
+
+    async def TruncateUpload(self, request, context):
+        self.b.truncate_upload(request.upload_uuid, request.offset)
+        return blob.TruncateUploadResponse()
+
+
+class ArtifactService(blob_service_pb2_grpc.ArtifactServiceServicer):
+    def __init__(self, blobs):
+        self.b = blobs
+
+    async def UploadArtifact(self, request, context):
+        return blob.UploadArtifactResponse(artifact=await self.b.upload_artifact(request))

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from sfcommon import logs
-from sfcontrol import server
+from sfcontrol import keys, server
 from sfcontrol.etcd_process import EtcdServer
 
 log = logging.getLogger('sf-up')
@@ -75,7 +75,8 @@ async def run(args):
         rest = f'http://{args.host}:{rest_port}'
 
         from sfcontrol.nodes_launcher import start_nodes
-        nodes = await start_nodes(state, args.nodes, grpc_target, key, args.host)
+        nodes = await start_nodes(state, args.nodes, grpc_target, key, args.host,
+                                  lambda name: _registered(controller, name))
         stack.append(('nodes', nodes.stop))
 
         _write_private(state / 'shakenfist.json', {'namespace': 'system', 'key': key, 'apiurl': rest})
@@ -92,6 +93,14 @@ async def run(args):
                 log.exception('stopping %s failed', name)
         for f in ('endpoints.json',):
             (state / f).unlink(missing_ok=True)
+
+
+async def _registered(controller, name, timeout=180.0):
+    """Wait until the node has registered (the controller's cache shows it)."""
+    seen = asyncio.Event()
+    if controller.core.cache.get(keys.node(name)) is None:
+        controller.core.cache.listen(keys.node(name), lambda key, entry: seen.set())
+        await asyncio.wait_for(seen.wait(), timeout)
 
 
 def _usage(state, grpc_target, rest) -> str:

@@ -3,7 +3,7 @@
 import grpc
 
 from shakenfist.node.v1alpha1 import node_pb2_grpc
-from shakenfist.v1 import (agent_operation_service_pb2_grpc, auth_service_pb2,
+from shakenfist.v1 import (agent_operation_service_pb2_grpc, auth_service_pb2, blob_service_pb2_grpc,
                            auth_service_pb2_grpc, event_service_pb2_grpc,
                            instance_service_pb2_grpc, network_service_pb2_grpc,
                            server_service_pb2_grpc)
@@ -61,6 +61,9 @@ class Client:
         self.events = event_service_pb2_grpc.EventServiceStub(c)
         self.server = server_service_pb2_grpc.ServerServiceStub(c)
         self.node_control = node_pb2_grpc.NodeControlServiceStub(c)
+        self.blobs = blob_service_pb2_grpc.BlobServiceStub(c)
+        self.uploads = blob_service_pb2_grpc.UploadServiceStub(c)
+        self.artifacts = blob_service_pb2_grpc.ArtifactServiceStub(c)
 
     @property
     def token(self):

@@ -25,6 +25,7 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
         self.changed = asyncio.Condition()
         self.calls: list[tuple[str, object]] = []
         self.console = b''
+        self.screen = b'\x89PNG\r\n\x1a\n' + b'fake screen of a scripted node'
         self.server = None
         self.port = 0
         self._watch = None
@@ -95,6 +96,10 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
         self.calls.append(('ClearConsoleData', request))
         self.console = b''
         return pb.ClearConsoleDataResponse()
+
+    async def TakeScreenshot(self, request, context):
+        self.calls.append(('TakeScreenshot', request))
+        return pb.TakeScreenshotResponse(png=self.screen)
 
     async def RebootInstance(self, request, context):
         self.calls.append(('RebootInstance', request))

@@ -1,0 +1,57 @@
+"""Node agents as child processes of sf-up: one sfnode each, with its own state
+directory, libvirt root and bridge-name prefix, so several run on one machine."""
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+
+log = logging.getLogger(__name__)
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TEST_IMAGE = REPO / 'build' / 'guest' / 'sftest.qcow2'
+
+
+def node_command(i: int, state: pathlib.Path, grpc_target: str, host: str) -> list[str]:
+    images = {'sftest': TEST_IMAGE.as_uri()} if TEST_IMAGE.exists() else {}
+    return [sys.executable, '-m', 'sfnode.main', '--name', f'node{i}', '--controller', grpc_target,
+            '--key-file', str(state / 'system.key'), '--state-dir', str(state / 'nodes' / f'node{i}'),
+            '--bridge-prefix', f'sfb{i}-', '--listen', f'{host}:0', '--console-listen', host,
+            '--images', json.dumps(images)]
+
+
+@dataclasses.dataclass
+class Nodes:
+    procs: list[asyncio.subprocess.Process]
+
+    async def stop(self):
+        for p in self.procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                await asyncio.wait_for(p.wait(), 20)
+            except TimeoutError:
+                p.kill()
+                await p.wait()
+
+
+async def start_nodes(state: pathlib.Path, n: int, grpc_target: str, key: str, host: str,
+                      registered) -> Nodes:
+    """Start n nodes and return once each has registered (registered(name) awaits that)."""
+    procs = []
+    for i in range(n):
+        log_file = open(state / f'node{i}.log', 'ab')
+        procs.append(await asyncio.create_subprocess_exec(
+            *node_command(i, state, grpc_target, host), stdout=log_file, stderr=log_file,
+            stdin=asyncio.subprocess.DEVNULL, env={**os.environ, 'PYTHONUNBUFFERED': '1'}))
+    nodes = Nodes(procs)
+    try:
+        await asyncio.gather(*(registered(f'node{i}') for i in range(n)))
+    except BaseException:
+        await nodes.stop()
+        raise
+    return nodes
