@@ -23,7 +23,7 @@ run: deps gen
 test: deps gen schema-check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-deps: .stamps/system .stamps/venv $(BUF)
+deps: .stamps/system .stamps/venv .stamps/sfclient $(BUF)
 
 .stamps/system: tools/install-system.sh
 	bash tools/install-system.sh
@@ -34,6 +34,13 @@ deps: .stamps/system .stamps/venv $(BUF)
 	test -x $(PY) || python3 -m venv $(VENV)
 	mkdir -p shakenfist && touch shakenfist/__init__.py
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@mkdir -p .stamps && touch $@
+
+# The real sf-client 0.8.3, in a venv of its own: it is what users run, and its
+# dependencies must not mix with ours.
+.stamps/sfclient: .stamps/system
+	test -x .venv-sfclient/bin/python || python3 -m venv .venv-sfclient
+	.venv-sfclient/bin/pip install -q --disable-pip-version-check shakenfist-client==0.8.3
 	@mkdir -p .stamps && touch $@
 
 $(BUF): .stamps/system

@@ -215,9 +215,9 @@ class Networks:
             while iface.macaddr in macs:
                 iface.macaddr = _random_mac()
         txn.create(keys.mac(iface.macaddr), iface.uuid.encode())
-        txn.put(keys.interface(iface.uuid), iface.SerializeToString())
         if spec.float:
             self._float_into(txn, iface)
+        txn.put(keys.interface(iface.uuid), iface.SerializeToString())
         return iface
 
     def _mac_in_use(self, macaddr: str) -> bool:

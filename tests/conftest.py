@@ -69,3 +69,21 @@ async def tenant(system, controller):
     c = await Client(f'127.0.0.1:{controller.port}').login('tenant', 'tenant-key')
     yield c
     await c.close()
+
+
+@pytest_asyncio.fixture
+async def gateway(controller):
+    """The REST gateway in front of the test's controller."""
+    from gateway.app import start_gateway
+    runner, port = await start_gateway(f'127.0.0.1:{controller.port}', '127.0.0.1', 0)
+    yield f'http://127.0.0.1:{port}'
+    await runner.cleanup()
+
+
+@pytest_asyncio.fixture
+async def sf(gateway, tmp_path, node):
+    """The real sf-client CLI, configured for the system namespace of this plane."""
+    from tests.sfclient import SfClient
+    home = tmp_path / 'home'
+    home.mkdir()
+    return SfClient(gateway, 'system', system_key(tmp_path), home)
