@@ -71,8 +71,16 @@ class Networks:
         return inst is not None and caller.current().can_see(inst.value.namespace)
 
     def interfaces_of(self, instance_uuid: str):
+        """The instance's interfaces that still exist, in order."""
+        deleted = IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')
         entries = self.core.cache.where('interfaces/', 'instance_uuid', instance_uuid)
-        return sorted((e.value for e in entries), key=lambda i: i.order)
+        return sorted((e.value for e in entries if e.value.state != deleted), key=lambda i: i.order)
+
+    def interfaces_on(self, network_uuid: str):
+        """The interfaces that still exist on a network."""
+        deleted = IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')
+        return [e.value for e in self.core.cache.where('interfaces/', 'network_uuid', network_uuid)
+                if e.value.state != deleted]
 
     # -- networks --------------------------------------------------------------
     async def create(self, req: api.CreateNetworkRequest) -> api.CreateNetworkResponse:

@@ -35,9 +35,11 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        # Nodes registered before this controller started get one timeout to heartbeat
-        # to it; otherwise a node that died while no controller ran would never be noticed.
-        for entry in core.cache.range('nodes/')[0]:
+
+    def start(self):
+        """Nodes registered before this controller started get one timeout to heartbeat
+        to it; otherwise a node that died while no controller ran would go unnoticed."""
+        for entry in self.core.cache.range('nodes/')[0]:
             if not entry.value.unreachable:
                 self._arm(entry.value.name)
 

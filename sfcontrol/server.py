@@ -80,6 +80,7 @@ async def start(config: Config) -> Controller:
     agentops.start()
     node_control = NodeControl(core, instances, agentops, blobs, config.heartbeat_interval,
                                config.heartbeat_timeout)
+    node_control.start()
     metadata = Metadata(core)
 
     server = grpc.aio.server(interceptors=[ApiInterceptor(lambda: auth)], options=[

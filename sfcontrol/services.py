@@ -69,7 +69,7 @@ class NetworkService(network_service_pb2_grpc.NetworkServiceServicer):
 
     async def ListNetworkInterfaces(self, request, context):
         network = self.n.resolve(request.network_ref).value
-        ifaces = [e.value for e in self.n.core.cache.where('interfaces/', 'network_uuid', network.uuid)]
+        ifaces = self.n.interfaces_on(network.uuid)
         start = int(request.page_token) if request.page_token.isdigit() else 0
         end = start + (request.page_size or 1000)
         return net.ListNetworkInterfacesResponse(

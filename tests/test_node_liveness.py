@@ -1,0 +1,212 @@
+"""Node liveness (heartbeats and their timeout) and node re-registration, against a real etcd,
+with controllers of a short heartbeat_timeout and a scripted node."""
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+import pytest_asyncio
+
+from sfcontrol import server
+from shakenfist.node.v1alpha1 import node_pb2
+from shakenfist.v1 import instance_pb2, instance_service_pb2 as api
+from tests.conftest import controller_config, system_key
+from tests.grpc_client import Client
+from tests.helpers import create, create_created, get, raises, wait_state
+from tests.node_double import NodeDouble
+from tests.waiting import eventually
+
+C = grpc.StatusCode
+TIMEOUT = 0.5
+
+
+class Plane:
+    """A controller with a short heartbeat timeout, a system client and one node."""
+
+    def __init__(self, config):
+        self.config = config
+
+    async def start(self):
+        self.ctl = await server.start(self.config)
+        self.client = await Client(f'127.0.0.1:{self.ctl.port}').login(
+            'system', system_key(self.config.state_dir.parent))
+        return self
+
+    async def stop(self):
+        await self.client.close()
+        await self.ctl.stop(None)
+
+
+@pytest_asyncio.fixture
+async def plane(etcd, tmp_path):
+    p = await Plane(controller_config(etcd, tmp_path, heartbeat_timeout=TIMEOUT)).start()
+    yield p
+    await p.stop()
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(node, every=TIMEOUT / 5):
+    """Keep the node alive (as sfnode's heartbeat loop would) for the duration of the block."""
+    async def loop():
+        while True:
+            await asyncio.sleep(every)
+            await node.heartbeat()
+    await node.heartbeat()          # reachable from the start of the block
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def unreachable(client, uuid):
+    return (await get(client, uuid)).node_unreachable
+
+
+async def register(node, **capacity):
+    cap = node.capacity if not capacity else node_pb2.NodeCapacity(**capacity)
+    await node.client.node_control.RegisterNode(node_pb2.RegisterNodeRequest(
+        name=node.name, address=f'127.0.0.1:{node.port}', capacity=cap, console_host='127.0.0.1'))
+
+
+# -- heartbeats ----------------------------------------------------------------------------------
+
+async def test_missed_heartbeats_mark_the_node_unreachable_and_a_heartbeat_brings_it_back(plane):
+    node = await NodeDouble(plane.client).start()
+    try:
+        async with heartbeating(node):
+            inst = await create_created(plane.client)
+            assert not await unreachable(plane.client, inst.uuid)
+        await eventually(lambda: unreachable(plane.client, inst.uuid), timeout=TIMEOUT * 10,
+                         what='node_unreachable after missed heartbeats')
+        shown = await get(plane.client, inst.uuid)
+        assert shown.state == instance_pb2.INSTANCE_STATE_CREATED     # the instance itself is kept
+        await node.heartbeat()
+        assert not await unreachable(plane.client, inst.uuid)
+    finally:
+        await node.stop()
+
+
+async def test_an_unreachable_node_gets_no_new_instances_or_node_calls(plane):
+    node = await NodeDouble(plane.client).start()
+    try:
+        async with heartbeating(node):
+            await create_created(plane.client)
+        await eventually(lambda: unreachable(plane.client, 'inst1'), timeout=TIMEOUT * 10)
+        async with raises(C.RESOURCE_EXHAUSTED, 'INSUFFICIENT_RESOURCES'):
+            await create(plane.client, 'other')
+        async with raises(C.UNAVAILABLE, 'UNAVAILABLE', 'unreachable'):
+            await plane.client.instances.GetConsoleData(api.GetConsoleDataRequest(instance_ref='inst1'))
+        assert [n for n, _ in node.calls if n == 'GetConsoleData'] == []
+        async with heartbeating(node):
+            await create_created(plane.client, 'other')
+    finally:
+        await node.stop()
+
+
+async def test_heartbeats_keep_a_node_reachable_past_the_timeout(plane):
+    node = await NodeDouble(plane.client).start()
+    try:
+        async with heartbeating(node):
+            inst = await create_created(plane.client)
+            # Watched for three timeouts' worth of heartbeats: never unreachable.
+            until = time.monotonic() + 3 * TIMEOUT
+            while time.monotonic() < until:
+                assert not await unreachable(plane.client, inst.uuid)
+                await asyncio.sleep(0.02)
+    finally:
+        await node.stop()
+
+
+async def test_registering_again_makes_an_unreachable_node_reachable(plane):
+    node = await NodeDouble(plane.client).start()
+    try:
+        async with heartbeating(node):
+            inst = await create_created(plane.client)
+        await eventually(lambda: unreachable(plane.client, inst.uuid), timeout=TIMEOUT * 10)
+        await register(node)
+        assert not await unreachable(plane.client, inst.uuid)
+    finally:
+        await node.stop()
+
+
+async def test_heartbeat_from_an_unknown_node_is_not_found(plane):
+    async with raises(C.NOT_FOUND, 'NOT_FOUND', 'not registered'):
+        await plane.client.node_control.Heartbeat(node_pb2.HeartbeatRequest(name='ghost'))
+
+
+async def test_a_node_silent_across_a_controller_restart_becomes_unreachable(etcd, tmp_path):
+    config = controller_config(etcd, tmp_path, heartbeat_timeout=TIMEOUT)
+    first = await Plane(config).start()
+    node = await NodeDouble(first.client).start()
+    try:
+        async with heartbeating(node):
+            inst = await create_created(first.client)
+    finally:
+        await node.stop()
+        await first.stop()
+    second = await Plane(config).start()
+    try:
+        assert not await unreachable(second.client, inst.uuid)
+        # The node never heartbeats to the new controller: it must still be noticed.
+        await eventually(lambda: unreachable(second.client, inst.uuid), timeout=TIMEOUT * 10,
+                         what='node_unreachable after a controller restart')
+    finally:
+        await second.stop()
+
+
+# -- re-registration and allocation -------------------------------------------------------------------
+
+async def fill(client, node):
+    """Fill the node's memory with four instances; return them and their memory."""
+    memory = node.capacity.memory_mib // 4
+    made = [await create_created(client, f'i{i}', memory=memory) for i in range(4)]
+    async with raises(C.RESOURCE_EXHAUSTED, 'INSUFFICIENT_RESOURCES'):
+        await create(client, 'one-too-many', memory=memory)
+    return made, memory
+
+
+async def test_reregistering_keeps_the_allocation_of_placed_instances(system, node):
+    made, memory = await fill(system, node)
+    await register(node)
+    async with raises(C.RESOURCE_EXHAUSTED, 'INSUFFICIENT_RESOURCES'):
+        await create(system, 'after-restart', memory=memory)
+    # What is freed is usable again, exactly once.
+    await system.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref=made[0].uuid))
+    await wait_state(system, made[0].uuid, instance_pb2.INSTANCE_STATE_DELETED)
+    await create_created(system, 'fits', memory=memory)
+    async with raises(C.RESOURCE_EXHAUSTED, 'INSUFFICIENT_RESOURCES'):
+        await create(system, 'still-full', memory=memory)
+
+
+async def test_reregistering_while_an_instance_is_deleted_frees_it_only_once(system, node):
+    made, memory = await fill(system, node)
+    node.auto_create = False            # the node has not torn the domain down yet
+    await system.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref=made[0].uuid))
+    await wait_state(system, made[0].uuid, instance_pb2.INSTANCE_STATE_DELETE_WAIT)
+    await register(node)                # the node restarts meanwhile
+    await node.report(made[0].uuid, state=instance_pb2.INSTANCE_STATE_DELETED)
+    assert (await get(system, made[0].uuid)).state == instance_pb2.INSTANCE_STATE_DELETED
+    await create(system, 'fits', memory=memory)
+    async with raises(C.RESOURCE_EXHAUSTED, 'INSUFFICIENT_RESOURCES'):
+        await create(system, 'overcommitted', memory=memory)
+
+
+async def test_reregistering_while_an_instance_failed_frees_it_only_once(system, node):
+    made, memory = await fill(system, node)
+    node.auto_create = False
+    await node.report(made[0].uuid, state=instance_pb2.INSTANCE_STATE_CREATED_ERROR,
+                      error_message='domain crashed')
+    await register(node)
+    await node.report(made[0].uuid, state=instance_pb2.INSTANCE_STATE_DELETED)
+    assert (await get(system, made[0].uuid)).state == instance_pb2.INSTANCE_STATE_ERROR
+    await create(system, 'fits', memory=memory)
+    async with raises(C.RESOURCE_EXHAUSTED, 'INSUFFICIENT_RESOURCES'):
+        await create(system, 'overcommitted', memory=memory)
+
+
+async def test_register_needs_a_name_and_an_address(system):
+    async with raises(C.INVALID_ARGUMENT, 'INVALID_ARGUMENT', 'name and an address'):
+        await system.node_control.RegisterNode(node_pb2.RegisterNodeRequest(name='n'))
