@@ -140,8 +140,7 @@ class Networks:
         return await self.core.mutate(build, request=req)
 
     def _delete_network(self, txn: Txn, network: pb.Network):
-        in_use = [i for i in self.core.cache.where('interfaces/', 'network_uuid', network.uuid)
-                  if i.value.state != IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')]
+        in_use = self.interfaces_on(network.uuid)
         if in_use:
             raise errors.conflict(f'network {network.uuid} is in use by {len(in_use)} interfaces')
         gone = pb.Network()

@@ -14,6 +14,23 @@ PACKAGES=(
   iproute2 curl
 )
 
+# sfnode runs libvirt's QEMU driver in-process (qemu:///embed). As root it
+# resolves the compiled-in default QEMU user, libvirt-qemu, before it reads its
+# qemu.conf (which says root) and fails when that user does not exist. The
+# package that would create it, libvirt-daemon-system, also brings systemd
+# units and a global qemu.conf that sfnode does not want: create the user only.
+# (Not root: the embed driver runs unprivileged and needs no such user.)
+if ! getent passwd libvirt-qemu >/dev/null; then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "creating system user libvirt-qemu"
+    if getent group libvirt-qemu >/dev/null; then group=(--gid libvirt-qemu); else group=(--user-group); fi
+    useradd --system "${group[@]}" --no-create-home --home-dir /var/lib/libvirt \
+      --shell /usr/sbin/nologin --comment "Libvirt Qemu" libvirt-qemu
+  else
+    echo "note: user libvirt-qemu is missing; sfnode needs it when run as root" >&2
+  fi
+fi
+
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
