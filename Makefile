@@ -14,13 +14,15 @@ STATE_DIR ?= ./.sf-state
 GRPC_PORT ?= 13001
 REST_PORT ?= 13000
 PYTEST_ARGS ?=
+GUEST_DIR ?= build/guest
+GUEST_SRC := $(shell find guest/build-image.sh guest/syslinux.cfg guest/initramfs)
 
-.PHONY: run test deps gen schema-check clean
+.PHONY: run test deps gen schema-check guest-image clean
 
-run: deps gen
+run: deps gen guest-image
 	$(VENV)/bin/sf-up --state-dir $(STATE_DIR) --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT)
 
-test: deps gen schema-check
+test: deps gen schema-check guest-image
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 deps: .stamps/system .stamps/venv .stamps/sfclient $(BUF)
@@ -51,6 +53,13 @@ gen: shakenfist/descriptors.binpb
 
 shakenfist/descriptors.binpb: $(PROTOS) tools/gen.py .stamps/venv
 	$(PY) tools/gen.py
+
+# The test guest: a BIOS-bootable disk with a Debian cloud kernel and busybox
+# (guest/README.md). build-image.sh checks freshness per step, so a rerun is cheap.
+guest-image: $(GUEST_DIR)/sftest.qcow2
+
+$(GUEST_DIR)/sftest.qcow2: $(GUEST_SRC) .stamps/system
+	bash guest/build-image.sh $(GUEST_DIR)
 
 schema-check: $(BUF)
 	BUF=$(BUF) bash tools/check-schema.sh

@@ -8,7 +8,7 @@ PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 qemu-utils                    # real guests under QEMU
   busybox-static genisoimage                    # test guest image and config drives
-  extlinux syslinux-common mtools dosfstools    # a real BIOS-bootable test disk
+  syslinux extlinux syslinux-common mtools dosfstools   # a real BIOS-bootable test disk
   python3-venv python3-dev gcc                  # the venv and libvirt-python's build
   nodejs npm                                    # buf comes from npm
   iproute2 curl
