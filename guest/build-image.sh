@@ -199,8 +199,9 @@ if ! fresh "$KDIR/.done" "$KERNEL_DEB" "$SELF" ||
 fi
 
 # ---------------------------------------------------------------------------
-# 3. The initramfs: busybox, the modules, and guest/initramfs/ (the /init script,
-# the acpid action, the placeholder agent). Published as OUTDIR/initrd.img.
+# 3. The initramfs: busybox, the modules, the agent (guest/agent, built here),
+# and guest/initramfs/ (the /init script, the acpid action). Published as
+# OUTDIR/initrd.img.
 
 # newc_node PATH MODE MAJOR MINOR INODE: one cpio "newc" entry for a device node.
 # The kernel needs /dev/console in the initramfs to give /init its stdio before
@@ -224,10 +225,16 @@ newc_trailer() {
   head -c 3 /dev/zero   # 110 + 11 = 121 -> pad to 124
 }
 
+AGENT=$OUT/agent/sf-agent
+if ! fresh "$AGENT" "$HERE/agent/sf-agent.c" "$HERE/agent/build.sh"; then
+  log "building the agent"
+  bash "$HERE/agent/build.sh" "$AGENT"
+fi
+
 INITRD=$OUT/initrd.img
 # the directories too, so that a file removed from guest/initramfs counts
 mapfile -t INITRAMFS_INPUTS < <(find "$HERE/initramfs")
-if ! fresh "$INITRD" "$KDIR/.done" "$SELF" "$BUSYBOX" "${INITRAMFS_INPUTS[@]}"; then
+if ! fresh "$INITRD" "$KDIR/.done" "$SELF" "$BUSYBOX" "$AGENT" "${INITRAMFS_INPUTS[@]}"; then
   log "building initramfs"
   stage=$(mktemp -d "$WORK/initramfs.XXXXXX")
   trap 'rm -rf "$stage"' EXIT
@@ -241,6 +248,7 @@ if ! fresh "$INITRD" "$KDIR/.done" "$SELF" "$BUSYBOX" "${INITRAMFS_INPUTS[@]}"; 
     [[ $applet == bin/busybox ]] || ln -sf /bin/busybox "$stage/$applet"
   done
   cp -r "$HERE/initramfs/." "$stage/"
+  cp "$AGENT" "$stage/sbin/sf-agent"
   cp "$KDIR/modules.order" "$stage/etc/modules.order"
   if [[ -s $KDIR/modules.order ]]; then
     cp "$KDIR"/modules/*.ko "$stage/lib/modules/$kver/"

@@ -120,7 +120,7 @@ class Guest:
         if not reboot:
             cmd.append('-no-reboot')  # a reset (from the guest or QMP) ends qemu
         if agent:
-            # the virtio-serial port the placeholder agent answers on
+            # the virtio-serial port the agent answers on
             cmd += ['-device', 'virtio-serial-pci',
                     '-chardev', f'socket,id=agent,path={self.agent_path},server=on,wait=off',
                     '-device', 'virtserialport,chardev=agent,name=sf-agent2']
@@ -172,25 +172,34 @@ class Guest:
             return reply['return']
 
     def agent_ping(self, token: str, timeout: float = 20.0) -> str:
-        """PING the placeholder agent on the sf-agent2 port until it answers PONG."""
+        """Ping the agent (protocol v2) on the sf-agent2 port until it replies; returns
+        the command_id the reply echoes."""
+        from shakenfist.agent.v2 import agent_pb2
+        from sfnode.agentwire import split_commands
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(self.agent_path))
         s.settimeout(0.25)
-        received = b''
+        buf = bytearray()
+        ping = agent_pb2.HypervisorToAgent(commands=[agent_pb2.HypervisorToAgentCommand(
+            command_id=token, ping_request=agent_pb2.PingRequest())]).SerializeToString()
+        replies = []
 
-        def pong():
-            nonlocal received
-            s.sendall(f'PING {token}\n'.encode())
+        def answered():
+            s.sendall(ping)
             try:
-                received += s.recv(4096)
+                buf.extend(s.recv(65536))
             except TimeoutError:
                 pass
-            return f'PONG {token}'.encode() in received
+            raw, used = split_commands(buf)
+            del buf[:used]
+            replies.extend(agent_pb2.AgentToHypervisorCommand.FromString(r) for r in raw)
+            return any(r.command_id == token and r.WhichOneof('reply') == 'ping_reply'
+                       for r in replies)
         try:
-            wait_until(pong, timeout, 'PONG from the placeholder agent', interval=0)
+            wait_until(answered, timeout, 'a ping reply from the agent', interval=0)
         finally:
             s.close()
-        return received.decode(errors='replace')
+        return token
 
     def stop(self):
         if self._qmp is not None:
@@ -309,7 +318,7 @@ def test_guest_markers_agent_hotplug_and_acpi_poweroff(guest_image, boot, tmp_pa
     g.wait_for('SFTEST user-data says hello', timeout=10)
     g.wait_for('SFTEST user-data: exit=0', timeout=10)
 
-    assert 'PONG hello-1' in g.agent_ping('hello-1')
+    assert g.agent_ping('hello-1') == 'hello-1'
 
     g.qmp('device_add', driver='virtio-net-pci', id='hotnic', mac='52:54:00:5f:00:02')
     g.wait_for('SFTEST nic-added: eth1 52:54:00:5f:00:02', timeout=15)

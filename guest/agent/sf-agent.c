@@ -48,8 +48,7 @@
 static int verbose;
 extern char **environ;
 
-static void logmsg(const char *fmt, ...)
-{
+static void logmsg(const char *fmt, ...) {
     char line[512];
     va_list ap;
     va_start(ap, fmt);
@@ -63,15 +62,13 @@ static void logmsg(const char *fmt, ...)
     if (write(2, line, n) < 0) { /* nowhere else to report it */ }
 }
 
-static double now(clockid_t clock)
-{
+static double now(clockid_t clock) {
     struct timespec ts;
     clock_gettime(clock, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static void msleep(int ms)
-{
+static void msleep(int ms) {
     struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
     nanosleep(&ts, NULL);
 }
@@ -80,8 +77,8 @@ static void msleep(int ms)
 
 typedef struct { uint8_t *p; size_t len, cap; int oom; } buf_t;
 
-static uint8_t *buf_space(buf_t *b, size_t n)  /* room for n more bytes */
-{
+/* room for n more bytes */
+static uint8_t *buf_space(buf_t *b, size_t n) {
     if (b->oom)
         return NULL;
     if (b->cap - b->len < n) {
@@ -99,8 +96,7 @@ static uint8_t *buf_space(buf_t *b, size_t n)  /* room for n more bytes */
     return b->p + b->len;
 }
 
-static void buf_add(buf_t *b, const void *d, size_t n)
-{
+static void buf_add(buf_t *b, const void *d, size_t n) {
     uint8_t *q = buf_space(b, n);
     if (q && n) {
         memcpy(q, d, n);
@@ -108,8 +104,7 @@ static void buf_add(buf_t *b, const void *d, size_t n)
     }
 }
 
-static void buf_free(buf_t *b)
-{
+static void buf_free(buf_t *b) {
     free(b->p);
     memset(b, 0, sizeof *b);
 }
@@ -127,8 +122,7 @@ typedef struct {
     size_t extn, split; /* ... and the last split bytes */
 } enc_t;
 
-static void e_raw(enc_t *e, const void *d, size_t n)
-{
+static void e_raw(enc_t *e, const void *d, size_t n) {
     if (e->oom || !n)
         return;
     if (e->cap - e->used < n) {
@@ -152,8 +146,7 @@ static void e_raw(enc_t *e, const void *d, size_t n)
 
 static size_t e_mark(const enc_t *e) { return e->used + e->extn; }
 
-static void e_varint(enc_t *e, uint64_t v)
-{
+static void e_varint(enc_t *e, uint64_t v) {
     uint8_t t[10];
     size_t n = 0;
     do {
@@ -167,15 +160,13 @@ static void e_varint(enc_t *e, uint64_t v)
 static void e_tag(enc_t *e, int field, int wt) { e_varint(e, (uint64_t)field << 3 | wt); }
 
 /* Close length-delimited field `field` holding everything written since mark (even if empty). */
-static void e_close(enc_t *e, int field, size_t mark)
-{
+static void e_close(enc_t *e, int field, size_t mark) {
     e_varint(e, e_mark(e) - mark);
     e_tag(e, field, 2);
 }
 
 /* proto3 scalars: default values (0, "", 0.0) are not written. */
-static void e_bytes(enc_t *e, int field, const void *d, size_t n)
-{
+static void e_bytes(enc_t *e, int field, const void *d, size_t n) {
     if (!n)
         return;
     size_t m = e_mark(e);
@@ -185,16 +176,15 @@ static void e_bytes(enc_t *e, int field, const void *d, size_t n)
 
 static void e_str(enc_t *e, int field, const char *s) { e_bytes(e, field, s, strlen(s)); }
 
-static void e_int(enc_t *e, int field, int64_t v)  /* int32, int64, bool, enum */
-{
+/* int32, int64, bool, enum */
+static void e_int(enc_t *e, int field, int64_t v) {
     if (v) {
         e_varint(e, (uint64_t)v);
         e_tag(e, field, 0);
     }
 }
 
-static void e_double(enc_t *e, int field, double d)
-{
+static void e_double(enc_t *e, int field, double d) {
     uint64_t u;
     uint8_t t[8];
     if (d == 0)
@@ -206,8 +196,8 @@ static void e_double(enc_t *e, int field, double d)
     e_tag(e, field, 1);
 }
 
-static void e_ext(enc_t *e, int field, const uint8_t *d, size_t n)  /* at most once */
-{
+/* at most once */
+static void e_ext(enc_t *e, int field, const uint8_t *d, size_t n) {
     if (!n || e->ext)
         return;
     e->split = e->used;
@@ -220,8 +210,8 @@ static void e_ext(enc_t *e, int field, const uint8_t *d, size_t n)  /* at most o
 /* ---- UTF-8: proto3 strings must be valid UTF-8 or the host's parser rejects the whole
  * envelope (and, with this framing, waits forever). Invalid bytes become U+FFFD. */
 
-static size_t utf8_len(const uint8_t *p, size_t n)  /* length of the valid sequence at p, or 0 */
-{
+/* length of the valid sequence at p, or 0 */
+static size_t utf8_len(const uint8_t *p, size_t n) {
     uint8_t c = p[0];
     size_t k;
     uint32_t cp, min;
@@ -248,8 +238,7 @@ static size_t utf8_len(const uint8_t *p, size_t n)  /* length of the valid seque
 }
 
 /* d itself if it is valid UTF-8, else a repaired copy in fix (*n updated). */
-static const uint8_t *text(const uint8_t *d, size_t *n, buf_t *fix)
-{
+static const uint8_t *text(const uint8_t *d, size_t *n, buf_t *fix) {
     size_t i = 0, k;
     while (i < *n && (k = utf8_len(d + i, *n - i)))
         i += k;
@@ -263,8 +252,7 @@ static const uint8_t *text(const uint8_t *d, size_t *n, buf_t *fix)
     return fix->p;
 }
 
-static void e_text(enc_t *e, int field, const char *s)
-{
+static void e_text(enc_t *e, int field, const char *s) {
     buf_t fix = { 0 };
     size_t n = strlen(s);
     const uint8_t *t = text((const uint8_t *)s, &n, &fix);
@@ -278,8 +266,7 @@ typedef struct { const uint8_t *p, *end; } rd_t;
 typedef struct { uint32_t num; int wt; uint64_t v; const uint8_t *d; size_t n; } fld_t;
 enum { RD_END = 0, RD_OK = 1, RD_SHORT = -1, RD_BAD = -2 };
 
-static int rd_varint(rd_t *r, uint64_t *v)
-{
+static int rd_varint(rd_t *r, uint64_t *v) {
     *v = 0;
     for (int i = 0; i < 10; i++) {
         if (r->p >= r->end)
@@ -293,8 +280,7 @@ static int rd_varint(rd_t *r, uint64_t *v)
 }
 
 /* The next field: RD_OK, RD_END, RD_SHORT (runs past end) or RD_BAD (can never parse). */
-static int rd_next(rd_t *r, fld_t *f)
-{
+static int rd_next(rd_t *r, fld_t *f) {
     uint64_t key;
     int rc;
     if (r->p >= r->end)
@@ -337,8 +323,7 @@ static int rd_next(rd_t *r, fld_t *f)
     }
 }
 
-static int utf8_ok(const uint8_t *d, size_t n)
-{
+static int utf8_ok(const uint8_t *d, size_t n) {
     size_t k;
     for (size_t i = 0; i < n; i += k)
         if (!(k = utf8_len(d + i, n - i)))
@@ -368,8 +353,7 @@ static const field_t SCHEMA[][16] = {
     { { 1, 's' }, { 2, 's' }, { 3, 's' } },       /* 11 ChownRequest */
 };
 
-static int valid(const uint8_t *d, size_t n, int msg, int depth)
-{
+static int valid(const uint8_t *d, size_t n, int msg, int depth) {
     rd_t r = { d, d + n };
     fld_t f;
     int rc = RD_BAD;
@@ -381,8 +365,8 @@ static int valid(const uint8_t *d, size_t n, int msg, int depth)
     return rc == RD_END;
 }
 
-static char *dupstr(const fld_t *f)  /* a string field as a C string; NULL if it has a NUL */
-{
+/* a string field as a C string; NULL if it has a NUL */
+static char *dupstr(const fld_t *f) {
     if (memchr(f->d, 0, f->n))
         return NULL;
     char *s = malloc(f->n + 1);
@@ -397,8 +381,7 @@ static char *dupstr(const fld_t *f)  /* a string field as a C string; NULL if it
 
 static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-static size_t b64_encode(const uint8_t *in, size_t n, char *out)
-{
+static size_t b64_encode(const uint8_t *in, size_t n, char *out) {
     size_t o = 0;
     for (size_t i = 0; i < n; i += 3) {
         uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? in[i + 1] << 8 : 0) | (i + 2 < n ? in[i + 2] : 0);
@@ -410,8 +393,8 @@ static size_t b64_encode(const uint8_t *in, size_t n, char *out)
     return o;
 }
 
-static long b64_decode(const uint8_t *in, size_t n, uint8_t *out)  /* -1 if invalid */
-{
+/* -1 if invalid */
+static long b64_decode(const uint8_t *in, size_t n, uint8_t *out) {
     uint32_t acc = 0;
     int bits = 0, pad = 0;
     long o = 0;
@@ -445,8 +428,7 @@ typedef struct {
     size_t cmdlen, idlen;
 } sess_t;
 
-static ssize_t read_in(sess_t *s, buf_t *b)
-{
+static ssize_t read_in(sess_t *s, buf_t *b) {
     uint8_t *q = buf_space(b, READ_SIZE);
     if (!q) {
         errno = ENOMEM;
@@ -460,8 +442,7 @@ static ssize_t read_in(sess_t *s, buf_t *b)
 
 /* Write all of iov. While the host cannot take more, read what it sends into pending, so
  * that neither side can block the other (the host acks every get-file chunk). */
-static int write_all(sess_t *s, struct iovec *iov, int cnt)
-{
+static int write_all(sess_t *s, struct iovec *iov, int cnt) {
     while (cnt > 0) {
         ssize_t n = writev(s->out, iov, cnt);
         if (n < 0) {
@@ -495,8 +476,7 @@ static void reply_error(sess_t *s, const char *msg);
 
 /* Wrap the fields in e as reply `field` of an AgentToHypervisorCommand echoing the
  * command_id, in an AgentToHypervisor envelope, and write it. Frees e. */
-static void send_reply(sess_t *s, int field, enc_t *e)
-{
+static void send_reply(sess_t *s, int field, enc_t *e) {
     buf_t fix = { 0 };
     size_t idlen = s->idlen;
     const uint8_t *id = s->id ? text(s->id, &idlen, &fix) : NULL;
@@ -519,8 +499,7 @@ static void send_reply(sess_t *s, int field, enc_t *e)
     free(e->p);
 }
 
-static void reply_error(sess_t *s, const char *msg)
-{
+static void reply_error(sess_t *s, const char *msg) {
     enc_t e = { 0 };
     if (s->cmd) { /* last_envelope: a HypervisorToAgent holding just the failed command */
         e_raw(&e, s->cmd, s->cmdlen);
@@ -533,21 +512,19 @@ static void reply_error(sess_t *s, const char *msg)
 
 /* An error about a command we could not parse: without last_envelope, as the host's
  * parser would reject the echoed bytes and so the whole reply. */
-static void malformed(sess_t *s, const char *msg)
-{
+static void malformed(sess_t *s, const char *msg) {
     s->cmd = NULL;
     reply_error(s, msg);
 }
 
-static void reply_errno(sess_t *s, const char *path)  /* as Python's str(OSError) */
-{
+/* as Python's str(OSError) */
+static void reply_errno(sess_t *s, const char *path) {
     char msg[4200];
     snprintf(msg, sizeof msg, "[Errno %d] %s: '%s'", errno, strerror(errno), path);
     reply_error(s, msg);
 }
 
-static void reply_unknown(sess_t *s)
-{
+static void reply_unknown(sess_t *s) {
     enc_t e = { 0 };
     e_raw(&e, s->cmd, s->cmdlen);
     e_close(&e, 1, 0); /* HypervisorToAgent.commands */
@@ -557,8 +534,8 @@ static void reply_unknown(sess_t *s)
 
 /* ---- handlers ---- */
 
-static double boot_time(void)  /* as psutil.boot_time(): btime in /proc/stat */
-{
+/* as psutil.boot_time(): btime in /proc/stat */
+static double boot_time(void) {
     char line[4096];
     double bt = 0, up = 0;
     FILE *f = fopen("/proc/stat", "r");
@@ -577,8 +554,8 @@ static double boot_time(void)  /* as psutil.boot_time(): btime in /proc/stat */
     return now(CLOCK_REALTIME) - up;
 }
 
-static char *slurp(const char *path)  /* a whole (small) file as a C string, or NULL */
-{
+/* a whole (small) file as a C string, or NULL */
+static char *slurp(const char *path) {
     buf_t b = { 0 };
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     ssize_t n;
@@ -594,8 +571,7 @@ static char *slurp(const char *path)  /* a whole (small) file as a C string, or 
 }
 
 /* The lines of text (modified in place), for walking backwards; free the result. */
-static char **split_lines(char *text, size_t *count)
-{
+static char **split_lines(char *text, size_t *count) {
     buf_t v = { 0 };
     for (char *save = NULL, *l = strtok_r(text, "\n", &save); l; l = strtok_r(NULL, "\n", &save))
         buf_add(&v, &l, sizeof l);
@@ -603,8 +579,7 @@ static char **split_lines(char *text, size_t *count)
     return (char **)v.p;
 }
 
-static void gather_facts(sess_t *s)
-{
+static void gather_facts(sess_t *s) {
     static const char *keys[] = { "rsa", "ecdsa", "ed25519" };
     enc_t e = { 0 };
     char path[64], *t, **lines;
@@ -675,8 +650,7 @@ static void gather_facts(sess_t *s)
     send_reply(s, 42, &e);
 }
 
-static void execute(sess_t *s, const uint8_t *d, size_t n)
-{
+static void execute(sess_t *s, const uint8_t *d, size_t n) {
     rd_t r = { d, d + n };
     fld_t f, g;
     int rc, prio = 0, bad = 0;
@@ -725,6 +699,7 @@ static void execute(sess_t *s, const uint8_t *d, size_t n)
         cwd_err = errno;
     else if (cwd && *cwd && !S_ISDIR(st.st_mode))
         cwd_err = ENOTDIR;
+    double t0 = now(CLOCK_MONOTONIC);
     if (rc != RD_END || bad || env.oom)
         malformed(s, "malformed execute_request");
     else if (cwd_err)
@@ -747,7 +722,6 @@ static void execute(sess_t *s, const uint8_t *d, size_t n)
         fprintf(stderr, "sf-agent: %s: %s\n", av[0], strerror(errno));
         _exit(127);
     }
-    double t0 = now(CLOCK_MONOTONIC);
     buf_t out[2] = { { 0 } }, fix[2] = { { 0 } };
     if (pid > 0) { /* read stdout and stderr until both are closed */
         struct pollfd pf[2] = { { po[0], POLLIN, 0 }, { pe[0], POLLIN, 0 } };
@@ -805,8 +779,8 @@ static void execute(sess_t *s, const uint8_t *d, size_t n)
     free(cmd), free(cwd), free(ns);
 }
 
-static int pwrite_all(int fd, const uint8_t *p, size_t n, off_t offset)  /* errno kept */
-{
+/* errno kept */
+static int pwrite_all(int fd, const uint8_t *p, size_t n, off_t offset) {
     while (n) {
         ssize_t w = pwrite(fd, p, n, offset);
         if (w < 0 && errno == EINTR)
@@ -820,8 +794,7 @@ static int pwrite_all(int fd, const uint8_t *p, size_t n, off_t offset)  /* errn
     return 0;
 }
 
-static void put_close(sess_t *s)
-{
+static void put_close(sess_t *s) {
     if (s->put_fd >= 0)
         close(s->put_fd);
     s->put_fd = -1;
@@ -831,8 +804,7 @@ static void put_close(sess_t *s)
 
 /* Write a FileChunk{offset=1, encoding=2, payload=3} to the open file and acknowledge it.
  * An empty payload ends the file, unless it is a put_file_request's first chunk. */
-static void put_chunk(sess_t *s, const uint8_t *d, size_t n, int first)
-{
+static void put_chunk(sess_t *s, const uint8_t *d, size_t n, int first) {
     rd_t r = { d, d + n };
     fld_t f, payload = { 0 };
     int64_t offset = 0;
@@ -872,8 +844,7 @@ static void put_chunk(sess_t *s, const uint8_t *d, size_t n, int first)
     send_reply(s, 43, &e);
 }
 
-static void put_file(sess_t *s, const uint8_t *d, size_t n)
-{
+static void put_file(sess_t *s, const uint8_t *d, size_t n) {
     rd_t r = { d, d + n };
     fld_t f, chunk = { 0 };
     char *path = NULL;
@@ -903,8 +874,7 @@ static void put_file(sess_t *s, const uint8_t *d, size_t n)
     put_chunk(s, chunk.d, chunk.n, 1);
 }
 
-static char *path_of(sess_t *s, const uint8_t *d, size_t n, int *mode)
-{
+static char *path_of(sess_t *s, const uint8_t *d, size_t n, int *mode) {
     rd_t r = { d, d + n };
     fld_t f;
     char *path = NULL;
@@ -922,8 +892,7 @@ static char *path_of(sess_t *s, const uint8_t *d, size_t n, int *mode)
     return NULL;
 }
 
-static void do_chmod(sess_t *s, const uint8_t *d, size_t n)
-{
+static void do_chmod(sess_t *s, const uint8_t *d, size_t n) {
     int mode = 0;
     char *path = path_of(s, d, n, &mode);
     if (path && chmod(path, mode) < 0) {
@@ -937,8 +906,7 @@ static void do_chmod(sess_t *s, const uint8_t *d, size_t n)
 }
 
 /* stat_result, then FileChunks of CHUNK bytes, then an empty one at offset=size. */
-static void get_file(sess_t *s, const uint8_t *d, size_t n)
-{
+static void get_file(sess_t *s, const uint8_t *d, size_t n) {
     static uint8_t raw[CHUNK];
     static char b64[CHUNK / 3 * 4 + 4];
     char *path = path_of(s, d, n, NULL);
@@ -983,8 +951,7 @@ static void get_file(sess_t *s, const uint8_t *d, size_t n)
 }
 
 /* Handle one HypervisorToAgentCommand. Returns 1 for hypervisor_departure. */
-static int handle(sess_t *s, const uint8_t *d, size_t n)
-{
+static int handle(sess_t *s, const uint8_t *d, size_t n) {
     static const uint8_t requests[] = { 10, 11, 20, 21, 30, 40, 41, 42, 43, 44, 45, 46, 47, 48 };
     rd_t r = { d, d + n };
     fld_t f, body = { 0 };
@@ -1001,7 +968,6 @@ static int handle(sess_t *s, const uint8_t *d, size_t n)
         return 0;
     }
     enc_t e = { 0 };
-    double bt;
     switch (body.num) {
     case 10: /* hypervisor_welcome: a new session */
         put_close(s);
@@ -1020,8 +986,7 @@ static int handle(sess_t *s, const uint8_t *d, size_t n)
         execute(s, body.d, body.n);
         break;
     case 41:
-        bt = boot_time();
-        e_double(&e, 3, bt);
+        e_double(&e, 3, boot_time());
         e_str(&e, 2, "running");
         e_int(&e, 1, 1);
         send_reply(s, 41, &e);
@@ -1048,8 +1013,7 @@ static int handle(sess_t *s, const uint8_t *d, size_t n)
 }
 
 /* Serve one host connection until it ends: 0 at EOF, -1 on an error. */
-static int serve(int in, int out)
-{
+static int serve(int in, int out) {
     sess_t s = { .in = in, .out = out, .put_fd = -1 };
     buf_t b = { 0 };
     int ret = 0;
@@ -1110,8 +1074,8 @@ static int serve(int in, int out)
 
 /* ---- transports ---- */
 
-static const char *find_port(char *out, size_t size)  /* /dev/vportNpM named PORT_NAME */
-{
+/* /dev/vportNpM named PORT_NAME */
+static const char *find_port(char *out, size_t size) {
     DIR *dir = opendir("/sys/class/virtio-ports");
     struct dirent *de;
     const char *found = NULL;
@@ -1134,8 +1098,7 @@ static const char *find_port(char *out, size_t size)  /* /dev/vportNpM named POR
     return found;
 }
 
-static void port_server(const char *device)
-{
+static void port_server(const char *device) {
     char path[300];
     int fd = -1, opened = 0;
     for (;;) {
@@ -1163,8 +1126,8 @@ static void port_server(const char *device)
     }
 }
 
-static void vsock_server(void)  /* in its own process; each connection in a child */
-{
+/* in its own process; each connection in a child */
+static void vsock_server(void) {
     struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_port = VSOCK_PORT, .svm_cid = VMADDR_CID_ANY };
     int l = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
     prctl(PR_SET_PDEATHSIG, SIGTERM);
@@ -1190,8 +1153,7 @@ static void vsock_server(void)  /* in its own process; each connection in a chil
     }
 }
 
-static int unix_server(const char *path)
-{
+static int unix_server(const char *path) {
     struct sockaddr_un a = { .sun_family = AF_UNIX };
     int l = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (strlen(path) >= sizeof a.sun_path) {
@@ -1215,8 +1177,7 @@ static int unix_server(const char *path)
     }
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     const char *device = NULL, *unix_path = NULL;
     int use_stdio = 0, vsock = 1;
     for (int i = 1; i < argc; i++) {
