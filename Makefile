@@ -25,7 +25,7 @@ run: deps gen guest-image
 test: deps gen schema-check guest-image
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-deps: .stamps/system .stamps/venv .stamps/sfclient $(BUF)
+deps: .stamps/system .stamps/venv .stamps/sfclient .stamps/sfagent $(BUF)
 
 .stamps/system: tools/install-system.sh
 	bash tools/install-system.sh
@@ -43,6 +43,13 @@ deps: .stamps/system .stamps/venv .stamps/sfclient $(BUF)
 .stamps/sfclient: .stamps/system
 	test -x .venv-sfclient/bin/python || python3 -m venv .venv-sfclient
 	.venv-sfclient/bin/pip install -q --disable-pip-version-check shakenfist-client==0.8.3
+	@mkdir -p .stamps && touch $@
+
+# The real shakenfist-agent 1.0.1 (it needs protobuf < 6): the compatibility
+# test runs its message handler against our host side.
+.stamps/sfagent: .stamps/system
+	test -x .venv-sfagent/bin/python || python3 -m venv .venv-sfagent
+	.venv-sfagent/bin/pip install -q --disable-pip-version-check shakenfist-agent==1.0.1
 	@mkdir -p .stamps && touch $@
 
 $(BUF): .stamps/system

@@ -78,12 +78,17 @@ class AgentChannel:
     async def send(self, **command) -> str:
         """Send one command (e.g. ping_request=pb.PingRequest()); returns its command_id."""
         command_id = new_command_id()
+        await self.send_as(command_id, **command)
+        return command_id
+
+    async def send_as(self, command_id: str, **command):
+        """Send a command under an existing id: the pieces of one file transfer share
+        their request's id, so their acknowledgements come back to one waiter."""
         envelope = pb.HypervisorToAgent(commands=[pb.HypervisorToAgentCommand(
             command_id=command_id, **command)])
-        self._queues[command_id] = asyncio.Queue()
+        self._queues.setdefault(command_id, asyncio.Queue())
         self.writer.write(envelope.SerializeToString())
         await self.writer.drain()
-        return command_id
 
     async def reply(self, command_id: str, timeout: float) -> pb.AgentToHypervisorCommand:
         """The next reply to command_id; TimeoutError, or ProtocolError if the stream broke."""
