@@ -149,6 +149,10 @@ class AgentOperations:
         return response_cls(agent_operation=current)
 
     async def _dispatch(self, op: pb.AgentOperation, node: str):
+        if op.state == PREFLIGHT:
+            # A put's blob is staged: the node streams it from the blob store when
+            # the put runs. The operation is queued for the node from here on.
+            op = await self.update(op.uuid, QUEUED)
         try:
             await self.nodes.call(node, 'RunAgentOperation',
                                   node_pb2.RunAgentOperationRequest(operation=op),

@@ -60,6 +60,14 @@ class AgentSession:
     def start(self):
         self._task = asyncio.create_task(self._run(), name='agent-monitor')
 
+    def power_changed(self, on: bool):
+        """Paused or off: the agent's silence is expected (the controller already says
+        why). Back on: forget what was known, so the next answer is reported."""
+        self.quiet = not on
+        if not on:
+            self.state = None
+            self._ready.clear()
+
     async def stop(self):
         if self._task:
             self._task.cancel()
@@ -161,6 +169,12 @@ class AgentSession:
     # -- operations -------------------------------------------------------------------------
     async def run_operation(self, op: opb.AgentOperation):
         """Run op's commands in order and report how it ends. Never raises."""
+        try:
+            await self._run_operation(op)
+        except Exception:   # noqa: BLE001 -- e.g. the controller refused a report
+            log.exception('agent operation %s could not be reported', op.uuid)
+
+    async def _run_operation(self, op: opb.AgentOperation):
         try:
             await asyncio.wait_for(self._ready.wait(), max(0.0, op.deadline - time.time()))
             async with self._lock:

@@ -1,0 +1,266 @@
+"""One instance on this node: builds it, converges it to its desired state, tears it down.
+
+Each instance has a worker task that works on the latest desired state it was
+given (changes coalesce), with every step idempotent: after a crash and a
+restart the same steps adopt what already exists instead of repeating it.
+"""
+
+import asyncio
+import json
+import logging
+import pathlib
+import socket
+
+from sfcommon import errors
+from sfcommon.events import make_event
+from sfnode import configdrive, domain, images
+from sfnode.agent import AgentSession
+from sfnode.link import ControllerLink
+from shakenfist.node.v1alpha1 import node_pb2
+from shakenfist.v1 import event_pb2, instance_pb2 as ipb, network_pb2, specs_pb2
+
+log = logging.getLogger(__name__)
+S = ipb.InstanceState
+P = ipb.PowerState
+_ORDER = [S.Value('INSTANCE_STATE_INITIAL'), S.Value('INSTANCE_STATE_PREFLIGHT'),
+          S.Value('INSTANCE_STATE_CREATING'), S.Value('INSTANCE_STATE_CREATED')]
+_ERROR_OF = {S.Value('INSTANCE_STATE_INITIAL'): S.Value('INSTANCE_STATE_INITIAL_ERROR'),
+             S.Value('INSTANCE_STATE_PREFLIGHT'): S.Value('INSTANCE_STATE_PREFLIGHT_ERROR'),
+             S.Value('INSTANCE_STATE_CREATING'): S.Value('INSTANCE_STATE_CREATING_ERROR'),
+             S.Value('INSTANCE_STATE_CREATED'): S.Value('INSTANCE_STATE_CREATED_ERROR')}
+
+
+def free_port(host='127.0.0.1') -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class InstanceWorker:
+    def __init__(self, node, desired: node_pb2.DesiredInstance):
+        self.node = node
+        self.uuid = desired.instance.uuid
+        self.desired = desired
+        self.dir = node.instances_dir / self.uuid
+        self.state = desired.instance.state
+        self.removed = False
+        self.agent = None                # AgentSession, when the instance has sf-agent2
+        self._wake = asyncio.Event()
+        self._wake.set()
+        self.task = asyncio.create_task(self._run(), name=f'instance-{self.uuid}')
+
+    @property
+    def name(self):
+        return domain.domain_name(self.uuid)
+
+    def update(self, desired: node_pb2.DesiredInstance):
+        self.desired = desired
+        self._wake.set()
+
+    def remove(self):
+        self.removed = True
+        self._wake.set()
+
+    # -- the loop ------------------------------------------------------------------
+    async def _run(self):
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                if self.removed:
+                    await self._teardown()
+                    return
+                await self._converge(self.desired)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:   # noqa: BLE001 -- report it, never die silently
+                log.exception('instance %s failed', self.uuid)
+                await self._fail(e)
+
+    async def _fail(self, e: Exception):
+        message = e.message if isinstance(e, errors.ApiError) else str(e) or type(e).__name__
+        if self.state in _ERROR_OF:
+            error_state = _ERROR_OF[self.state]
+            self.state = error_state
+            await self.node.link.report(self.uuid, state=error_state, error_message=message)
+
+    async def _advance(self, state):
+        """Report state if it is ahead of where the instance is."""
+        if self.state in _ORDER and _ORDER.index(state) > _ORDER.index(self.state):
+            await self.node.link.report(self.uuid, state=state)
+            self.state = state
+
+    async def _event(self, message, extra=None, event_type=event_pb2.EVENT_TYPE_STATUS):
+        await self.node.link.record(make_event(self.node.name, event_pb2.OBJECT_TYPE_INSTANCE,
+                                               self.uuid, event_type, message, extra))
+
+    # -- build and converge ------------------------------------------------------------
+    async def _converge(self, desired: node_pb2.DesiredInstance):
+        inst = desired.instance
+        if self.state not in _ORDER:
+            return      # an error state: the controller will remove us
+        hv = self.node.hypervisor
+        exists = await hv.exists(self.name)
+        if not exists:
+            await self._build(desired)
+        elif self.state != _ORDER[-1]:
+            await self._advance(_ORDER[-1])
+        await self._converge_power(desired)
+        await self._converge_interfaces(desired)
+        self._start_agent(desired)
+
+    def _start_agent(self, desired):
+        if self.agent is not None or ipb.SIDE_CHANNEL_SF_AGENT2 not in desired.instance.side_channels:
+            return
+        paths = domain.InstancePaths.under(str(self.dir), desired.instance)
+        self.agent = AgentSession(lambda: asyncio.open_unix_connection(paths.agent_socket),
+                                  AgentReporter(self))
+        self.agent.start()
+
+    async def _build(self, desired):
+        inst = desired.instance
+        await self._advance(S.Value('INSTANCE_STATE_PREFLIGHT'))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        paths = domain.InstancePaths.under(str(self.dir), inst)
+        bases = []
+        for i, spec in enumerate(inst.disk_spec):
+            url = images.resolve(spec.base if spec.HasField('base') else None, self.node.image_table)
+            if url is None:
+                bases.append(None)
+                continue
+            progress = images.Progress(url, self._event)
+            bases.append(await self.node.images.fetch(url, progress))
+        await self._advance(S.Value('INSTANCE_STATE_CREATING'))
+        for i, spec in enumerate(inst.disk_spec):
+            path = pathlib.Path(paths.disks[i])
+            if spec.type == specs_pb2.DISK_TYPE_CDROM:
+                if not path.exists():
+                    path.symlink_to(bases[i])
+            else:
+                await images.make_disk(path, bases[i], spec.size if spec.HasField('size') else None)
+        if paths.config_drive:
+            await configdrive.build(pathlib.Path(paths.config_drive), inst,
+                                    {n.uuid: n for n in desired.networks})
+        ports = self._ports()
+        bridges = {n.uuid: await self.node.bridges.ensure(n) for n in desired.networks}
+        options = domain.DomainOptions(
+            console_port=ports['console'], vdi_port=ports['vdi'],
+            domain_type=self.node.domain_type, bridges=bridges, vsock=False,
+            console_listen=self.node.console_listen, vdi_listen=self.node.console_listen)
+        xml = domain.build_domain_xml(desired, paths, options)
+        await self._event('libvirt domain XML', {'xml': xml}, event_pb2.EVENT_TYPE_MUTATE)
+        start = desired.desired_power_state != P.Value('POWER_STATE_OFF')
+        await self.node.hypervisor.define(xml, start=start)
+        slots = domain.disk_layout(inst, paths)
+        await self.node.link.report(
+            self.uuid, state=S.Value('INSTANCE_STATE_CREATED'), console_port=ports['console'],
+            vdi_port=ports['vdi'], disks=[s.to_pb() for s in slots], disks_set=True,
+            interface_states={i.uuid: network_pb2.NETWORK_INTERFACE_STATE_CREATED
+                              for i in inst.interfaces},
+            **({'agent_state': ipb.AGENT_STATE_NOT_READY_NO_CONTACT} if inst.side_channels else {}))
+        self.state = S.Value('INSTANCE_STATE_CREATED')
+
+    def _ports(self) -> dict:
+        """The instance's console and VDI ports, chosen once and kept across restarts."""
+        f = self.dir / 'ports.json'
+        if f.exists():
+            return json.loads(f.read_text())
+        ports = {'console': free_port(), 'vdi': free_port()}
+        f.write_text(json.dumps(ports))
+        return ports
+
+    async def _converge_power(self, desired):
+        hv = self.node.hypervisor
+        want = desired.desired_power_state
+        have = await hv.power_state(self.name)
+        if want == P.Value('POWER_STATE_OFF') and have != P.Value('POWER_STATE_OFF'):
+            await hv.destroy(self.name)
+            await self._event('poweroff')
+        elif want == P.Value('POWER_STATE_ON') and have == P.Value('POWER_STATE_OFF'):
+            paths = domain.InstancePaths.under(str(self.dir), desired.instance)
+            if paths.config_drive:       # power on rebuilds the config drive (seed)
+                await configdrive.build(pathlib.Path(paths.config_drive), desired.instance,
+                                        {n.uuid: n for n in desired.networks})
+            await hv.start(self.name)
+            await self._event('poweron')
+        elif want == P.Value('POWER_STATE_ON') and have == P.Value('POWER_STATE_PAUSED'):
+            await hv.resume(self.name)
+            await self._event('unpause')
+        elif want == P.Value('POWER_STATE_PAUSED') and have == P.Value('POWER_STATE_ON'):
+            await hv.suspend(self.name)
+            await self._event('pause')
+        await self.node.link.report(self.uuid, power_state=await hv.power_state(self.name))
+
+    async def _converge_interfaces(self, desired):
+        hv = self.node.hypervisor
+        wanted = {i.macaddr: i for i in desired.instance.interfaces}
+        present = set(await hv.interface_macs(self.name))
+        added = {}
+        for mac, iface in wanted.items():
+            if mac not in present:
+                net = next(n for n in desired.networks if n.uuid == iface.network_uuid)
+                bridge = await self.node.bridges.ensure(net)
+                await hv.attach_interface(self.name, domain.interface_xml(iface, bridge))
+                added[iface.uuid] = network_pb2.NETWORK_INTERFACE_STATE_CREATED
+                await self._event('hot plugged interface', {'interface': iface.uuid, 'mac': mac})
+        for mac in present - set(wanted):
+            await hv.detach_interface(self.name, mac)
+            await self._event('hot unplugged interface', {'mac': mac})
+        if added:
+            await self.node.link.report(self.uuid, interface_states=added)
+
+    async def _teardown(self):
+        if self.agent is not None:
+            await self.agent.stop()
+        hv = self.node.hypervisor
+        if await hv.exists(self.name):
+            await hv.destroy(self.name)
+            await hv.undefine(self.name)
+        images.remove_tree(self.dir)
+        await self.node.bridges.release_unused()
+        await self.node.link.report(self.uuid, state=S.Value('INSTANCE_STATE_DELETED'))
+
+
+class AgentReporter:
+    """Where an instance's AgentSession reports: the controller, over the node API."""
+
+    def __init__(self, worker: InstanceWorker):
+        self.worker = worker
+        self.link = worker.node.link
+
+    async def state(self, agent_state):
+        await self.link.report(self.worker.uuid, agent_state=agent_state)
+
+    async def boot_time(self, seconds):
+        await self.link.report(self.worker.uuid, agent_system_boot_time=seconds)
+
+    async def event(self, message, extra=None):
+        await self.worker._event(message, extra)
+
+    async def update(self, op_uuid, state, results=None, error_message=None, last_progress=None):
+        request = node_pb2.UpdateAgentOperationRequest(node=self.worker.node.name, uuid=op_uuid,
+                                                       state=state, results=results or {})
+        if error_message is not None:
+            request.error_message = error_message
+        if last_progress is not None:
+            request.last_progress = last_progress
+        await self.link.call('UpdateAgentOperation', request)
+
+    async def put_blob(self, chunks) -> str:
+        inst = self.worker.desired.instance
+
+        async def parts():
+            yield node_pb2.PutBlobRequest(header=node_pb2.PutBlobHeader(
+                node=self.worker.node.name, namespace=inst.namespace, instance_uuid=inst.uuid))
+            async for chunk in chunks:
+                for i in range(0, len(chunk), 1024 * 1024):
+                    yield node_pb2.PutBlobRequest(data=chunk[i:i + 1024 * 1024])
+        reply = await self.link.control.PutBlob(parts(), metadata=await self.link.metadata(),
+                                                timeout=600)
+        return reply.blob_uuid
+
+    async def get_blob(self, blob_uuid):
+        stream = self.link.control.GetBlob(node_pb2.GetBlobRequest(blob_uuid=blob_uuid),
+                                           metadata=await self.link.metadata(), timeout=600)
+        async for part in stream:
+            yield part.data

@@ -1,0 +1,271 @@
+"""The node agent: registers with the controller, follows its desired state,
+reconciles libvirt to it, and serves the controller's node actions."""
+
+import asyncio
+import dataclasses
+import logging
+import os
+import pathlib
+import subprocess
+
+import grpc
+
+from sfcommon import errors
+from sfnode import images
+from sfnode.instance import InstanceWorker
+from sfnode.link import ControllerLink
+from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class NodeConfig:
+    name: str
+    controller: str                 # host:port of the controller
+    key: str                        # a system namespace key
+    state_dir: pathlib.Path
+    libvirt_uri: str | None = None  # default: qemu:///embed?root=<state_dir>/libvirt
+    listen: str = '127.0.0.1:0'     # NodeService
+    console_listen: str = '127.0.0.1'
+    bridge_prefix: str = 'sfb0-'
+    image_table: str | None = None  # JSON {shorthand: url}, over the built-in table
+    extra_images: dict = dataclasses.field(default_factory=dict)
+    capacity: pb.NodeCapacity | None = None
+    usage_interval: float = 60.0    # seconds between usage events; 0 turns them off
+    domain_type: str | None = None  # 'qemu' or 'kvm'; None probes
+
+
+class Bridges:
+    """A Linux bridge per network on this node, named <prefix><vxlan id in hex>."""
+
+    def __init__(self, prefix: str, in_use):
+        self.prefix = prefix
+        self._in_use = in_use      # () -> set of network uuids used by instances here
+        self._made: dict[str, str] = {}
+
+    def name(self, network) -> str:
+        return f'{self.prefix}{network.vxlan_id:06x}'[:15]
+
+    async def ensure(self, network) -> str:
+        name = self.name(network)
+        if not pathlib.Path(f'/sys/class/net/{name}').exists():
+            await _ip('link', 'add', 'name', name, 'type', 'bridge')
+        await _ip('link', 'set', name, 'up')
+        self._made[network.uuid] = name
+        return name
+
+    async def release_unused(self):
+        used = self._in_use()
+        for uuid, name in list(self._made.items()):
+            if uuid not in used:
+                await _ip('link', 'del', name, check=False)
+                del self._made[uuid]
+
+    async def release_all(self):
+        for name in self._made.values():
+            await _ip('link', 'del', name, check=False)
+        self._made.clear()
+
+
+async def _ip(*args, check=True):
+    proc = await asyncio.create_subprocess_exec('ip', *args, stdout=subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if check and proc.returncode != 0:
+        raise errors.internal(f'ip {" ".join(args)} failed: {err.decode().strip()}')
+
+
+def host_capacity() -> pb.NodeCapacity:
+    pages = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    st = os.statvfs('/')
+    return pb.NodeCapacity(cpus=os.cpu_count() * 4, memory_mib=pages // 2**20,
+                           disk_gib=st.f_bavail * st.f_frsize // 2**30)
+
+
+class Node(node_pb2_grpc.NodeServiceServicer):
+    def __init__(self, config: NodeConfig, hypervisor):
+        self.config = config
+        self.name = config.name
+        self.hypervisor = hypervisor
+        self.state_dir = pathlib.Path(config.state_dir)
+        self.instances_dir = self.state_dir / 'instances'
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        self.images = images.ImageCache(self.state_dir / 'images')
+        self.image_table = {**images.load_table(config.image_table), **config.extra_images}
+        self.link = ControllerLink(config.controller, 'system', config.key, config.name)
+        self.workers: dict[str, InstanceWorker] = {}
+        self.bridges = Bridges(config.bridge_prefix, self._networks_in_use)
+        self.console_listen = config.console_listen
+        self.domain_type = config.domain_type or 'qemu'
+        self.server = None
+        self.port = 0
+        self._tasks: list[asyncio.Task] = []
+        self.synced = asyncio.Event()
+
+    def _networks_in_use(self) -> set[str]:
+        return {i.network_uuid for w in self.workers.values() if not w.removed
+                for i in w.desired.instance.interfaces}
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self):
+        self.server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port(self.config.listen)
+        await self.server.start()
+        host = self.config.listen.rsplit(':', 1)[0]
+        r = await self.link.call('RegisterNode', pb.RegisterNodeRequest(
+            name=self.name, address=f'{host}:{self.port}', console_host=self.console_listen,
+            capacity=self.config.capacity or host_capacity(),
+            features=pb.NodeFeatures(kvm=self.domain_type == 'kvm')))
+        self.hypervisor.on_power_change(self._power_changed)
+        self._tasks = [asyncio.create_task(self._follow(), name='follow'),
+                       asyncio.create_task(self._heartbeat(r.heartbeat_interval_seconds), name='heartbeat')]
+        if self.config.usage_interval > 0:
+            self._tasks.append(asyncio.create_task(self._usage(), name='usage'))
+        return self
+
+    async def stop(self):
+        for t in self._tasks:
+            t.cancel()
+        for w in self.workers.values():
+            w.task.cancel()
+        await asyncio.gather(*self._tasks, *(w.task for w in self.workers.values()),
+                             return_exceptions=True)
+        if self.server:
+            await self.server.stop(1)
+        await self.link.close()
+
+    async def _heartbeat(self, interval: float):
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.link.call('Heartbeat', pb.HeartbeatRequest(name=self.name), retry=False)
+            except grpc.aio.AioRpcError as e:
+                log.warning('heartbeat failed: %s', e.code().name)
+                if e.code() == grpc.StatusCode.NOT_FOUND:       # the controller forgot us
+                    await self.link.call('RegisterNode', pb.RegisterNodeRequest(
+                        name=self.name, address=f'127.0.0.1:{self.port}',
+                        console_host=self.console_listen,
+                        capacity=self.config.capacity or host_capacity()))
+
+    async def _follow(self):
+        """Follow the desired state; on a broken stream, reconnect and resync."""
+        delay = 0.1
+        while True:
+            try:
+                stream = self.link.control.WatchDesiredInstances(
+                    pb.WatchDesiredInstancesRequest(name=self.name), metadata=await self.link.metadata())
+                listed = set()
+                async for change in stream:
+                    delay = 0.1
+                    kind = change.WhichOneof('change')
+                    if kind == 'upsert':
+                        listed.add(change.upsert.instance.uuid)
+                        self._upsert(change.upsert)
+                    elif kind == 'remove_uuid':
+                        self._remove(change.remove_uuid)
+                    else:
+                        await self._sync_complete(listed)
+            except grpc.aio.AioRpcError as e:
+                log.warning('desired-state stream lost (%s); reconnecting', e.code().name)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _upsert(self, desired):
+        worker = self.workers.get(desired.instance.uuid)
+        if worker is None or worker.task.done():
+            self.workers[desired.instance.uuid] = InstanceWorker(self, desired)
+        else:
+            worker.update(desired)
+
+    def _remove(self, uuid):
+        worker = self.workers.get(uuid)
+        if worker is not None:
+            worker.remove()
+
+    async def _sync_complete(self, listed: set[str]):
+        """Remove what is here but no longer desired: domains and workers alike."""
+        for uuid, worker in list(self.workers.items()):
+            if uuid not in listed and not worker.removed:
+                worker.remove()
+        for info in await self.hypervisor.list_domains():
+            uuid = info.instance_uuid
+            if uuid not in listed and uuid not in self.workers:
+                log.info('removing orphan domain %s', info.name)
+                await self.hypervisor.destroy(info.name)
+                await self.hypervisor.undefine(info.name)
+                images.remove_tree(self.instances_dir / uuid)
+        self.synced.set()
+
+    def _power_changed(self, uuid: str, power_state: int):
+        worker = self.workers.get(uuid)
+        if worker is not None:
+            from shakenfist.v1 import instance_pb2
+            if worker.agent is not None:
+                worker.agent.power_changed(power_state == instance_pb2.POWER_STATE_ON)
+            asyncio.ensure_future(self.link.report(uuid, power_state=power_state))
+
+    async def _usage(self):
+        from sfcommon.events import make_event
+        from shakenfist.v1 import event_pb2
+        while True:
+            await asyncio.sleep(self.config.usage_interval)
+            events = []
+            for uuid, worker in list(self.workers.items()):
+                stats = await self.hypervisor.usage(worker.name)
+                if stats:
+                    events.append(make_event(self.name, event_pb2.OBJECT_TYPE_INSTANCE, uuid,
+                                             event_pb2.EVENT_TYPE_USAGE, 'usage', stats))
+            if events:
+                await self.link.record(*events)
+
+    # -- NodeService ------------------------------------------------------------------
+    def _worker(self, uuid) -> InstanceWorker:
+        worker = self.workers.get(uuid)
+        if worker is None:
+            raise errors.not_found(f'instance {uuid} is not on node {self.name}')
+        return worker
+
+    @errors.reported
+    async def GetConsoleData(self, request, context):
+        worker = self._worker(request.instance_uuid)
+        path = worker.dir / 'console.log'
+        if not path.exists():
+            return pb.GetConsoleDataResponse()
+        with open(path, 'rb') as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0 if request.length < 0 else max(0, size - request.length))
+            return pb.GetConsoleDataResponse(data=f.read())
+
+    @errors.reported
+    async def ClearConsoleData(self, request, context):
+        path = self._worker(request.instance_uuid).dir / 'console.log'
+        if path.exists():
+            os.truncate(path, 0)
+        return pb.ClearConsoleDataResponse()
+
+    @errors.reported
+    async def TakeScreenshot(self, request, context):
+        worker = self._worker(request.instance_uuid)
+        return pb.TakeScreenshotResponse(png=await self.hypervisor.screenshot(worker.name))
+
+    @errors.reported
+    async def RunAgentOperation(self, request, context):
+        worker = self._worker(request.operation.instance_uuid)
+        if worker.agent is None:
+            raise errors.agent_not_ready('the instance has no sf-agent2 side channel')
+        # The operation reports its own progress and end; this call only hands it over.
+        task = asyncio.create_task(worker.agent.run_operation(request.operation))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+        return pb.RunAgentOperationResponse()
+
+    @errors.reported
+    async def RebootInstance(self, request, context):
+        worker = self._worker(request.instance_uuid)
+        if request.hard:
+            await self.hypervisor.reset(worker.name)
+        else:
+            await self.hypervisor.reboot(worker.name)
+        return pb.RebootInstanceResponse()
