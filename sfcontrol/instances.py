@@ -288,6 +288,27 @@ class Instances:
             return txn, api.AddInstanceInterfaceResponse(network_interface=iface)
         return await self.core.mutate(build, request=req)
 
+    async def remove_interface(self, req: api.RemoveInstanceInterfaceRequest):
+        entry = self.resolve(req.instance_ref)
+
+        def build():
+            current = self.core.cache.get(entry.key)
+            inst = current.value
+            if inst.state in states.TERMINAL:
+                raise errors.not_ready(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
+            remaining = self.networks.interfaces_of(inst.uuid)
+            gone = [i for i in remaining if i.uuid == req.interface_uuid]
+            if not gone:
+                raise errors.not_found('interface not found')
+            txn = Txn().check_revision(current.key, current.mod_revision)
+            self.networks.release_interface(txn, gone[0])
+            txn.put(current.key, inst.SerializeToString())      # bumps its revision
+            self._update_placement(txn, inst, interfaces=[i for i in remaining if i.uuid != req.interface_uuid])
+            self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT, 'hot unplug interface request',
+                            {'interface': req.interface_uuid})
+            return txn, api.RemoveInstanceInterfaceResponse()
+        return await self.core.mutate(build, request=req)
+
     # -- metadata --------------------------------------------------------------------
     def get_metadata(self, req):
         entry = self.resolve(req.instance_ref)

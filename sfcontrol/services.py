@@ -36,6 +36,7 @@ class InstanceService(instance_service_pb2_grpc.InstanceServiceServicer):
     async def DeleteAllInstances(self, request, context): return await self.i.delete_all(request)
     async def ListInstanceInterfaces(self, request, context): return self.i.list_interfaces(request)
     async def AddInstanceInterface(self, request, context): return await self.i.add_interface(request)
+    async def RemoveInstanceInterface(self, request, context): return await self.i.remove_interface(request)
     async def GetInstanceMetadata(self, request, context): return self.i.get_metadata(request)
     async def SetInstanceMetadata(self, request, context): return await self.i.set_metadata(request)
     async def DeleteInstanceMetadata(self, request, context): return await self.i.delete_metadata(request)

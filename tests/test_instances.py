@@ -348,3 +348,22 @@ async def test_hot_plug_adds_an_ordered_interface_and_tells_the_node(system, nod
     assert [i.order for i in ifaces] == [0, 1]
     from tests.waiting import eventually
     await eventually(lambda: len(node.desired[inst.uuid].instance.interfaces) == 2)
+
+
+async def test_hot_unplug_frees_the_address_and_tells_the_node(system, node):
+    await network(system)
+    inst = await create_created(system, network=[specs_pb2.NetworkSpec(network_uuid='net1', address='10.0.0.7'),
+                                                 specs_pb2.NetworkSpec(network_uuid='net1')])
+    first = inst.interfaces[0]
+    await system.instances.RemoveInstanceInterface(api.RemoveInstanceInterfaceRequest(
+        instance_ref='inst1', interface_uuid=first.uuid))
+    left = (await system.instances.ListInstanceInterfaces(
+        api.ListInstanceInterfacesRequest(instance_ref='inst1'))).interfaces
+    assert [i.uuid for i in left] == [inst.interfaces[1].uuid]
+    from tests.waiting import eventually
+    await eventually(lambda: len(node.desired[inst.uuid].instance.interfaces) == 1)
+    again = await create(system, 'other', network=[specs_pb2.NetworkSpec(network_uuid='net1', address='10.0.0.7')])
+    assert again.interfaces[0].ipv4 == '10.0.0.7'
+    async with raises(C.NOT_FOUND):
+        await system.instances.RemoveInstanceInterface(api.RemoveInstanceInterfaceRequest(
+            instance_ref='inst1', interface_uuid=first.uuid))

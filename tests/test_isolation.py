@@ -25,6 +25,8 @@ def requests(o):
         'InstanceService.ListInstanceInterfaces': api.ListInstanceInterfacesRequest(**ref),
         'InstanceService.AddInstanceInterface': api.AddInstanceInterfaceRequest(
             network=specs_pb2.NetworkSpec(network_uuid=o['network']), **ref),
+        'InstanceService.RemoveInstanceInterface': api.RemoveInstanceInterfaceRequest(
+            interface_uuid=o['interface'], **ref),
         'InstanceService.GetInstanceMetadata': api.GetInstanceMetadataRequest(**ref),
         'InstanceService.SetInstanceMetadata': api.SetInstanceMetadataRequest(key='k', value=VALUE, **ref),
         'InstanceService.DeleteInstanceMetadata': api.DeleteInstanceMetadataRequest(key='k', **ref),
