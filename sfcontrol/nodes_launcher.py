@@ -3,6 +3,7 @@ directory, libvirt root and bridge-name prefix, so several run on one machine.""
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -15,11 +16,18 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 TEST_IMAGE = REPO / 'build' / 'guest' / 'sftest.qcow2'
 
 
+def bridge_prefix(state: pathlib.Path, i: int) -> str:
+    """Node i's bridge-name prefix: distinct per plane (from its state directory) and
+    per node, and short, as a bridge name is at most 15 characters."""
+    plane = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:3]
+    return f'sf{plane}{i}-'
+
+
 def node_command(i: int, state: pathlib.Path, grpc_target: str, host: str) -> list[str]:
     images = {'sftest': TEST_IMAGE.as_uri()} if TEST_IMAGE.exists() else {}
     return [sys.executable, '-m', 'sfnode.main', '--name', f'node{i}', '--controller', grpc_target,
             '--key-file', str(state / 'system.key'), '--state-dir', str(state / 'nodes' / f'node{i}'),
-            '--bridge-prefix', f'sfb{i}-', '--listen', f'{host}:0', '--console-listen', host,
+            '--bridge-prefix', bridge_prefix(state, i), '--listen', f'{host}:0', '--console-listen', host,
             '--images', json.dumps(images), '--caps-cache', str(state / 'qemu-caps')]
 
 

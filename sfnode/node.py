@@ -76,10 +76,15 @@ async def _ip(*args, check=True):
         raise errors.internal(f'ip {" ".join(args)} failed: {err.decode().strip()}')
 
 
+# Shaken Fist's default overcommit ratios: vCPUs are cheap while idle, memory less so.
+CPU_OVERCOMMIT, MEMORY_OVERCOMMIT = 16, 1.5
+
+
 def host_capacity() -> pb.NodeCapacity:
     pages = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
     st = os.statvfs('/')
-    return pb.NodeCapacity(cpus=os.cpu_count() * 4, memory_mib=pages // 2**20,
+    return pb.NodeCapacity(cpus=os.cpu_count() * CPU_OVERCOMMIT,
+                           memory_mib=int(pages // 2**20 * MEMORY_OVERCOMMIT),
                            disk_gib=st.f_bavail * st.f_frsize // 2**30)
 
 

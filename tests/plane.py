@@ -50,7 +50,7 @@ class Plane:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         # Whatever a killed node left behind (tests kill nodes on purpose).
-        subprocess.run(['pkill', '-9', '-f', f'--state-dir {self.state}/nodes/'], check=False)
+        subprocess.run(['pkill', '-9', '-f', '--', f'--state-dir {self.state}/nodes/'], check=False)
 
     async def client(self) -> Client:
         return await Client(self.endpoints['grpc']).login('system', self.endpoints['key'])
@@ -67,4 +67,4 @@ class Plane:
 
     def console(self, node, uuid) -> str:
         path = self.state / 'nodes' / node / 'instances' / uuid / 'console.log'
-        return path.read_text(errors='replace') if path.exists() else ''
+        return path.read_bytes().decode(errors='replace') if path.exists() else ''

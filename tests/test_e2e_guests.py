@@ -1,0 +1,219 @@
+"""End to end on real QEMU/TCG guests: sf-up (etcd, controller, gateway, one sfnode
+on libvirt) driven through gRPC and the real sf-client, as users do."""
+
+import asyncio
+import functools
+import http.server
+import os
+import pathlib
+import re
+import struct
+import subprocess
+import threading
+
+import pytest
+import pytest_asyncio
+
+from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api
+from shakenfist.v1 import network_service_pb2 as net, specs_pb2
+from tests.plane import Plane
+from tests.waiting import eventually
+
+pytestmark = [pytest.mark.real_vm, pytest.mark.asyncio(loop_scope='module')]
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+IMAGE_DIR = ROOT / 'build' / 'guest'
+BOOT = 90          # seconds a boot may take on a busy 2-core runner under TCG
+
+
+@pytest.fixture(scope='module')
+def plane():
+    p = Plane(nodes=1).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope='module')
+def image_url():
+    """The test image over HTTP, as offline tests fetch base images."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(IMAGE_DIR))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{server.server_address[1]}/sftest.qcow2'
+    server.shutdown()
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='module')
+async def client(plane):
+    c = await plane.client()
+    yield c
+    await c.close()
+
+
+async def get(client, ref):
+    return (await client.instances.GetInstance(api.GetInstanceRequest(instance_ref=ref))).instance
+
+
+async def until(client, ref, what, check, timeout=BOOT):
+    async def probe():
+        return check(await get(client, ref))
+    await eventually(probe, timeout, interval=0.25, what=f'{ref}: {what}')
+
+
+def boots(plane, inst) -> list[str]:
+    return re.findall(r'SFTEST boot-id: (\S+)', plane.console(inst.node, inst.uuid))
+
+
+async def console_has(plane, inst, text, timeout=BOOT):
+    await eventually(lambda: text in plane.console(inst.node, inst.uuid), timeout, interval=0.25,
+                     what=f'{text!r} on the console')
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='module')
+async def guest(plane, client, image_url):
+    """A guest from the image served over HTTP, on two networks, with vga and vnc."""
+    for name, block in (('net1', '10.10.0.0/24'), ('net2', '10.20.0.0/24')):
+        await client.networks.CreateNetwork(net.CreateNetworkRequest(name=name, netblock=block))
+    r = await client.instances.CreateInstance(api.CreateInstanceRequest(
+        name='guest', cpus=1, memory=256, disk=[specs_pb2.DiskSpec(size=1, base=image_url)],
+        network=[specs_pb2.NetworkSpec(network_uuid='net1'), specs_pb2.NetworkSpec(network_uuid='net2')],
+        video=specs_pb2.VideoSpec(model=specs_pb2.VIDEO_MODEL_VGA, memory=16384, vdi=specs_pb2.VDI_TYPE_VNC)))
+    await until(client, 'guest', 'created', lambda i: i.state == pb.INSTANCE_STATE_CREATED)
+    inst = await get(client, 'guest')
+    await console_has(plane, inst, 'SFTEST init: ready')
+    return inst
+
+
+async def test_a_guest_boots_from_an_image_fetched_over_http_with_two_nics(plane, client, guest):
+    text = plane.console(guest.node, guest.uuid)
+    macs = {i.macaddr for i in guest.interfaces}
+    assert {m for m in re.findall(r'SFTEST nic-added: eth\d (\S+)', text)} == macs
+    assert 'SFTEST config-drive: hostname=guest' in text
+    events = (await client.instances.ListInstanceEvents(api.ListInstanceEventsRequest(
+        instance_ref='guest', limit=200))).events
+    fetched = [e.message for e in events if e.message.startswith('Fetching required blob')]
+    assert any(m.endswith('100% complete') for m in fetched)
+    assert guest.console_port and guest.vdi_port and guest.power_state == pb.POWER_STATE_ON
+    assert [d.device for d in guest.disks][:1] == ['vda']
+
+
+async def test_the_agent_becomes_ready(client, guest):
+    await until(client, 'guest', 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
+    assert (await get(client, 'guest')).agent_system_boot_time > 1e9
+
+
+async def test_power_off_and_on_soft_and_hard_reboot_pause_and_unpause(plane, client, guest):
+    ref = api.PowerOffInstanceRequest(instance_ref='guest')
+    await client.instances.PowerOffInstance(ref)
+    await until(client, 'guest', 'off', lambda i: i.power_state == pb.POWER_STATE_OFF)
+    seen = len(boots(plane, guest))
+    await client.instances.PowerOnInstance(api.PowerOnInstanceRequest(instance_ref='guest'))
+    await until(client, 'guest', 'on', lambda i: i.power_state == pb.POWER_STATE_ON)
+    await eventually(lambda: len(boots(plane, guest)) > seen, BOOT, what='a boot after power on')
+    for call, request in (('SoftRebootInstance', api.SoftRebootInstanceRequest),
+                          ('HardRebootInstance', api.HardRebootInstanceRequest)):
+        await console_has(plane, guest, 'SFTEST init: ready')
+        await until(client, 'guest', 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
+        seen = len(boots(plane, guest))
+        await getattr(client.instances, call)(request(instance_ref='guest'))
+        await eventually(lambda: len(boots(plane, guest)) > seen, BOOT, what=f'a boot after {call}')
+    await client.instances.PauseInstance(api.PauseInstanceRequest(instance_ref='guest'))
+    await until(client, 'guest', 'paused', lambda i: i.power_state == pb.POWER_STATE_PAUSED
+                and i.agent_state == pb.AGENT_STATE_NOT_READY_INSTANCE_PAUSED)
+    await client.instances.UnpauseInstance(api.UnpauseInstanceRequest(instance_ref='guest'))
+    await until(client, 'guest', 'running and ready', lambda i: i.power_state == pb.POWER_STATE_ON
+                and i.agent_state == pb.AGENT_STATE_READY)
+
+
+async def test_hot_plug_a_nic_the_guest_notices_then_unplug_it(plane, client, guest):
+    await console_has(plane, guest, 'SFTEST init: ready')
+    r = await client.instances.AddInstanceInterface(api.AddInstanceInterfaceRequest(
+        instance_ref='guest', network=specs_pb2.NetworkSpec(network_uuid='net1')))
+    mac = r.network_interface.macaddr
+    await console_has(plane, guest, f'SFTEST nic-added: eth2 {mac}')
+    await client.instances.RemoveInstanceInterface(api.RemoveInstanceInterfaceRequest(
+        instance_ref='guest', interface_uuid=r.network_interface.uuid))
+    await console_has(plane, guest, 'SFTEST nic-removed: eth2')
+
+
+async def test_a_screenshot_is_a_png_of_the_screen(client, guest):
+    from shakenfist.v1 import blob_service_pb2 as b
+    r = await client.instances.GetScreenshot(api.GetScreenshotRequest(instance_ref='guest'))
+    data = b''
+    async for part in client.blobs.ReadBlobData(b.ReadBlobDataRequest(blob_uuid=r.blob_uuid)):
+        data += part.data.data
+    assert data[:8] == b'\x89PNG\r\n\x1a\n'
+    width, height = struct.unpack('>II', data[16:24])
+    assert (width, height) == (720, 400)        # the VGA text console
+
+
+async def test_console_tail_and_clear(plane, client, guest):
+    tail = (await client.instances.GetConsoleData(api.GetConsoleDataRequest(
+        instance_ref='guest', length=200))).console.data
+    whole = plane.console(guest.node, guest.uuid).encode()
+    assert len(tail) == 200 and whole.endswith(tail)
+    await client.instances.DeleteConsoleData(api.DeleteConsoleDataRequest(instance_ref='guest'))
+    after = (await client.instances.GetConsoleData(api.GetConsoleDataRequest(
+        instance_ref='guest', length=-1))).console.data
+    assert len(after) < len(whole) and b'SFTEST init: started' not in after
+
+
+async def test_sf_client_execute_upload_download_screenshot(plane, client, guest, tmp_path):
+    await until(client, 'guest', 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
+    sf = plane.sf()
+    _, out, _ = await sf.run('instance', 'execute', 'guest', 'echo hello; echo oops >&2; exit 3')
+    assert 'exit code     : 3' in out and 'hello' in out and 'oops' in out
+    src, back = tmp_path / 'random.bin', tmp_path / 'back.bin'
+    src.write_bytes(os.urandom(1024 * 1024))
+    await sf.run('instance', 'upload', 'guest', str(src), '/tmp/random.bin')
+    await sf.run('instance', 'download', 'guest', '/tmp/random.bin', str(back))
+    assert back.read_bytes() == src.read_bytes()
+    shot = tmp_path / 'shot.png'
+    await sf.run('instance', 'screenshot', 'guest', str(shot))
+    assert shot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+async def test_boot_time_changes_after_a_hard_reboot(client, guest):
+    await until(client, 'guest', 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
+    before = (await get(client, 'guest')).agent_system_boot_time
+    await client.instances.HardRebootInstance(api.HardRebootInstanceRequest(instance_ref='guest'))
+    await until(client, 'guest', 'a new boot time', lambda i: i.agent_state == pb.AGENT_STATE_READY
+                and abs(i.agent_system_boot_time - before) > 2)
+    events = (await client.instances.ListInstanceEvents(api.ListInstanceEventsRequest(
+        instance_ref='guest'))).events
+    assert 'reboot detected' in [e.message for e in events]
+
+
+async def test_a_50_mib_command_ends_in_error_and_the_next_operation_works(client, guest):
+    from shakenfist.v1 import agent_operation_service_pb2 as aop
+    await until(client, 'guest', 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
+    op = (await client.agentops.ExecuteCommand(aop.ExecuteCommandRequest(
+        instance_ref='guest', command_line='head -c 52428800 /dev/zero', deadline_seconds=120))).agent_operation
+
+    async def ended(uuid):
+        r = (await client.agentops.GetAgentOperation(aop.GetAgentOperationRequest(
+            agent_operation_uuid=uuid))).agent_operation
+        return r if r.state in (5, 6, 7) else None
+    done = await eventually(lambda: ended(op.uuid), 150, interval=0.5, what='the big command ended')
+    assert done.state == 6 and 'limit' in done.error_message
+    await until(client, 'guest', 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
+    nxt = (await client.agentops.ExecuteCommand(aop.ExecuteCommandRequest(
+        instance_ref='guest', command_line='echo still here'))).agent_operation
+    done = await eventually(lambda: ended(nxt.uuid), 60, interval=0.5, what='the next command')
+    assert done.state == 5 and done.results['0'].stdout == 'still here\n'
+
+
+async def test_delete_leaves_nothing_behind(plane, client, guest):
+    node_dir = plane.state / 'nodes' / guest.node
+    taps = [f'tap-{i.uuid[:8]}' for i in guest.interfaces]
+    await client.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref='guest'))
+    await until(client, guest.uuid, 'deleted', lambda i: i.state == pb.INSTANCE_STATE_DELETED)
+    assert not (node_dir / 'instances' / guest.uuid).exists()
+    qemus = subprocess.run(['pgrep', '-f', f'guest=sf-{guest.uuid}'], capture_output=True, text=True)
+    assert qemus.stdout.strip() == ''
+    links = subprocess.run(['ip', '-o', 'link'], capture_output=True, text=True).stdout
+    assert not any(t in links for t in taps)
+    from sfcontrol.nodes_launcher import bridge_prefix
+    assert bridge_prefix(plane.state, 0) not in links     # no instance left on its networks
+    # The base image stays in the content cache: it is shared by whatever uses it next.
+    assert list((node_dir / 'images' / 'content').iterdir())
