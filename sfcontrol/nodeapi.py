@@ -131,15 +131,23 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         await self.core.cache.wait_for(listing.revision)
         for _, value, _ in listing:
             placement = records_pb2.Placement.FromString(value)
-            yield pb.WatchDesiredInstancesResponse(upsert=placement.desired)
+            yield pb.WatchDesiredInstancesResponse(upsert=self._current(placement.desired))
         yield pb.WatchDesiredInstancesResponse(sync_complete=pb.SyncComplete())
         async for change in self.core.store.watch_prefix(prefix, start_revision=listing.revision + 1):
             await self.core.cache.wait_for(change.mod_revision)
             if change.type == 'put':
                 placement = records_pb2.Placement.FromString(change.value)
-                yield pb.WatchDesiredInstancesResponse(upsert=placement.desired)
+                yield pb.WatchDesiredInstancesResponse(upsert=self._current(placement.desired))
             else:
                 yield pb.WatchDesiredInstancesResponse(remove_uuid=change.key.rsplit('/', 1)[-1])
+
+    def _current(self, desired: pb.DesiredInstance) -> pb.DesiredInstance:
+        """The desired instance with its lifecycle state as it is now: a node that
+        restarts must resume from there, not from the state at placement."""
+        entry = self.core.cache.by_uuid('instances/', desired.instance.uuid)
+        if entry is not None:
+            desired.instance.state = entry.value.state
+        return desired
 
     # -- reports -------------------------------------------------------------------
     async def ReportInstanceStatus(self, request: pb.ReportInstanceStatusRequest, context):

@@ -28,7 +28,8 @@ def node_command(i: int, state: pathlib.Path, grpc_target: str, host: str) -> li
     return [sys.executable, '-m', 'sfnode.main', '--name', f'node{i}', '--controller', grpc_target,
             '--key-file', str(state / 'system.key'), '--state-dir', str(state / 'nodes' / f'node{i}'),
             '--bridge-prefix', bridge_prefix(state, i), '--listen', f'{host}:0', '--console-listen', host,
-            '--images', json.dumps(images), '--caps-cache', str(state / 'qemu-caps')]
+            '--images', json.dumps(images), '--caps-cache', str(state / 'qemu-caps'),
+            '--stop-guests-on-exit']
 
 
 @dataclasses.dataclass

@@ -84,11 +84,14 @@ class InstanceWorker:
             self.state = error_state
             await self.node.link.report(self.uuid, state=error_state, error_message=message)
 
-    async def _advance(self, state):
-        """Report state if it is ahead of where the instance is."""
-        if self.state in _ORDER and _ORDER.index(state) > _ORDER.index(self.state):
-            await self.node.link.report(self.uuid, state=state)
-            self.state = state
+    async def _advance(self, state, **fields):
+        """Report each state from where the instance is up to state (the controller
+        refuses skipped steps); fields go with the last report."""
+        if self.state not in _ORDER:
+            return
+        for step in _ORDER[_ORDER.index(self.state) + 1:_ORDER.index(state) + 1]:
+            await self.node.link.report(self.uuid, state=step, **(fields if step == state else {}))
+            self.state = step
 
     async def _event(self, message, extra=None, event_type=event_pb2.EVENT_TYPE_STATUS):
         await self.node.link.record(make_event(self.node.name, event_pb2.OBJECT_TYPE_INSTANCE,
@@ -152,13 +155,12 @@ class InstanceWorker:
         start = desired.desired_power_state != P.Value('POWER_STATE_OFF')
         await self.node.hypervisor.define(xml, start=start)
         slots = domain.disk_layout(inst, paths)
-        await self.node.link.report(
-            self.uuid, state=S.Value('INSTANCE_STATE_CREATED'), console_port=ports['console'],
+        await self._advance(
+            S.Value('INSTANCE_STATE_CREATED'), console_port=ports['console'],
             vdi_port=ports['vdi'], disks=[s.to_pb() for s in slots], disks_set=True,
             interface_states={i.uuid: network_pb2.NETWORK_INTERFACE_STATE_CREATED
                               for i in inst.interfaces},
             **({'agent_state': ipb.AGENT_STATE_NOT_READY_NO_CONTACT} if inst.side_channels else {}))
-        self.state = S.Value('INSTANCE_STATE_CREATED')
 
     def _ports(self) -> dict:
         """The instance's console and VDI ports, chosen once and kept across restarts."""

@@ -49,6 +49,8 @@ class Bridges:
 
     async def ensure(self, network) -> str:
         name = self.name(network)
+        if network.uuid in self._made:
+            return name
         if not pathlib.Path(f'/sys/class/net/{name}').exists():
             await _ip('link', 'add', 'name', name, 'type', 'bridge')
         await _ip('link', 'set', name, 'up')
@@ -130,13 +132,23 @@ class Node(node_pb2_grpc.NodeServiceServicer):
             self._tasks.append(asyncio.create_task(self._usage(), name='usage'))
         return self
 
-    async def stop(self):
+    async def stop(self, stop_guests: bool = False):
+        """Stop the agent. Guests keep running (a restarted node adopts them) unless
+        stop_guests: then they are powered off, keeping their definitions and disks,
+        and the node starts them again when it next starts."""
         for t in self._tasks:
             t.cancel()
         for w in self.workers.values():
             w.task.cancel()
+            if w.agent is not None:
+                await w.agent.stop()
         await asyncio.gather(*self._tasks, *(w.task for w in self.workers.values()),
                              return_exceptions=True)
+        if stop_guests:
+            for info in await self.hypervisor.list_domains():
+                if info.active:
+                    await self.hypervisor.destroy(info.name)
+            await self.bridges.release_all()
         if self.server:
             await self.server.stop(1)
         await self.link.close()

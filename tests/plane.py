@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,8 @@ class Plane:
                 self.proc.wait()
         # Whatever a killed node left behind (tests kill nodes on purpose).
         subprocess.run(['pkill', '-9', '-f', '--', f'--state-dir {self.state}/nodes/'], check=False)
+        subprocess.run(['pkill', '-9', '-f', '--', f'{self.state}/nodes/.*/libvirt'], check=False)
+        shutil.rmtree(self.state, ignore_errors=True)
 
     async def client(self) -> Client:
         return await Client(self.endpoints['grpc']).login('system', self.endpoints['key'])

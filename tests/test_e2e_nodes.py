@@ -1,0 +1,97 @@
+"""End to end with three real nodes: placement across them, and a node killed
+with SIGKILL in the middle of creates, then restarted."""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import pytest_asyncio
+
+from sfcontrol.nodes_launcher import node_command
+from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api, specs_pb2
+from tests.plane import Plane
+from tests.waiting import eventually
+
+pytestmark = [pytest.mark.real_vm, pytest.mark.asyncio(loop_scope='module')]
+
+
+@pytest.fixture(scope='module')
+def plane():
+    p = Plane(nodes=3).start()
+    yield p
+    p.stop()
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='module')
+async def client(plane):
+    c = await plane.client()
+    yield c
+    await c.close()
+
+
+def request(name, **kw):
+    return api.CreateInstanceRequest(name=name, cpus=1, memory=128,
+                                     disk=[specs_pb2.DiskSpec(size=1, base='sftest')], **kw)
+
+
+def domains() -> dict[str, int]:
+    """Running QEMU processes by instance uuid."""
+    out = subprocess.run(['ps', '-eo', 'args'], capture_output=True, text=True).stdout
+    found = {}
+    for uuid in re.findall(r'guest=sf-([0-9a-f-]{36})', out):
+        found[uuid] = found.get(uuid, 0) + 1
+    return found
+
+
+async def all_created(client, uuids, timeout=240):
+    async def check():
+        states = [(await client.instances.GetInstance(api.GetInstanceRequest(instance_ref=u))).instance.state
+                  for u in uuids]
+        return all(s == pb.INSTANCE_STATE_CREATED for s in states)
+    await eventually(check, timeout, interval=1, what='every instance created')
+
+
+async def test_instances_spread_over_the_nodes_and_placed_on_is_honoured(client):
+    placed = [(await client.instances.CreateInstance(request(f'spread{i}'))).instance for i in range(3)]
+    assert sorted(i.node for i in placed) == ['node0', 'node1', 'node2']
+    pinned = (await client.instances.CreateInstance(request('pinned', placed_on='node1'))).instance
+    assert pinned.node == 'node1'
+    await all_created(client, [i.uuid for i in placed + [pinned]])
+    r = await client.instances.DeleteAllInstances(api.DeleteAllInstancesRequest(confirm=True, namespace='system'))
+
+    async def gone():
+        for u in r.instance_uuids:
+            i = (await client.instances.GetInstance(api.GetInstanceRequest(instance_ref=u))).instance
+            if i.state != pb.INSTANCE_STATE_DELETED:
+                return False
+        return True
+    await eventually(gone, 120, interval=1, what='all deleted')
+
+
+async def test_a_node_killed_during_creates_recovers_them_all_without_duplicates(plane, client):
+    uuids = []
+    for i in range(10):
+        r = await client.instances.CreateInstance(request(f'k{i}', placed_on='node0'))
+        uuids.append(r.instance.uuid)
+        if i == 4:
+            for pid in plane.node_pids('node0'):
+                os.kill(pid, signal.SIGKILL)
+    # Restart it the way sf-up started it.
+    grpc_target = plane.endpoints['grpc']
+    log = open(plane.state / 'node0-restart.log', 'ab')
+    proc = subprocess.Popen(node_command(0, plane.state, grpc_target, '127.0.0.1'), stdout=log,
+                            stderr=log, env={**os.environ, 'SF_NODE_DOMAIN_TYPE': 'qemu'},
+                            start_new_session=True)
+    try:
+        await all_created(client, uuids)
+        running = domains()
+        assert all(running.get(u) == 1 for u in uuids), running
+        ours = {u for u in running if (plane.state / 'nodes' / 'node0' / 'instances' / u).exists()}
+        assert ours == set(uuids), 'an orphan or missing domain on node0'
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
