@@ -5,6 +5,7 @@ transaction built from the cache (see Core.mutate).
 """
 
 import base64
+import random
 import uuid as uuidlib
 
 from google.protobuf import json_format
@@ -133,7 +134,12 @@ class Instances:
             inst.node = node.value.name
             scheduler.allocate(txn, node, size)
             txn.put(keys.instance(ns, inst.uuid), inst.SerializeToString())
-            self._place(txn, inst, interfaces, ON, size)
+            cid = 0
+            if pb.SIDE_CHANNEL_SF_AGENT2 in inst.side_channels:
+                # The agent's vsock address, unique in the cluster (the guard makes it so).
+                cid = random.randint(3, 2**32 - 2)
+                txn.create(keys.vsock_cid(cid), inst.uuid.encode())
+            self._place(txn, inst, interfaces, ON, size, vsock_cid=cid)
             self.core.event(txn, ns, OBJ, inst.uuid, AUDIT, 'create request from API',
                             {'caller': me.namespace})
             for iface in interfaces:
@@ -147,14 +153,25 @@ class Instances:
             return txn, api.CreateInstanceResponse(instance=view)
         return await self.core.mutate(build, request=req)
 
-    def _place(self, txn: Txn, inst: pb.Instance, interfaces, desired_power, size):
+    def _place(self, txn: Txn, inst: pb.Instance, interfaces, desired_power, size, vsock_cid=None):
         """Write what the instance's node should make true."""
-        desired = node_pb2.DesiredInstance(instance=inst, desired_power_state=desired_power)
+        if vsock_cid is None:
+            old = self.core.cache.get(keys.placement(inst.node, inst.uuid))
+            vsock_cid = old.value.desired.vsock_cid if old else 0
+        desired = node_pb2.DesiredInstance(instance=inst, desired_power_state=desired_power,
+                                           vsock_cid=vsock_cid)
         desired.instance.interfaces.extend(interfaces)
         for net_uuid in dict.fromkeys(i.network_uuid for i in interfaces):
             desired.networks.append(self.core.cache.by_uuid('networks/', net_uuid).value)
         placement = records_pb2.Placement(desired=desired, size=size)
         txn.put(keys.placement(inst.node, inst.uuid), placement.SerializeToString())
+
+    @staticmethod
+    def drop_placement(txn: Txn, placement):
+        """Take an instance off its node (the node then removes it), freeing its vsock CID."""
+        txn.delete(placement.key)
+        if placement.value.desired.vsock_cid:
+            txn.delete(keys.vsock_cid(placement.value.desired.vsock_cid))
 
     def _update_placement(self, txn: Txn, inst: pb.Instance, desired_power=None, interfaces=None):
         entry = self.core.cache.get(keys.placement(inst.node, inst.uuid))
@@ -211,7 +228,7 @@ class Instances:
         else:
             states.check(inst.state, states.DELETE_WAIT)
             inst.state = states.DELETE_WAIT
-            txn.delete(placement.key)       # the node sees it go and tears the domain down
+            self.drop_placement(txn, placement)     # the node sees it go and tears the domain down
         txn.put(entry.key, inst.SerializeToString())
 
     def finish_delete(self, txn: Txn, inst: pb.Instance):
@@ -230,7 +247,7 @@ class Instances:
                                           if d.type != specs_pb2.DISK_TYPE_CDROM)))
             scheduler.allocate(txn, node, size, release=True)
         if placement is not None:
-            txn.delete(placement.key)
+            self.drop_placement(txn, placement)
         self.blobs.release_into(txn, inst.uuid)     # its screenshots and agent output
         inst.power_state = OFF if inst.state == states.ERROR else inst.power_state
         self.core.event(txn, inst.namespace, OBJ, inst.uuid, STATUS,

@@ -23,6 +23,7 @@ they protect, so that two controllers cannot both take one:
   addresses/<network uuid>/<ipv4>        interface uuid
   macs/<mac>                             interface uuid
   floating/<ipv4>                        interface uuid
+  vsock-cids/<cid>                       instance uuid (the agent's vsock address)
 
 Not cached (read from etcd when asked for):
 
@@ -50,6 +51,7 @@ def address(network_uuid, ipv4): return f'addresses/{network_uuid}/{ipv4}'
 def mac(macaddr): return f'macs/{macaddr}'
 def floating(ipv4): return f'floating/{ipv4}'
 def request(ns, request_id): return f'requests/{ns}/{request_id}'
+def vsock_cid(cid): return f'vsock-cids/{cid}'
 TOKEN_SECRET = 'config/token-secret'
 
 

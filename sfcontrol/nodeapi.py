@@ -198,7 +198,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
             # which finishes in state error.
             placement = self.core.cache.get(keys.placement(inst.node, inst.uuid))
             if placement is not None:
-                txn.delete(placement.key)
+                self.instances.drop_placement(txn, placement)
         self.core.event(txn, inst.namespace, OBJ_INSTANCE, inst.uuid, STATUS,
                         f'state changed to {states.name(new)}',
                         {'error': request.error_message} if request.HasField('error_message') else None)

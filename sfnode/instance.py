@@ -30,6 +30,17 @@ _ERROR_OF = {S.Value('INSTANCE_STATE_INITIAL'): S.Value('INSTANCE_STATE_INITIAL_
              S.Value('INSTANCE_STATE_CREATED'): S.Value('INSTANCE_STATE_CREATED_ERROR')}
 
 
+async def _vsock_connection(cid: int, port: int = 1025):
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+    except OSError:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
 def free_port(host='127.0.0.1') -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -112,13 +123,27 @@ class InstanceWorker:
         await self._converge_interfaces(desired)
         self._start_agent(desired)
 
+    def _vsock(self, desired) -> bool:
+        """The agent's transport: vsock where this node has vhost-vsock and the
+        controller gave the instance a CID, otherwise a virtio-serial port."""
+        return self.node.vsock and bool(desired.vsock_cid)
+
     def _start_agent(self, desired):
         if self.agent is not None or ipb.SIDE_CHANNEL_SF_AGENT2 not in desired.instance.side_channels:
             return
-        paths = domain.InstancePaths.under(str(self.dir), desired.instance)
-        self.agent = AgentSession(lambda: asyncio.open_unix_connection(paths.agent_socket),
-                                  AgentReporter(self))
+        if self._vsock(desired):
+            cid = desired.vsock_cid
+            connect = lambda: _vsock_connection(cid)     # noqa: E731
+            transport = {'transport': 'vsock', 'cid': cid}
+        else:
+            path = domain.InstancePaths.under(str(self.dir), desired.instance).agent_socket
+            connect = lambda: asyncio.open_unix_connection(path)     # noqa: E731
+            transport = {'transport': 'virtio-serial', 'port': domain.AGENT2_CHANNEL,
+                         'why': 'this node has no vhost-vsock' if not self.node.vsock else
+                         'the instance has no vsock CID'}
+        self.agent = AgentSession(connect, AgentReporter(self))
         self.agent.start()
+        asyncio.ensure_future(self._event('agent side channel', transport))
 
     async def _build(self, desired):
         inst = desired.instance
@@ -148,7 +173,7 @@ class InstanceWorker:
         bridges = {n.uuid: await self.node.bridges.ensure(n) for n in desired.networks}
         options = domain.DomainOptions(
             console_port=ports['console'], vdi_port=ports['vdi'],
-            domain_type=self.node.domain_type, bridges=bridges, vsock=False,
+            domain_type=self.node.domain_type, bridges=bridges, vsock=self._vsock(desired),
             console_listen=self.node.console_listen, vdi_listen=self.node.console_listen)
         xml = domain.build_domain_xml(desired, paths, options)
         await self._event('libvirt domain XML', {'xml': xml}, event_pb2.EVENT_TYPE_MUTATE)

@@ -105,6 +105,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         self.bridges = Bridges(config.bridge_prefix, self._networks_in_use)
         self.console_listen = config.console_listen
         self.domain_type = config.domain_type or 'qemu'
+        self.vsock = os.path.exists('/dev/vhost-vsock')      # guests may have a vsock device
         self.server = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
@@ -124,7 +125,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         r = await self.link.call('RegisterNode', pb.RegisterNodeRequest(
             name=self.name, address=f'{host}:{self.port}', console_host=self.console_listen,
             capacity=self.config.capacity or host_capacity(),
-            features=pb.NodeFeatures(kvm=self.domain_type == 'kvm')))
+            features=pb.NodeFeatures(kvm=self.domain_type == 'kvm', vsock=self.vsock)))
         self.hypervisor.on_power_change(self._power_changed)
         self._tasks = [asyncio.create_task(self._follow(), name='follow'),
                        asyncio.create_task(self._heartbeat(r.heartbeat_interval_seconds), name='heartbeat')]

@@ -367,3 +367,17 @@ async def test_hot_unplug_frees_the_address_and_tells_the_node(system, node):
     async with raises(C.NOT_FOUND):
         await system.instances.RemoveInstanceInterface(api.RemoveInstanceInterfaceRequest(
             instance_ref='inst1', interface_uuid=first.uuid))
+
+
+async def test_agent_instances_get_a_cluster_unique_vsock_cid_freed_on_delete(system, node, controller):
+    with_agent = [await create_created(system, f'a{i}') for i in range(3)]
+    without = await create_created(system, 'quiet', side_channels=pb.SideChannelList())
+    cids = [node.desired[i.uuid].vsock_cid for i in with_agent]
+    assert all(3 <= c < 2**32 - 1 for c in cids) and len(set(cids)) == 3
+    assert node.desired[without.uuid].vsock_cid == 0
+    guards = await controller.core.store.get_prefix('vsock-cids/')
+    assert sorted(int(k.rsplit('/', 1)[1]) for k, _, _ in guards) == sorted(cids)
+    await system.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref='a0'))
+    await wait_state(system, with_agent[0].uuid, DELETED)
+    guards = await controller.core.store.get_prefix('vsock-cids/')
+    assert sorted(int(k.rsplit('/', 1)[1]) for k, _, _ in guards) == sorted(cids[1:])
