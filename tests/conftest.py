@@ -1,14 +1,21 @@
 """Shared fixtures: a real etcd per session, and a controller per test on its own
 key prefix (so tests are independent yet share the etcd)."""
 
-import uuid
+import os
 
-import pytest
-import pytest_asyncio
+# Before anything imports grpc: the hypervisor tests run libvirt's embedded QEMU
+# driver in this process, which forks QEMU; gRPC's fork handlers would run in the
+# child and crash it (see sfnode/__init__.py).
+os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
-from sfcontrol import server
-from sfcontrol.etcd_process import EtcdServer
-from tests.grpc_client import Client
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+import pytest_asyncio  # noqa: E402
+
+from sfcontrol import server  # noqa: E402
+from sfcontrol.etcd_process import EtcdServer  # noqa: E402
+from tests.grpc_client import Client  # noqa: E402
 
 
 @pytest.fixture(scope='session')

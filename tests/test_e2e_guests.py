@@ -97,6 +97,21 @@ async def test_a_guest_boots_from_an_image_fetched_over_http_with_two_nics(plane
     assert [d.device for d in guest.disks][:1] == ['vda']
 
 
+async def test_usage_events_carry_cpu_disk_and_network_statistics(client, guest):
+    from shakenfist.v1 import event_pb2
+
+    async def usage():
+        events = (await client.instances.ListInstanceEvents(api.ListInstanceEventsRequest(
+            instance_ref='guest', event_type=event_pb2.EVENT_TYPE_USAGE, limit=1))).events
+        return events[0] if events else None
+    # The plane's nodes report usage every 5 s (SF_NODE_USAGE_INTERVAL in tests/plane.py).
+    event = await eventually(usage, 30, interval=0.5, what='a usage event')
+    extra = dict(event.extra)
+    assert set(extra) >= {'cpu usage', 'disk usage', 'network usage'}, extra
+    assert extra['cpu usage']['cpu time ns'] > 0
+    assert 'vda' in extra['disk usage']
+
+
 async def test_the_agent_becomes_ready(client, guest):
     await until(client, 'guest', 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
     assert (await get(client, 'guest')).agent_system_boot_time > 1e9

@@ -302,9 +302,10 @@ async def test_real_guest_lifecycle_hotplug_and_events(real_hv, guest_image, emb
 
         # Statistics for usage events.
         usage = await hv.usage(name)
-        assert usage['disks']['vda']['rd_bytes'] > 0
-        assert usage['interfaces'][iface.macaddr]['device'] == tap
-        assert usage['cpu']['cpu_time_ns'] > 0 and usage['cpu']['vcpus'] == 1
+        assert usage['disk usage']['vda']['read bytes'] > 0
+        assert usage['disk usage']['vda']['actual bytes on disk'] > 0
+        assert set(usage['network usage'][iface.macaddr]) >= {'read bytes', 'write packets'}
+        assert usage['cpu usage']['cpu time ns'] > 0
 
         # Unplug: the guest acknowledges, libvirt says so with an event.
         mark, t = events.mark(), time.monotonic()
