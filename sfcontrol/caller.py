@@ -23,6 +23,21 @@ class Caller:
 _current: contextvars.ContextVar[Caller] = contextvars.ContextVar('caller')
 
 
+def delete_all_scope(request) -> str:
+    """The namespace a delete-all request empties, with Shaken Fist's rules: it needs
+    confirm, system must name the namespace, others may name only their own."""
+    from sfcommon import errors
+    me = current()
+    if not request.confirm:
+        raise errors.invalid('parameter confirm is not set true')
+    if me.is_system and not request.HasField('namespace'):
+        raise errors.invalid('system user must specify parameter namespace')
+    ns = request.namespace if request.HasField('namespace') else me.namespace
+    if not me.can_see(ns):
+        raise errors.unauthenticated('you cannot delete other namespaces')
+    return ns
+
+
 def current() -> Caller:
     return _current.get()
 

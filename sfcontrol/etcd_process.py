@@ -7,15 +7,23 @@ Used by sf-up (the one-command plane) and by the tests.
     server.endpoint           # "127.0.0.1:PORT"
     server.restart()          # same data dir and ports
     server.stop()
+
+A cluster of several members on loopback (each its own data dir and ports):
+
+    members = EtcdServer.cluster(tmp_path, 3)
+    await start_all_async(members)      # members wait for each other to elect a leader
+    [m.endpoint for m in members]
+    members[0].kill()                   # SIGKILL, as a crash
+    await members[0].start_async()      # rejoins with its data dir
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,15 +36,16 @@ POLL_INTERVAL = 0.05
 STOP_GRACE = 10.0
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM etcd if the test process dies without stop().
+def _die_with_parent() -> list[str]:
+    """A command prefix that SIGTERMs etcd if the test process dies without stop().
 
-    The kernel ties this to the launching *thread*: start from a long-lived thread (the
-    main or event-loop thread), not from a short-lived worker."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: rely on stop()
+    setpriv (util-linux) sets PR_SET_PDEATHSIG and execs etcd. Not a preexec_fn: running
+    Python in the child between fork and exec crashes it at random (SIGSEGV, or gRPC's fork
+    handlers aborting) when other threads, gRPC's among them, are running in the parent.
+    The kernel ties the signal to the launching *thread*: start from a long-lived thread
+    (the main or event-loop thread), not from a short-lived worker."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []  # else: rely on stop()
 
 
 def _free_ports(n: int) -> list[int]:
@@ -55,25 +64,46 @@ def _free_ports(n: int) -> list[int]:
 
 class EtcdServer:
     def __init__(self, data_dir: str | os.PathLike, name: str = "sftest",
-                 ports: tuple[int, int] | None = None):
+                 ports: tuple[int, int] | None = None, initial_cluster: str | None = None,
+                 cluster_token: str = "etcd-cluster"):
+        """initial_cluster: "name=http://127.0.0.1:PEER,..." of every member, for a member
+        of a cluster (default: a cluster of this one member). It only matters on the first
+        start: a member that restarts with its data dir rejoins the cluster it was in."""
         self.data_dir = Path(data_dir)
         self.name = name
         self.client_port, self.peer_port = ports or _free_ports(2)
+        self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
+        self.cluster_token = cluster_token
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
+
+    @classmethod
+    def cluster(cls, base_dir: str | os.PathLike, size: int = 3) -> list[EtcdServer]:
+        """size members (not started) of one new cluster, data in base_dir/m<i>."""
+        ports = _free_ports(2 * size)
+        names = [f"m{i}" for i in range(size)]
+        initial = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}" for i, n in enumerate(names))
+        token = f"sftest-{os.getpid()}-{ports[0]}"
+        return [cls(Path(base_dir) / n, n, (ports[2 * i], ports[2 * i + 1]), initial, token)
+                for i, n in enumerate(names)]
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
     def _command(self) -> list[str]:
         client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         return [
             ETCD, "--name", self.name, "--data-dir", str(self.data_dir),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster", self.initial_cluster,
+            "--initial-cluster-token", self.cluster_token, "--initial-cluster-state", "new",
             "--logger", "zap", "--log-level", "error",
         ]
 
@@ -83,8 +113,8 @@ class EtcdServer:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self._command(), stdout=subprocess.DEVNULL, stderr=log,
-                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                _die_with_parent() + self._command(), stdout=subprocess.DEVNULL, stderr=log,
+                stdin=subprocess.DEVNULL)
         return time.monotonic() + READY_TIMEOUT
 
     def _ready_or_raise(self, deadline: float) -> bool:
@@ -101,15 +131,7 @@ class EtcdServer:
         if time.monotonic() > deadline:
             self.stop()
             raise TimeoutError(f"etcd not ready on {self.endpoint} after {READY_TIMEOUT}s")
-        conn = http.client.HTTPConnection("127.0.0.1", self.client_port, timeout=0.5)
-        try:
-            conn.request("GET", "/health")
-            resp = conn.getresponse()
-            return resp.status == 200 and json.loads(resp.read()).get("health") == "true"
-        except (OSError, http.client.HTTPException, ValueError):
-            return False
-        finally:
-            conn.close()
+        return self.healthy()
 
     def start(self) -> EtcdServer:
         deadline = self._launch()
@@ -138,6 +160,35 @@ class EtcdServer:
     async def stop_async(self) -> None:
         await asyncio.to_thread(self.stop)
 
+    def kill(self) -> None:
+        """SIGKILL the PID we started (a crash: no clean shutdown) and reap it."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.kill()
+        proc.wait()
+
+    def _http(self, method: str, path: str, body: str | None = None) -> dict | None:
+        """etcd's JSON answer to an HTTP request on the client port; None if it gives none."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.client_port, timeout=0.5)
+        try:
+            conn.request(method, path, body=body)
+            resp = conn.getresponse()
+            return json.loads(resp.read()) if resp.status == 200 else None
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+        finally:
+            conn.close()
+
+    def healthy(self) -> bool:
+        """Whether this member answers GET /health with health "true" (it has a leader)."""
+        return (self._http("GET", "/health") or {}).get("health") == "true"
+
+    def is_leader(self) -> bool:
+        """Whether this member is the cluster's leader (by its own maintenance status)."""
+        status = self._http("POST", "/v3/maintenance/status", "{}") or {}
+        return bool(status.get("leader")) and status.get("leader") == status.get("header", {}).get("member_id")
+
     def restart(self) -> EtcdServer:
         self.stop()
         return self.start()
@@ -145,3 +196,15 @@ class EtcdServer:
     async def restart_async(self) -> EtcdServer:
         await self.stop_async()
         return await self.start_async()
+
+
+async def start_all_async(members: list[EtcdServer]) -> list[EtcdServer]:
+    """Start the members of a new cluster together: each is ready only once a quorum
+    has started and elected a leader. Stops them all if one fails."""
+    try:
+        await asyncio.gather(*(m.start_async() for m in members))
+    except BaseException:
+        for m in members:
+            m.stop()
+        raise
+    return members

@@ -98,8 +98,7 @@ class Instances:
         affinity = {}
         if req.HasField('metadata') and 'affinity' in req.metadata:
             affinity = json_format.MessageToDict(req.metadata)['affinity']
-        disk_gib = sum(d.size for d in req.disk if d.type != specs_pb2.DISK_TYPE_CDROM)
-        size = scheduler.size_of(req.cpus, req.memory, disk_gib)
+        size = scheduler.size_of_instance(req.cpus, req.memory, req.disk)
 
         def build():
             txn = Txn()
@@ -232,36 +231,28 @@ class Instances:
         txn.put(entry.key, inst.SerializeToString())
 
     def finish_delete(self, txn: Txn, inst: pb.Instance):
-        """The node has removed the instance: free what it held. Mutates inst."""
-        inst.state = states.ERROR if inst.state in states.ERROR_OF.values() and \
-            inst.state != states.DELETE_WAIT_ERROR else states.DELETED
+        """The node has removed the instance: free what it held. Mutates inst. One that
+        failed ends in error (kept until the user deletes it), any other in deleted."""
+        failed = inst.state in states.ERROR_OF.values()
+        inst.state = states.ERROR if failed else states.DELETED
+        if failed:
+            inst.power_state = OFF
         for iface in self.networks.interfaces_of(inst.uuid):
-            if iface.state != network_pb2.NETWORK_INTERFACE_STATE_DELETED:
-                self.networks.release_interface(txn, iface)
-        placement = self.core.cache.get(keys.placement(inst.node, inst.uuid)) if inst.HasField('node') else None
-        node = self.core.cache.get(keys.node(inst.node)) if inst.HasField('node') else None
-        if node is not None and inst.HasField('node') and not inst.node == '':
-            size = (placement.value.size if placement else
-                    scheduler.size_of(inst.cpus, inst.memory,
-                                      sum(d.size for d in inst.disk_spec
-                                          if d.type != specs_pb2.DISK_TYPE_CDROM)))
-            scheduler.allocate(txn, node, size, release=True)
-        if placement is not None:
-            self.drop_placement(txn, placement)
+            self.networks.release_interface(txn, iface)
+        if inst.HasField('node'):
+            node = self.core.cache.get(keys.node(inst.node))
+            if node is not None:
+                scheduler.allocate(txn, node, scheduler.size_of_instance(inst.cpus, inst.memory, inst.disk_spec),
+                                   release=True)
+            placement = self.core.cache.get(keys.placement(inst.node, inst.uuid))
+            if placement is not None:
+                self.drop_placement(txn, placement)
         self.blobs.release_into(txn, inst.uuid)     # its screenshots and agent output
-        inst.power_state = OFF if inst.state == states.ERROR else inst.power_state
         self.core.event(txn, inst.namespace, OBJ, inst.uuid, STATUS,
-                        'deleted' if inst.state == states.DELETED else 'cleaned up after error')
+                        'cleaned up after error' if failed else 'deleted')
 
     async def delete_all(self, req: api.DeleteAllInstancesRequest):
-        me = caller.current()
-        if not req.confirm:
-            raise errors.invalid('parameter confirm is not set true')
-        if me.is_system and not req.HasField('namespace'):
-            raise errors.invalid('system user must specify parameter namespace')
-        ns = req.namespace if req.HasField('namespace') else me.namespace
-        if not me.can_see(ns):
-            raise errors.unauthenticated('you cannot delete other namespaces')
+        ns = caller.delete_all_scope(req)
 
         def build():
             txn, uuids = Txn(), []

@@ -14,6 +14,7 @@ import uuid
 
 import grpc
 from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
 
 from sfcommon import errors
 from sfcontrol import caller
@@ -104,15 +105,62 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                     await fail(context, e)
             return wrapped
 
-        kw = dict(request_deserializer=handler.request_deserializer,
+        kw = dict(request_deserializer=_tolerant(handler.request_deserializer),
                   response_serializer=handler.response_serializer)
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
+            return grpc.unary_unary_rpc_method_handler(unary(_checked(handler.unary_unary)), **kw)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kw)
+            return grpc.unary_stream_rpc_method_handler(streaming(_checked(handler.unary_stream)), **kw)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kw)
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)
+            return grpc.stream_unary_rpc_method_handler(unary(_checked_stream(handler.stream_unary)), **kw)
+        return grpc.stream_stream_rpc_method_handler(
+            streaming(_checked_stream(handler.stream_stream)), **kw)
+
+
+class _Undecodable:
+    """A request message that did not parse. grpc.aio lets the deserializer's
+    exception escape as UNKNOWN (with a logged traceback); the handler reports
+    this instead as INVALID_ARGUMENT, after authentication."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+    def error(self):
+        return errors.invalid(f'the request message could not be parsed: {self.problem}')
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data):
+        try:
+            return deserializer(data)
+        except DecodeError as e:
+            return _Undecodable(str(e))
+    return deserialize
+
+
+def _checked(behaviour):
+    """A unary-request behaviour that refuses an undecodable request."""
+    def call(request, context):
+        if isinstance(request, _Undecodable):
+            raise request.error()
+        return behaviour(request, context)
+    return call
+
+
+def _checked_stream(behaviour):
+    """A streaming-request behaviour whose request stream fails at an undecodable message."""
+    async def requests(iterator):
+        async for message in iterator:
+            if isinstance(message, _Undecodable):
+                raise message.error()
+            yield message
+
+    def call(request_iterator, context):
+        return behaviour(requests(request_iterator), context)
+    return call
 
 
 def _is_abort(e: BaseException) -> bool:

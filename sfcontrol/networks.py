@@ -154,14 +154,7 @@ class Networks:
                         'delete request from API')
 
     async def delete_all(self, req: api.DeleteAllNetworksRequest):
-        me = caller.current()
-        if not req.confirm:
-            raise errors.invalid('parameter confirm is not set true')
-        if me.is_system and not req.HasField('namespace'):
-            raise errors.invalid('system user must specify parameter namespace')
-        ns = req.namespace if req.HasField('namespace') else me.namespace
-        if not me.can_see(ns):
-            raise errors.not_found('namespace not found')
+        ns = caller.delete_all_scope(req)
 
         def build():
             txn, uuids = Txn(), []

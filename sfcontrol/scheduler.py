@@ -14,10 +14,17 @@ from sfcontrol.cache import Entry, ObjectCache
 from sfcontrol.store import Txn
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.store.v1alpha1 import records_pb2
+from shakenfist.v1 import specs_pb2
 
 
 def size_of(cpus: int, memory_mib: int, disk_gib: int) -> node_pb2.NodeCapacity:
     return node_pb2.NodeCapacity(cpus=cpus, memory_mib=memory_mib, disk_gib=disk_gib)
+
+
+def size_of_instance(cpus: int, memory_mib: int, disks) -> node_pb2.NodeCapacity:
+    """What an instance uses of a node; its disks are DiskSpecs (cdroms do not count:
+    they are their image)."""
+    return size_of(cpus, memory_mib, sum(d.size for d in disks if d.type != specs_pb2.DISK_TYPE_CDROM))
 
 
 def _free(node: records_pb2.NodeRecord) -> node_pb2.NodeCapacity:
