@@ -18,7 +18,7 @@ import time
 import uuid as uuidlib
 
 from sfcommon import errors
-from sfcontrol import caller, keys
+from sfcontrol import caller
 from sfcontrol.core import Core
 from sfcontrol.store import Txn
 from shakenfist.store.v1alpha1 import records_pb2

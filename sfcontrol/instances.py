@@ -20,7 +20,7 @@ from sfcontrol.store import Txn
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import event_pb2, instance_pb2 as pb, instance_service_pb2 as api
-from shakenfist.v1 import network_pb2, specs_pb2
+from shakenfist.v1 import specs_pb2
 
 OBJ = event_pb2.OBJECT_TYPE_INSTANCE
 AUDIT, STATUS = event_pb2.EVENT_TYPE_AUDIT, event_pb2.EVENT_TYPE_STATUS

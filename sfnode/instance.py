@@ -15,7 +15,6 @@ from sfcommon import errors
 from sfcommon.events import make_event
 from sfnode import configdrive, domain, images
 from sfnode.agent import AgentSession
-from sfnode.link import ControllerLink
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import event_pb2, instance_pb2 as ipb, network_pb2, specs_pb2
 
@@ -110,7 +109,6 @@ class InstanceWorker:
 
     # -- build and converge ------------------------------------------------------------
     async def _converge(self, desired: node_pb2.DesiredInstance):
-        inst = desired.instance
         if self.state not in _ORDER:
             return      # an error state: the controller will remove us
         hv = self.node.hypervisor

@@ -1,7 +1,6 @@
 """A whole plane for end-to-end tests: sf-up in a child process (etcd, controller,
 gateway and real sfnode processes on libvirt/QEMU), driven like a user would."""
 
-import asyncio
 import json
 import os
 import pathlib

@@ -7,9 +7,7 @@ import hashlib
 import os
 import pathlib
 import stat
-import sys
 
-import pytest
 import pytest_asyncio
 
 from sfnode.agent import AgentSession

@@ -1,7 +1,6 @@
 """End to end on real QEMU/TCG guests: sf-up (etcd, controller, gateway, one sfnode
 on libvirt) driven through gRPC and the real sf-client, as users do."""
 
-import asyncio
 import functools
 import http.server
 import os
@@ -74,7 +73,7 @@ async def guest(plane, client, image_url):
     """A guest from the image served over HTTP, on two networks, with vga and vnc."""
     for name, block in (('net1', '10.10.0.0/24'), ('net2', '10.20.0.0/24')):
         await client.networks.CreateNetwork(net.CreateNetworkRequest(name=name, netblock=block))
-    r = await client.instances.CreateInstance(api.CreateInstanceRequest(
+    await client.instances.CreateInstance(api.CreateInstanceRequest(
         name='guest', cpus=1, memory=256, disk=[specs_pb2.DiskSpec(size=1, base=image_url)],
         network=[specs_pb2.NetworkSpec(network_uuid='net1'), specs_pb2.NetworkSpec(network_uuid='net2')],
         video=specs_pb2.VideoSpec(model=specs_pb2.VIDEO_MODEL_VGA, memory=16384, vdi=specs_pb2.VDI_TYPE_VNC)))

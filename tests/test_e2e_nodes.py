@@ -1,12 +1,10 @@
 """End to end with three real nodes: placement across them, and a node killed
 with SIGKILL in the middle of creates, then restarted."""
 
-import asyncio
 import os
 import re
 import signal
 import subprocess
-import sys
 
 import pytest
 import pytest_asyncio

@@ -1,7 +1,6 @@
 """The schema is the product: these tests read the compiled descriptors."""
 
 import filecmp
-import pathlib
 import re
 import subprocess
 import sys

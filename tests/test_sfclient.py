@@ -1,6 +1,5 @@
 """The real sf-client 0.8.3 CLI against the gateway, asserting on its parsed output."""
 
-import json
 
 from tests.helpers import get
 
@@ -89,7 +88,7 @@ async def test_metadata_set_and_delete(sf, system):
 
 
 async def test_power_pause_and_reboot(sf, node):
-    inst = await create(sf, 'inst1', '1', '256', '-d', '1')
+    await create(sf, 'inst1', '1', '256', '-d', '1')
     for command, power in (('poweroff', 'off'), ('poweron', 'on'), ('pause', 'paused'),
                            ('unpause', 'on')):
         assert await sf.json('instance', command, 'inst1') == {}

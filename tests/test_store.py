@@ -11,7 +11,7 @@ import uuid
 import pytest
 import pytest_asyncio
 
-from sfcontrol.etcd_process import EtcdServer, _free_ports
+from sfcontrol.etcd_process import _free_ports
 from sfcontrol.store import Store, StoreCompacted, StoreUnavailable, Txn
 
 
