@@ -50,9 +50,13 @@ class Events:
         if cursor and not cursor.isdigit():
             raise errors.invalid('cursor: not a cursor returned by this server')
         wanted = set(event_types)
+        if not cursor:      # from now: the store's current revision
+            cursor = str((await self.core.store.get_prefix(prefix, limit=1, keys_only=True)).revision)
+        # The watch starts right after the cursor's revision however late etcd sets
+        # it up, so the client may rely on it from this first message on.
+        yield event_service_pb2.WatchEventsResponse(cursor=cursor)
         try:
-            async for change in self.core.store.watch_prefix(
-                    prefix, start_revision=int(cursor) + 1 if cursor else 0):
+            async for change in self.core.store.watch_prefix(prefix, start_revision=int(cursor) + 1):
                 if change.type != 'put':
                     continue
                 if object_type and change.key.split('/')[2] != object_type:
@@ -64,3 +68,4 @@ class Events:
             raise errors.cursor_expired(
                 'the cursor is older than the event history kept: list the events again, '
                 'then watch from the watch_cursor of that listing')
+

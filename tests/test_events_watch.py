@@ -27,12 +27,16 @@ class Collector:
 
     def __init__(self, client, **request):
         self.items = []
+        self.established = asyncio.Event()
         self.call = client.events.WatchEvents(ev.WatchEventsRequest(**request))
         self.task = asyncio.create_task(self._run())
 
     async def _run(self):
         async for item in self.call:
-            self.items.append(item)
+            if item.HasField('event'):
+                self.items.append(item)
+            else:
+                self.established.set()      # the first message confirms the watch
 
     def messages(self, message='set metadata'):
         return [i for i in self.items if i.event.message == message]
@@ -57,12 +61,14 @@ async def test_a_watch_resumes_from_its_cursor_with_nothing_missed_or_repeated(s
     await eventually(lambda: len(second.messages()) == 2, what='the missed and the new event')
     await second.stop()
     revisions = [int(i.cursor) for i in first.items + second.items]
+    assert first.established.is_set() and second.established.is_set()
     assert revisions == sorted(set(revisions)), 'an event was repeated or out of order'
 
 
 async def test_watch_filters_by_event_type(system, node):
     await create_created(system)
     w = Collector(system, event_types=[event_pb2.EVENT_TYPE_STATUS])
+    await asyncio.wait_for(w.established.wait(), 10)
     await set_md(system, 1)                                  # audit: filtered out
     await system.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref='inst1'))
     await eventually(lambda: any(i.event.message == 'deleted' for i in w.items))
@@ -77,6 +83,7 @@ async def test_a_watch_survives_an_etcd_restart(private_etcd, tmp_path):
     try:
         await create_created(c)
         w = Collector(c, object_type=INSTANCE, object_ref='inst1')
+        await asyncio.wait_for(w.established.wait(), 10)
         await set_md(c, 1)
         await eventually(lambda: len(w.messages()) == 1)
         await private_etcd.restart_async()
@@ -114,3 +121,12 @@ async def test_an_expired_cursor_is_a_clear_error(system, node, controller):
     async with raises(grpc.StatusCode.INVALID_ARGUMENT):
         async for _ in system.events.WatchEvents(ev.WatchEventsRequest(cursor='nonsense')):
             pass
+
+
+async def test_the_first_message_confirms_the_watch_with_its_cursor(system, node):
+    await create_created(system)
+    listing = await system.instances.ListInstanceEvents(api.ListInstanceEventsRequest(instance_ref='inst1'))
+    call = system.events.WatchEvents(ev.WatchEventsRequest(cursor=listing.watch_cursor))
+    first = await asyncio.wait_for(call.read(), 10)
+    assert not first.HasField('event') and first.cursor == listing.watch_cursor
+    call.cancel()

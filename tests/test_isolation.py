@@ -150,11 +150,17 @@ async def test_a_watch_sees_only_its_own_namespace(system, tenant, node):
     seen = []
     watch = tenant.events.WatchEvents(event_service_pb2.WatchEventsRequest())
 
+    established = asyncio.Event()
+
     async def collect():
         async for item in watch:
-            seen.append(item.event)
+            if item.HasField('event'):
+                seen.append(item.event)
+            else:
+                established.set()
     task = asyncio.create_task(collect())
     try:
+        await asyncio.wait_for(established.wait(), 10)
         await create_created(system, 'theirs')
         await tenant.networks.CreateNetwork(net.CreateNetworkRequest(name='mine', netblock='10.5.0.0/24'))
         from tests.waiting import eventually
