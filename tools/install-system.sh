@@ -11,7 +11,7 @@ PACKAGES=(
   syslinux extlinux syslinux-common mtools dosfstools   # a real BIOS-bootable test disk
   python3-venv python3-dev gcc                  # the venv and libvirt-python's build
   nodejs npm                                    # buf comes from npm
-  iproute2 curl
+  iproute2 curl jq
 )
 
 # sfnode runs libvirt's QEMU driver in-process (qemu:///embed). As root it
