@@ -6,6 +6,7 @@ response of a request that carries a request_id (AIP-155) in the same
 transaction, and waits until the cache shows the change before returning.
 """
 
+import asyncio
 import hashlib
 import logging
 import socket
@@ -49,6 +50,7 @@ class Core:
         self.store = store
         self.cache = cache
         self.fqdn = fqdn or socket.gethostname()
+        self._retrying = asyncio.Lock()     # see mutate()
 
     @classmethod
     async def open(cls, store: Store) -> 'Core':
@@ -75,7 +77,8 @@ class Core:
             prior = await self._prior(ns, request_id, method, digest)
             if prior is not None:
                 return prior[0]
-        for _ in range(MAX_ATTEMPTS):
+
+        async def attempt() -> tuple[Message] | None:
             txn, response = build()
             if request_id:
                 record = records_pb2.RequestRecord(
@@ -85,13 +88,27 @@ class Core:
             ok, revision = await self.store.commit(txn)
             if ok:
                 await self.cache.wait_for(revision)
-                return response
+                return (response,)
             if request_id:
                 prior = await self._prior(ns, request_id, method, digest, type(response))
                 if prior is not None:
-                    return prior[0]
+                    return prior
             await self.cache.wait_for(revision)
-        raise errors.unavailable('the request conflicted with others too often; retry it')
+            return None
+
+        done = await attempt()
+        if done is None:
+            # It conflicted: retry one request at a time in this controller. Otherwise N
+            # concurrent requests on one hot key (every create checks its node's record)
+            # take N rounds, and some lose MAX_ATTEMPTS times in a row; queued, a retry
+            # races only other controllers and requests on their first attempt.
+            async with self._retrying:
+                for _ in range(MAX_ATTEMPTS - 1):
+                    if (done := await attempt()) is not None:
+                        break
+        if done is None:
+            raise errors.unavailable('the request conflicted with others too often; retry it')
+        return done[0]
 
     async def _prior(self, ns, request_id, method, digest, response_cls=None):
         found = await self.store.get(keys.request(ns, request_id))

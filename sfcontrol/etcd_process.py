@@ -39,9 +39,10 @@ STOP_GRACE = 10.0
 def _die_with_parent() -> list[str]:
     """A command prefix that SIGTERMs etcd if the test process dies without stop().
 
-    setpriv (util-linux) sets PR_SET_PDEATHSIG and execs etcd. Not a preexec_fn: running
-    Python in the child between fork and exec crashes it at random (SIGSEGV, or gRPC's fork
-    handlers aborting) when other threads, gRPC's among them, are running in the parent.
+    setpriv (util-linux) sets PR_SET_PDEATHSIG and execs etcd. Not a preexec_fn: that runs
+    Python in the child between fork and exec, which in a process running gRPC crashed the
+    child at random (SIGSEGV, or an abort in gRPC's fork handlers; seen with
+    GRPC_ENABLE_FORK_SUPPORT on), leaving no etcd to restart.
     The kernel ties the signal to the launching *thread*: start from a long-lived thread
     (the main or event-loop thread), not from a short-lived worker."""
     setpriv = shutil.which("setpriv")
