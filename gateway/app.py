@@ -26,6 +26,7 @@ DEFAULT_MAX_BODY = 10 * MiB
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_STREAM_TIMEOUT = 3600.0
 UPLOAD_CHUNK = MiB  # bytes per message when streaming a request body
+CLIENT_CHECK_INTERVAL = 1.0  # seconds between checks that a streaming client is still there
 
 JSON = 'application/json'
 OCTET_STREAM = 'application/octet-stream'
@@ -250,10 +251,11 @@ class Gateway:
 
     async def _stream(self, request, e: Endpoint, call, rid):
         raw = e.raw_response_field
+        reading = asyncio.ensure_future(call.read())
         try:
             # Wait for the first message so that an immediate failure is a
             # proper error response rather than a broken 200.
-            first = await call.read()
+            first = await reading
             if raw is not None:
                 content_type = OCTET_STREAM
                 if first is not grpc.aio.EOF:
@@ -262,15 +264,16 @@ class Gateway:
                 content_type = NDJSON
             response = web.StreamResponse(headers={'Content-Type': content_type,
                                                    'X-Request-ID': rid})
-            await response.prepare(request)
-            message = first
             try:
+                await response.prepare(request)
+                message = first
                 while message is not grpc.aio.EOF:
                     if raw is not None:
                         await response.write(getattr(message, raw).data)
                     else:
                         await response.write(e.encode(message) + b'\n')
-                    message = await call.read()
+                    reading = asyncio.ensure_future(call.read())
+                    message = await _next(request, reading)
             except ConnectionResetError:
                 return response  # the client went away
             except grpc.aio.AioRpcError as err:
@@ -288,6 +291,22 @@ class Gateway:
             return response
         finally:
             call.cancel()  # a no-op when finished; stops the RPC if the client left
+            if not reading.done():
+                reading.cancel()
+            elif not reading.cancelled():
+                reading.exception()  # seen, so asyncio does not report it as lost
+
+
+async def _next(request, reading):
+    """The message reading gives; ConnectionResetError if the client leaves first
+    (aiohttp does not cancel the handler then, and a quiet stream, such as a watch,
+    would otherwise hold its gRPC call open until it next had something to write)."""
+    while True:
+        await asyncio.wait({reading}, timeout=CLIENT_CHECK_INTERVAL)
+        if reading.done():
+            return reading.result()
+        if request.transport is None or request.transport.is_closing():
+            raise ConnectionResetError('the client went away')
 
 
 def _query(query, repeated_keys):

@@ -12,7 +12,7 @@ import time
 import uuid as uuidlib
 
 from sfcommon import errors
-from sfcontrol import caller, keys, states
+from sfcontrol import caller, keys, states, validation
 from sfcontrol.core import Core
 from sfcontrol.instances import Instances
 from sfcontrol.nodeclient import NodeClients
@@ -75,7 +75,7 @@ class AgentOperations:
         if not req.all:
             ops = [o for o in ops if o.state in (INITIAL, PREFLIGHT, QUEUED)]
         ops.sort(key=lambda o: o.deadline)
-        start = int(req.page_token) if req.page_token.isdigit() else 0
+        start = validation.page_start(req.page_token)
         end = start + (req.page_size or 1000)
         return api.ListInstanceAgentOperationsResponse(
             agent_operations=ops[start:end], next_page_token=str(end) if end < len(ops) else '')
@@ -102,8 +102,8 @@ class AgentOperations:
             raise errors.invalid('path: a path is required')
         if not 0 <= req.mode < 0o1000000:
             raise errors.invalid(f'invalid mode: {req.mode}')
-        if self.core.cache.by_uuid('blobs/', req.blob_uuid) is None:
-            raise errors.not_found('blob not found')
+        # A blob the caller may see (NOT_FOUND otherwise): never another namespace's.
+        self.instances.blobs.get(req.blob_uuid)
         commands = [pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_PUT_BLOB, blob_uuid=req.blob_uuid,
                                     path=req.path),
                     pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_CHMOD, path=req.path,

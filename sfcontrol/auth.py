@@ -17,7 +17,7 @@ import time
 import jwt
 
 from sfcommon import errors
-from sfcontrol import keys, states
+from sfcontrol import keys, states, validation
 from sfcontrol.caller import SYSTEM, Caller
 from sfcontrol.core import Core
 from sfcontrol.store import Txn
@@ -166,7 +166,7 @@ class Auth:
 
     def list_keys(self, req: api.ListNamespaceKeysRequest) -> api.ListNamespaceKeysResponse:
         names = list(self.view(req.namespace).keys)
-        start = int(req.page_token) if req.page_token.isdigit() else 0
+        start = validation.page_start(req.page_token)
         end = start + req.page_size if req.page_size else len(names)
         return api.ListNamespaceKeysResponse(key_names=names[start:end],
                                              next_page_token=str(end) if end < len(names) else '')

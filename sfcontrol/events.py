@@ -6,11 +6,15 @@ revision after which to resume, so a client that reconnects with its last
 cursor misses nothing and sees nothing twice.
 """
 
+import re
+
 from sfcommon import errors
 from sfcontrol import keys
 from sfcontrol.core import Core, object_type_name
 from sfcontrol.store import StoreCompacted
 from shakenfist.v1 import event_pb2, event_service_pb2
+
+_CURSOR = re.compile(r'[0-9]{1,18}')
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 _READ_PAGE = 200
@@ -47,7 +51,9 @@ class Events:
 
     async def watch(self, prefix: str, event_types=(), cursor: str = '', *, object_type: str = ''):
         """Yield WatchEventsResponses for events under prefix after cursor (or from now)."""
-        if cursor and not cursor.isdigit():
+        # An etcd revision: ASCII digits that fit an int64 (str.isdigit() also
+        # takes '²', which int() refuses, and etcd refuses what is too large).
+        if cursor and not _CURSOR.fullmatch(cursor):
             raise errors.invalid('cursor: not a cursor returned by this server')
         wanted = set(event_types)
         if not cursor:      # from now: the store's current revision

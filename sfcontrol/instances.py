@@ -268,7 +268,7 @@ class Instances:
     def list_interfaces(self, req: api.ListInstanceInterfacesRequest):
         entry = self.resolve(req.instance_ref)
         ifaces = self.networks.interfaces_of(entry.value.uuid)
-        start = int(req.page_token) if req.page_token.isdigit() else 0
+        start = validation.page_start(req.page_token)
         end = start + req.page_size if req.page_size else len(ifaces)
         return api.ListInstanceInterfacesResponse(
             interfaces=ifaces[start:end], next_page_token=str(end) if end < len(ifaces) else '')

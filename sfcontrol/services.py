@@ -6,6 +6,7 @@ agentops.py and events.py.
 """
 
 from sfcommon import errors
+from sfcontrol import validation
 from shakenfist.v1 import (agent_operation_service_pb2 as aop, agent_operation_service_pb2_grpc,
                            blob_service_pb2 as blob, blob_service_pb2_grpc,
                            auth_service_pb2, auth_service_pb2_grpc, event_service_pb2_grpc,
@@ -71,7 +72,7 @@ class NetworkService(network_service_pb2_grpc.NetworkServiceServicer):
     async def ListNetworkInterfaces(self, request, context):
         network = self.n.resolve(request.network_ref).value
         ifaces = self.n.interfaces_on(network.uuid)
-        start = int(request.page_token) if request.page_token.isdigit() else 0
+        start = validation.page_start(request.page_token)
         end = start + (request.page_size or 1000)
         return net.ListNetworkInterfacesResponse(
             interfaces=ifaces[start:end], next_page_token=str(end) if end < len(ifaces) else '')

@@ -69,3 +69,9 @@ def check_metadata(key: str, value):
             raise errors.invalid('metadata affinity must be a JSON object of {tag: weight}, '
                                  'for example {"webserver": -10}')
 
+
+def page_start(token: str) -> int:
+    """The index a page token of an index-paged list stands for; 0 for none, or for
+    a token that is not one (str.isdigit() alone also takes '²', which int()
+    refuses, and a 5000-digit string is more than int() will read)."""
+    return int(token) if token.isascii() and token.isdigit() and len(token) <= 18 else 0
