@@ -110,6 +110,17 @@ class Core:
             raise errors.unavailable('the request conflicted with others too often; retry it')
         return done[0]
 
+    async def replayed(self, request: Message) -> Message | None:
+        """The first response to request if its request_id was seen before, else None:
+        for calls that act outside etcd (on a node) before they record anything."""
+        request_id = getattr(request, 'request_id', '')
+        if not request_id:
+            return None
+        digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        prior = await self._prior(caller.current().namespace, request_id,
+                                  caller.current_method.get(), digest)
+        return prior[0] if prior else None
+
     async def _prior(self, ns, request_id, method, digest, response_cls=None):
         found = await self.store.get(keys.request(ns, request_id))
         if found is None:

@@ -410,7 +410,9 @@ class Instances:
                                        act, response)
 
     async def _node_action(self, req, entry, what, act, response):
-        """Run a node action, then record it (once per request_id)."""
+        """Run a node action, then record it; a repeated request_id does not act again."""
+        if (prior := await self.core.replayed(req)) is not None:
+            return prior
         await act()
 
         def build():

@@ -229,6 +229,14 @@ async def test_reboot_or_pause_of_powered_off_instance_is_state_conflict(system,
         await system.instances.PauseInstance(api.PauseInstanceRequest(instance_ref='inst1'))
 
 
+async def test_a_reboot_repeated_with_its_request_id_reboots_once(system, node):
+    await create_created(system)
+    request = api.HardRebootInstanceRequest(instance_ref='inst1', request_id='reboot-1')
+    await system.instances.HardRebootInstance(request)
+    await system.instances.HardRebootInstance(request)
+    assert len([r for name, r in node.calls if name == 'RebootInstance']) == 1
+
+
 async def test_reboots_are_routed_to_the_node(system, node):
     inst = await create_created(system)
     await system.instances.SoftRebootInstance(api.SoftRebootInstanceRequest(instance_ref='inst1'))
