@@ -73,3 +73,10 @@ schema-check: $(BUF)
 
 clean:
 	rm -rf shakenfist .stamps build
+
+# Benchmarks (bench/README.md): ratios against baselines measured in the same run.
+# Not part of the test suite. BENCH_ARGS='--quick' for a smoke run, '--only P1,P3' for some.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: deps gen guest-image
+	$(PY) bench/run.py $(BENCH_ARGS)

@@ -4,6 +4,7 @@ The servicer only adapts calls to these methods. Every change is one
 transaction built from the cache (see Core.mutate).
 """
 
+import asyncio
 import base64
 import random
 import uuid as uuidlib
@@ -44,6 +45,9 @@ class Instances:
         self.nodes = nodes
         self.events = events
         self.blobs = blobs
+        # Every create checks its node's record, so concurrent creates in this
+        # controller would mostly conflict and retry (bench P3): take turns.
+        self._creating = asyncio.Lock()
 
     # -- lookups ---------------------------------------------------------------
     def resolve(self, ref: str, namespace: str | None = None):
@@ -150,7 +154,8 @@ class Instances:
             view = _copy(inst)
             view.interfaces.extend(interfaces)
             return txn, api.CreateInstanceResponse(instance=view)
-        return await self.core.mutate(build, request=req)
+        async with self._creating:
+            return await self.core.mutate(build, request=req)
 
     def _place(self, txn: Txn, inst: pb.Instance, interfaces, desired_power, size, vsock_cid=None):
         """Write what the instance's node should make true."""

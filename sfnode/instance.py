@@ -157,16 +157,18 @@ class InstanceWorker:
             progress = images.Progress(url, self._event)
             bases.append(await self.node.images.fetch(url, progress))
         await self._advance(S.Value('INSTANCE_STATE_CREATING'))
+        steps = []      # disks and the config drive are independent: make them at once
         for i, spec in enumerate(inst.disk_spec):
             path = pathlib.Path(paths.disks[i])
             if spec.type == specs_pb2.DISK_TYPE_CDROM:
                 if not path.exists():
                     path.symlink_to(bases[i])
             else:
-                await images.make_disk(path, bases[i], spec.size if spec.HasField('size') else None)
+                steps.append(images.make_disk(path, bases[i], spec.size if spec.HasField('size') else None))
         if paths.config_drive:
-            await configdrive.build(pathlib.Path(paths.config_drive), inst,
-                                    {n.uuid: n for n in desired.networks})
+            steps.append(configdrive.build(pathlib.Path(paths.config_drive), inst,
+                                           {n.uuid: n for n in desired.networks}))
+        await asyncio.gather(*steps)
         ports = self._ports()
         bridges = {n.uuid: await self.node.bridges.ensure(n) for n in desired.networks}
         options = domain.DomainOptions(
@@ -174,7 +176,8 @@ class InstanceWorker:
             domain_type=self.node.domain_type, bridges=bridges, vsock=self._vsock(desired),
             console_listen=self.node.console_listen, vdi_listen=self.node.console_listen)
         xml = domain.build_domain_xml(desired, paths, options)
-        await self._event('libvirt domain XML', {'xml': xml}, event_pb2.EVENT_TYPE_MUTATE)
+        event = asyncio.ensure_future(
+            self._event('libvirt domain XML', {'xml': xml}, event_pb2.EVENT_TYPE_MUTATE))
         start = desired.desired_power_state != P.Value('POWER_STATE_OFF')
         await self.node.hypervisor.define(xml, start=start)
         slots = domain.disk_layout(inst, paths)
@@ -184,6 +187,7 @@ class InstanceWorker:
             interface_states={i.uuid: network_pb2.NETWORK_INTERFACE_STATE_CREATED
                               for i in inst.interfaces},
             **({'agent_state': ipb.AGENT_STATE_NOT_READY_NO_CONTACT} if inst.side_channels else {}))
+        await event
 
     def _ports(self) -> dict:
         """The instance's console and VDI ports, chosen once and kept across restarts."""
