@@ -42,7 +42,7 @@ class Nodes:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs:
             try:
-                await asyncio.wait_for(p.wait(), 20)
+                await asyncio.wait_for(p.wait(), 60)
             except TimeoutError:
                 p.kill()
                 await p.wait()

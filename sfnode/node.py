@@ -145,10 +145,9 @@ class Node(node_pb2_grpc.NodeServiceServicer):
                 await w.agent.stop()
         await asyncio.gather(*self._tasks, *(w.task for w in self.workers.values()),
                              return_exceptions=True)
-        if stop_guests:
-            for info in await self.hypervisor.list_domains():
-                if info.active:
-                    await self.hypervisor.destroy(info.name)
+        if stop_guests:     # at once: each destroy waits a second or two for QEMU to exit
+            await asyncio.gather(*(self.hypervisor.destroy(info.name)
+                                   for info in await self.hypervisor.list_domains() if info.active))
             await self.bridges.release_all()
         if self.server:
             await self.server.stop(1)
