@@ -13,7 +13,7 @@ import socket
 import time
 from typing import Callable
 
-from google.protobuf import descriptor_pool, message_factory, struct_pb2
+from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from sfcommon import errors
@@ -152,8 +152,3 @@ def _response_class(method: str):
     desc = descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
     return message_factory.GetMessageClass(desc.output_type)
 
-
-def struct(d: dict) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(d)
-    return s
