@@ -17,7 +17,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError
 
 from sfcommon import errors
-from sfcontrol import caller
+from sfcontrol import caller, limits
 from sfcontrol.caller import Caller
 from sfcontrol.store import StoreError
 from shakenfist.v1 import wire_pb2
@@ -107,14 +107,17 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
 
         kw = dict(request_deserializer=_tolerant(handler.request_deserializer),
                   response_serializer=handler.response_serializer)
+        check = limits.for_method(method)   # the schema's limits; None outside shakenfist.v1
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(_checked(handler.unary_unary)), **kw)
+            return grpc.unary_unary_rpc_method_handler(unary(_checked(handler.unary_unary, check)), **kw)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(_checked(handler.unary_stream)), **kw)
+            return grpc.unary_stream_rpc_method_handler(
+                streaming(_checked(handler.unary_stream, check)), **kw)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(_checked_stream(handler.stream_unary)), **kw)
+            return grpc.stream_unary_rpc_method_handler(
+                unary(_checked_stream(handler.stream_unary, check)), **kw)
         return grpc.stream_stream_rpc_method_handler(
-            streaming(_checked_stream(handler.stream_stream)), **kw)
+            streaming(_checked_stream(handler.stream_stream, check)), **kw)
 
 
 class _Undecodable:
@@ -141,21 +144,27 @@ def _tolerant(deserializer):
     return deserialize
 
 
-def _checked(behaviour):
-    """A unary-request behaviour that refuses an undecodable request."""
+def _checked(behaviour, check=None):
+    """A unary-request behaviour that refuses an undecodable request, and (with check)
+    one over the schema's limits, before the handler sees it."""
     def call(request, context):
         if isinstance(request, _Undecodable):
             raise request.error()
+        if check is not None:
+            check(request)
         return behaviour(request, context)
     return call
 
 
-def _checked_stream(behaviour):
-    """A streaming-request behaviour whose request stream fails at an undecodable message."""
+def _checked_stream(behaviour, check=None):
+    """A streaming-request behaviour whose request stream fails at an undecodable
+    message, or (with check) at one over the schema's limits."""
     async def requests(iterator):
         async for message in iterator:
             if isinstance(message, _Undecodable):
                 raise message.error()
+            if check is not None:
+                check(message)
             yield message
 
     def call(request_iterator, context):

@@ -39,7 +39,7 @@ async def test_empty_side_channel_list_means_no_agent(system, node):
 
 @pytest.mark.parametrize('change,message', [
     (dict(name='bad.name'), 'hostname'),
-    (dict(name='x' * 64), 'hostname'),
+    (dict(name='x' * 64), 'name: at most 63 characters (got 64)'),
     (dict(cpus=0), 'cpu'),
     (dict(memory=0), 'memory'),
     (dict(secure_boot=True), 'secure boot requires UEFI'),
