@@ -12,7 +12,7 @@ import uuid as uuidlib
 from google.protobuf import json_format
 
 from sfcommon import errors
-from sfcontrol import caller, keys, scheduler, states, validation
+from sfcontrol import caller, keys, limits, scheduler, states, validation
 from sfcontrol.core import Core, object_type_name
 from sfcontrol.events import Events
 from sfcontrol.networks import Networks
@@ -30,6 +30,9 @@ ON, OFF, PAUSED = P.Value('POWER_STATE_ON'), P.Value('POWER_STATE_OFF'), P.Value
 A = pb.AgentState
 DEFAULT_PAGE = 1000
 CONSOLE_DEFAULT_LENGTH = 10240
+# Interfaces per instance, hot-plugged ones included: the schema's limit on
+# Instance.interfaces (and on CreateInstanceRequest.network).
+MAX_INTERFACES = limits.max_items(pb.Instance.DESCRIPTOR.fields_by_name['interfaces'])
 
 
 def _copy(message):
@@ -167,6 +170,10 @@ class Instances:
         desired.instance.interfaces.extend(interfaces)
         for net_uuid in dict.fromkeys(i.network_uuid for i in interfaces):
             desired.networks.append(self.core.cache.by_uuid('networks/', net_uuid).value)
+        # The node has no use for the user metadata of networks and interfaces, and
+        # 16 of each at their limit would make the placement too big for etcd.
+        for item in (*desired.networks, *desired.instance.interfaces):
+            item.ClearField('metadata')
         placement = records_pb2.Placement(desired=desired, size=size)
         txn.put(keys.placement(inst.node, inst.uuid), placement.SerializeToString())
 
@@ -292,6 +299,9 @@ class Instances:
                 raise errors.not_ready(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
             txn = Txn().check_revision(current.key, current.mod_revision)
             existing = self.networks.interfaces_of(inst.uuid)
+            if len(existing) >= MAX_INTERFACES:
+                raise errors.invalid(f'network: an instance has at most {MAX_INTERFACES} '
+                                     f'interfaces (it has {len(existing)})')
             order = max((i.order for i in existing), default=-1) + 1
             iface = self.networks.new_interface(txn, req.network, inst.uuid, order, inst.namespace)
             txn.put(current.key, inst.SerializeToString())      # bumps its revision
@@ -334,9 +344,11 @@ class Instances:
         if not value:
             raise errors.invalid('no value specified')
         validation.check_metadata(req.key, value)
-        return await self._change(req, 'set metadata',
-                                  lambda inst: inst.metadata.update({req.key: value}),
-                                  api.SetInstanceMetadataResponse())
+
+        def change(inst):
+            inst.metadata.update({req.key: value})
+            limits.check_stored(inst, 'metadata')      # all keys: at most 64, 64 KiB
+        return await self._change(req, 'set metadata', change, api.SetInstanceMetadataResponse())
 
     async def delete_metadata(self, req: api.DeleteInstanceMetadataRequest):
         def change(inst):

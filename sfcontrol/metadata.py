@@ -6,6 +6,7 @@ on the same pattern.)"""
 from google.protobuf import json_format
 
 from sfcommon import errors
+from sfcontrol import limits
 from sfcontrol.core import Core
 from sfcontrol.store import Txn
 
@@ -38,6 +39,7 @@ class Metadata:
             obj = type(entry.value)()
             obj.CopyFrom(entry.value)
             change(obj.metadata)
+            limits.check_stored(obj, 'metadata')      # the object's limits on all its keys
             txn = Txn().check_revision(key, entry.mod_revision).put(key, obj.SerializeToString())
             return txn, response
         return await self.core.mutate(build, request=request)
