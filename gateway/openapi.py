@@ -4,9 +4,13 @@ Schemas describe the Shaken Fist wire, as gateway.codec writes it: wire_name
 keys, enums as their wire_value strings (null for the unset value), 64-bit
 integers as JSON numbers, wire_list messages as bare lists, unset message and
 optional fields as null. Descriptions are the proto leading comments.
+The schema's limits ((shakenfist.v1.limits), (shakenfist.v1.max_bytes)) are
+JSON Schema keywords where there is one (maxLength, maxItems, maxProperties,
+minimum, maximum) and x-max-bytes / x-max-key-length where there is none.
 """
 
 import html as _html
+import math
 import re
 
 from google.api import field_behavior_pb2
@@ -41,6 +45,52 @@ def _wire_key(field):
 
 def _is_map(field):
     return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def _limits(field):
+    options = field.GetOptions()
+    return options.Extensions[wire_pb2.limits] if options.HasExtension(wire_pb2.limits) else None
+
+
+def _value_limits(field, lim, target):
+    """Keywords for one value of field (the field itself, an item, a map value)."""
+    if field.type == FD.TYPE_STRING and lim.max_length:
+        target['maxLength'] = lim.max_length
+    elif field.type == FD.TYPE_BYTES and lim.max_length:
+        target['maxLength'] = 4 * math.ceil(lim.max_length / 3)  # base64 on the wire
+    if lim.HasField('minimum'):
+        target['minimum'] = lim.minimum
+    if lim.HasField('maximum'):
+        target['maximum'] = lim.maximum
+    if lim.max_bytes:
+        target['x-max-bytes'] = lim.max_bytes  # protobuf encoding, as stored
+    if field.type == FD.TYPE_MESSAGE and field.message_type.full_name == 'google.protobuf.Struct':
+        if lim.max_items:
+            target['maxProperties'] = lim.max_items
+        if lim.max_key_length:
+            target['x-max-key-length'] = lim.max_key_length
+
+
+def _apply_limits(field, out):
+    """Put field's limits on its schema out, at the level each applies to."""
+    lim = _limits(field)
+    if lim is None:
+        return
+    if _is_map(field):
+        if lim.max_items:
+            out['maxProperties'] = lim.max_items
+        if lim.max_key_length:
+            out['x-max-key-length'] = lim.max_key_length
+        value_field, values = field.message_type.fields[1], out['additionalProperties']
+        if '$ref' not in values:  # OpenAPI 3.0 ignores siblings of $ref
+            _value_limits(value_field, lim, values)
+    elif field.is_repeated:
+        if lim.max_items:
+            out['maxItems'] = lim.max_items
+        if '$ref' not in out['items']:
+            _value_limits(field, lim, out['items'])
+    else:
+        _value_limits(field, lim, out)
 
 
 class _Builder:
@@ -94,6 +144,7 @@ class _Builder:
                 out = {'allOf': [out]}
             if field.has_presence and field.type != FD.TYPE_ENUM:
                 out['nullable'] = True  # unset is null on the wire
+        _apply_limits(field, out)
         behaviors = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
         if field_behavior_pb2.OUTPUT_ONLY in behaviors:
             out['readOnly'] = True
@@ -106,12 +157,15 @@ class _Builder:
         self.components[name] = out = {}  # placed first: messages may recurse
         if desc.GetOptions().Extensions[wire_pb2.wire_list]:
             out.update(type='array', items=self.value(desc.fields[0]), nullable=True)
+            _apply_limits(desc.fields[0], out)
         else:
             out.update(type='object', properties={_wire_key(f): self.field(f) for f in desc.fields})
             required = [_wire_key(f) for f in desc.fields if field_behavior_pb2.REQUIRED
                         in f.GetOptions().Extensions[field_behavior_pb2.field_behavior]]
             if required:
                 out['required'] = required
+        if max_bytes := desc.GetOptions().Extensions[wire_pb2.max_bytes]:
+            out['x-max-bytes'] = max_bytes
         self.describe(desc.full_name, out)
 
     def enum(self, desc):
@@ -149,6 +203,8 @@ class _Builder:
             required = [k for k in component.get('required', ()) if k not in top_path_keys]
             if required:
                 body['required'] = required
+            if 'x-max-bytes' in component:
+                body['x-max-bytes'] = component['x-max-bytes']
             op['requestBody'] = {'required': False, 'content': {'application/json': {'schema': body}}}
         elif b.body:
             field = b.input.fields_by_name[b.body]
