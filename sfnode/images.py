@@ -12,11 +12,15 @@ import logging
 import os
 import pathlib
 import shutil
+import socket
 import urllib.parse
 
 import aiohttp
+import yarl
 
 from sfcommon import errors
+from sfcommon.disks import UNSIZED_DISK_GIB
+from sfcommon.urlpolicy import MAX_REDIRECTS, ImagePolicy
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +42,23 @@ def load_table(path: str | None) -> dict[str, str]:
     return table
 
 
-def resolve(base: str | None, table: dict[str, str]) -> str | None:
-    """The URL of a disk base; None for a blank disk."""
+def resolve(base: str | None, table: dict[str, str]) -> tuple[str, bool] | None:
+    """(URL, trusted) of a disk base, or None for a blank disk. A shorthand's URL is the
+    operator's (trusted); any other is the tenant's, and fetched under the ImagePolicy."""
     if base is None or base.strip().lower() in ('', 'none'):
         return None
-    if urllib.parse.urlparse(base).scheme in ('http', 'https', 'file'):
-        return base
     if base in table:
-        return table[base]
+        return table[base], True
+    if urllib.parse.urlsplit(base).scheme:
+        return base, False
     raise errors.invalid(f'unknown image {base!r}: not a URL or a known shorthand '
                          f'({", ".join(sorted(table))})')
 
 
 class ImageCache:
-    def __init__(self, root: pathlib.Path):
+    def __init__(self, root: pathlib.Path, policy: ImagePolicy | None = None):
         self.root = pathlib.Path(root)
+        self.policy = policy or ImagePolicy()
         (self.root / 'content').mkdir(parents=True, exist_ok=True)
         (self.root / 'urls').mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -68,9 +74,13 @@ class ImageCache:
                 return path
         return None
 
-    async def fetch(self, url: str, progress=None) -> pathlib.Path:
+    async def fetch(self, url: str, progress=None, trusted: bool = False) -> pathlib.Path:
         """The cached copy of url, fetching it first if needed. progress(percent) is
-        awaited as the download advances (every 10%)."""
+        awaited as the download advances (every 10%). A URL that is not trusted (the
+        operator's) must pass the ImagePolicy, here where the fetch happens."""
+        policy = None if trusted else self.policy
+        if policy is not None:
+            policy.check(url)
         lock = self._locks.setdefault(url, asyncio.Lock())
         async with lock:
             if (path := self.cached(url)) is not None:
@@ -78,7 +88,7 @@ class ImageCache:
             tmp = self.root / 'content' / f'.partial-{os.getpid()}-{hashlib.sha256(url.encode()).hexdigest()[:12]}'
             digest = hashlib.sha512()
             try:
-                async for chunk, done, total in _read(url):
+                async for chunk, done, total in _read(url, policy):
                     with open(tmp, 'ab') as f:
                         f.write(chunk)
                     digest.update(chunk)
@@ -96,11 +106,32 @@ class ImageCache:
             return final
 
 
-async def _read(url: str):
-    """Yield (chunk, bytes so far, total or 0) for an http(s) or file URL."""
+class _CheckedResolver(aiohttp.ThreadedResolver):
+    """Resolves names for one fetch and refuses internal addresses, so that what is
+    checked is what is connected to (no DNS rebinding between the two)."""
+
+    def __init__(self, policy: ImagePolicy):
+        super().__init__()
+        self.policy = policy
+        self.url = ''
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        found = await super().resolve(host, port, family)
+        for result in found:
+            self.policy.check_address(self.url, result['host'])
+        return found
+
+
+async def _read(url: str, policy: ImagePolicy | None):
+    """Yield (chunk, bytes so far, total or 0) for an http(s) or file URL; with a policy,
+    every redirect and every address the names resolve to must pass it."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == 'file':
         path = pathlib.Path(urllib.parse.unquote(parsed.path))
+        if policy is not None:
+            # An allow-listed directory must not lead elsewhere through a symlink.
+            path = path.resolve()
+            policy.check(path.as_uri())
         total, done = path.stat().st_size, 0
         with open(path, 'rb') as f:
             while chunk := await asyncio.to_thread(f.read, CHUNK):
@@ -108,14 +139,24 @@ async def _read(url: str):
                 yield chunk, done, total
         return
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60, sock_connect=30)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(url) as r:
-            if r.status != 200:
-                raise aiohttp.ClientError(f'HTTP {r.status}')
-            total, done = int(r.headers.get('Content-Length') or 0), 0
-            async for chunk in r.content.iter_chunked(CHUNK):
-                done += len(chunk)
-                yield chunk, done, total
+    resolver = _CheckedResolver(policy) if policy else aiohttp.ThreadedResolver()
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(resolver=resolver)) as session:
+        for _ in range(MAX_REDIRECTS + 1):
+            if policy is not None:
+                policy.check(url)
+                resolver.url = url
+            async with session.get(url, allow_redirects=False) as r:
+                if r.status in (301, 302, 303, 307, 308) and 'Location' in r.headers:
+                    url = str(r.url.join(yarl.URL(r.headers['Location'])))
+                    continue
+                if r.status != 200:
+                    raise aiohttp.ClientError(f'HTTP {r.status}')
+                total, done = int(r.headers.get('Content-Length') or 0), 0
+                async for chunk in r.content.iter_chunked(CHUNK):
+                    done += len(chunk)
+                    yield chunk, done, total
+                return
+        raise aiohttp.ClientError(f'more than {MAX_REDIRECTS} redirects')
 
 
 class Progress:
@@ -157,11 +198,12 @@ async def make_disk(path: pathlib.Path, base: pathlib.Path | None, size_gib: int
     if path.exists():
         return      # made before a restart: keep the guest's data
     tmp = path.with_suffix('.partial')
+    size_gib = size_gib or UNSIZED_DISK_GIB
     if base is None:
-        await qemu_img('create', '-q', '-f', 'qcow2', str(tmp), f'{size_gib or 1}G')
+        await qemu_img('create', '-q', '-f', 'qcow2', str(tmp), f'{size_gib}G')
     else:
         info = await image_info(base)
-        size = max(info['virtual-size'], (size_gib or 0) * 1024 ** 3)
+        size = max(info['virtual-size'], size_gib * 1024 ** 3)
         await qemu_img('create', '-q', '-f', 'qcow2', '-F', info['format'], '-b', str(base),
                        str(tmp), str(size))
     os.replace(tmp, path)
