@@ -9,6 +9,7 @@ record's revision: two controllers cannot both spend the same capacity.
 """
 
 from sfcommon import errors
+from sfcommon.disks import UNSIZED_DISK_GIB
 from sfcontrol import keys
 from sfcontrol.cache import Entry, ObjectCache
 from sfcontrol.store import Txn
@@ -23,8 +24,9 @@ def size_of(cpus: int, memory_mib: int, disk_gib: int) -> node_pb2.NodeCapacity:
 
 def size_of_instance(cpus: int, memory_mib: int, disks) -> node_pb2.NodeCapacity:
     """What an instance uses of a node; its disks are DiskSpecs (cdroms do not count:
-    they are their image)."""
-    return size_of(cpus, memory_mib, sum(d.size for d in disks if d.type != specs_pb2.DISK_TYPE_CDROM))
+    they are their image; a disk of no size is made UNSIZED_DISK_GIB big)."""
+    return size_of(cpus, memory_mib, sum(d.size if d.HasField('size') and d.size else UNSIZED_DISK_GIB
+                                         for d in disks if d.type != specs_pb2.DISK_TYPE_CDROM))
 
 
 def _free(node: records_pb2.NodeRecord) -> node_pb2.NodeCapacity:

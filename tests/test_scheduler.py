@@ -10,8 +10,8 @@ from tests.node_double import NodeDouble
 
 
 @pytest_asyncio.fixture
-async def three_nodes(system):
-    nodes = [await NodeDouble(system, f'node{i}', cpus=16, memory_mib=mem).start()
+async def three_nodes(node_api):
+    nodes = [await NodeDouble(node_api, f'node{i}', cpus=16, memory_mib=mem).start()
              for i, mem in enumerate((4096, 2048, 1024))]
     yield nodes
     for n in nodes:
@@ -58,3 +58,17 @@ async def test_affinity_attracts_and_repels_by_tags(system, three_nodes):
     apart = await create(system, 'web2', memory=256, metadata=metadata(
         tags=['web'], affinity={'web': -10}))
     assert apart.node not in ('node2',)
+
+
+async def test_disks_without_a_size_count_as_the_size_the_node_makes_them(system, node_api):
+    from shakenfist.v1 import specs_pb2
+    from sfcommon.disks import UNSIZED_DISK_GIB
+    node = await NodeDouble(node_api, 'small', cpus=16, memory_mib=4096, disk_gib=2 * UNSIZED_DISK_GIB).start()
+    try:
+        unsized = [specs_pb2.DiskSpec(base='sftest')]
+        await create(system, 'a', disk=unsized)
+        await create(system, 'b', disk=[specs_pb2.DiskSpec()])          # blank, no size
+        async with raises(grpc.StatusCode.RESOURCE_EXHAUSTED, 'INSUFFICIENT_RESOURCES'):
+            await create(system, 'c', disk=unsized)
+    finally:
+        await node.stop()
