@@ -120,7 +120,7 @@ async def _bare(hv: Hypervisor, template: ipb.Instance, work: pathlib.Path) -> d
     await images.make_disk(pathlib.Path(paths.disks[0]), IMAGE, 1)
     xml = domain.build_domain_xml(
         node_pb2.DesiredInstance(instance=inst, desired_power_state=ipb.POWER_STATE_ON), paths,
-        domain.DomainOptions(console_port=free_port(), vdi_port=free_port(), domain_type='qemu'))
+        domain.DomainOptions(vdi_port=free_port(), domain_type="qemu"))
     t0 = now()
     marker = asyncio.create_task(_marker(pathlib.Path(paths.console_log), t0))
     await hv.define(xml, start=True)

@@ -100,8 +100,6 @@ class AgentOperations:
     async def put_file(self, req: api.PutFileRequest):
         if not req.path:
             raise errors.invalid('path: a path is required')
-        if not 0 <= req.mode < 0o1000000:
-            raise errors.invalid(f'invalid mode: {req.mode}')
         # A blob the caller may see (NOT_FOUND otherwise): never another namespace's.
         self.instances.blobs.get(req.blob_uuid)
         commands = [pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_PUT_BLOB, blob_uuid=req.blob_uuid,

@@ -1,10 +1,18 @@
 """Namespaces, their keys, and signed tokens.
 
 Keys are stored only as salted scrypt hashes. A token is an HS256 JWT whose
-subject is "<namespace>:<key name>"; it stops working when it expires or when
-its key or namespace is deleted (checked against the cache, so no etcd read).
+subject is "<namespace>:<key name>" and whose "gen" claim is the generation of
+that key record: it stops working when it expires, when its key is deleted or
+set again, or when its namespace is deleted, even if one of the same name is
+made later (checked against the cache, so no etcd read).
+
+Tokens are signed by the newest signing key (token-keys/<kid>, the kid in the
+token's header); rotate_signing_key() adds a new one without downtime: older
+keys keep verifying until the tokens they signed have expired. A token's
+lifetime is capped (MAX_TOKEN_TTL), also for tokens checked.
 """
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -13,6 +21,7 @@ import pathlib
 import re
 import secrets
 import time
+from typing import Callable
 
 import jwt
 
@@ -31,6 +40,7 @@ ISSUER = 'shakenfist'
 SYSTEM_KEY_NAME = 'deploy'
 SYSTEM_KEY_FILE = 'system.key'
 VERIFIED_TOKENS = 10000         # remembered verified tokens (then the memory starts again)
+MAX_TOKEN_TTL = 3600            # no token lives longer than this, whatever signed it
 CREATED = pb.NamespaceState.Value('NAMESPACE_STATE_CREATED')
 
 
@@ -41,30 +51,51 @@ def hash_key(secret: str, salt: bytes) -> bytes:
 def key_record(name: str, secret: str) -> records_pb2.NamespaceKeyRecord:
     salt = os.urandom(16)
     return records_pb2.NamespaceKeyRecord(name=name, hash=hash_key(secret, salt), salt=salt,
-                                          created_at=time.time())
+                                          created_at=time.time(), generation=secrets.token_hex(8))
+
+
+def signing_key() -> records_pb2.TokenKeyRecord:
+    return records_pb2.TokenKeyRecord(kid=secrets.token_hex(8), secret=secrets.token_bytes(32),
+                                      created_at=time.time())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verified:
+    """A token whose signature and claims were checked."""
+    namespace: str
+    key_name: str
+    generation: str
+    kid: str
+    expires: float
 
 
 class Auth:
-    def __init__(self, core: Core, secret: bytes, token_ttl: int = 900):
+    def __init__(self, core: Core, token_ttl: int = 900, clock: Callable[[], float] = time.time):
+        if not 0 < token_ttl <= MAX_TOKEN_TTL:
+            raise ValueError(f'token_ttl: 1 to {MAX_TOKEN_TTL} seconds')
         self.core = core
-        self._secret = secret
         self.token_ttl = token_ttl
-        # Tokens whose signature was checked: token -> (namespace, key name, expiry).
+        self.clock = clock
         # Verifying the JWT was 12% of a GetInstance (bench P1); a client sends the
-        # same token on every call. Expiry and key revocation are still checked.
-        self._verified: dict[str, tuple[str, str, float]] = {}
+        # same token on every call. Expiry, revocation and the signing key are still
+        # checked on every call.
+        self._verified: dict[str, _Verified] = {}
 
     @classmethod
-    async def start(cls, core: Core, state_dir: pathlib.Path | None, token_ttl: int = 900):
-        """Load (or make, on first start) the token secret and the system namespace.
+    async def start(cls, core: Core, state_dir: pathlib.Path | None, token_ttl: int = 900,
+                    clock: Callable[[], float] = time.time):
+        """Make, on first start, a signing key and the system namespace.
 
         On first start the system key is written to state_dir/system.key, readable
         only by its owner. Several controllers may start at once: the guards in the
-        transaction let exactly one of them create these."""
+        transaction let exactly one of them create the namespace (two signing keys
+        would do no harm: the newer signs)."""
+        auth = cls(core, token_ttl, clock)
+        if not core.cache.range(keys.TOKEN_KEYS, limit=1)[0]:
+            first = signing_key()
+            await core.store.commit(Txn().put(keys.token_key(first.kid), first.SerializeToString())
+                                    .delete(keys.LEGACY_TOKEN_SECRET))
         system_key = secrets.token_urlsafe(32)
-        txn = Txn().create(keys.TOKEN_SECRET, secrets.token_bytes(32))
-        ok, revision = await core.store.commit(txn)
-        secret = (await core.store.get(keys.TOKEN_SECRET))[0]
         ns = pb.Namespace(name=SYSTEM, state=CREATED, version=1)
         txn = (Txn().create(keys.namespace(SYSTEM), ns.SerializeToString())
                .put(keys.namespace_key(SYSTEM, SYSTEM_KEY_NAME),
@@ -79,7 +110,30 @@ class Auth:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, 'w') as f:
                     f.write(system_key + '\n')
-        return cls(core, secret, token_ttl)
+        return auth
+
+    # -- signing keys ------------------------------------------------------------
+    def _signing_keys(self) -> list[records_pb2.TokenKeyRecord]:
+        """Newest first."""
+        found = [e.value for e in self.core.cache.range(keys.TOKEN_KEYS)[0]]
+        return sorted(found, key=lambda k: (k.created_at, k.kid), reverse=True)
+
+    async def rotate_signing_key(self) -> records_pb2.TokenKeyRecord:
+        """Sign new tokens with a new key. Tokens of older keys keep working until they
+        expire; keys retired longer ago than any token lives are removed."""
+        new = signing_key()
+        new.created_at = self.clock()
+
+        def build():
+            txn = Txn().put(keys.token_key(new.kid), new.SerializeToString())
+            older = self._signing_keys()
+            # A key is retired when the next newer one was made; it verifies until then
+            # plus the longest token lifetime.
+            for newer, old in zip(older, older[1:]):
+                if newer.created_at + MAX_TOKEN_TTL < new.created_at:
+                    txn.delete(keys.token_key(old.kid))
+            return txn, new
+        return await self.core.mutate(build)
 
     # -- tokens ----------------------------------------------------------------
     def create_token(self, req: api.CreateTokenRequest) -> api.CreateTokenResponse:
@@ -88,13 +142,39 @@ class Auth:
         for entry in self.core.cache.range(keys.namespace_keys(req.namespace))[0]:
             record = entry.value
             if hmac.compare_digest(hash_key(req.key, record.salt), record.hash):
-                now = int(time.time())
+                signer = self._signing_keys()[0]
+                now = int(self.clock())
                 token = jwt.encode({'sub': f'{req.namespace}:{record.name}', 'iss': ISSUER,
-                                    'iat': now, 'exp': now + self.token_ttl,
-                                    'nonce': secrets.token_hex(8)}, self._secret, 'HS256')
+                                    'iat': now, 'exp': now + self.token_ttl, 'gen': record.generation,
+                                    'nonce': secrets.token_hex(8)}, signer.secret, 'HS256',
+                                   headers={'kid': signer.kid})
                 return api.CreateTokenResponse(access_token=token, token_type='Bearer',
                                                expires_in=self.token_ttl)
         raise errors.unauthenticated('namespace or key not recognised')
+
+    def _verify(self, token: str) -> _Verified:
+        try:
+            kid = jwt.get_unverified_header(token).get('kid')
+        except jwt.InvalidTokenError:
+            raise errors.unauthenticated('the token is not valid')
+        signer = self.core.cache.get(keys.token_key(kid)) if isinstance(kid, str) else None
+        if signer is None:
+            raise errors.unauthenticated('the token is not valid (unknown or retired signing key)')
+        try:
+            # Expiry is checked by authenticate(), on this controller's clock.
+            claims = jwt.decode(token, signer.value.secret, algorithms=['HS256'], issuer=ISSUER,
+                                options={'require': ['exp', 'iat', 'sub', 'iss', 'gen'],
+                                         'verify_exp': False, 'verify_iat': False})
+        except jwt.InvalidTokenError:
+            raise errors.unauthenticated('the token is not valid')
+        try:
+            lifetime = float(claims['exp']) - float(claims['iat'])
+        except (TypeError, ValueError):
+            raise errors.unauthenticated('the token is not valid')
+        if lifetime > MAX_TOKEN_TTL:
+            raise errors.unauthenticated(f'the token is not valid (lives over {MAX_TOKEN_TTL} s)')
+        ns, _, key_name = str(claims['sub']).partition(':')
+        return _Verified(ns, key_name, str(claims['gen']), kid, float(claims['exp']))
 
     def authenticate(self, authorization: str | None, request_id: str = '') -> Caller:
         """The caller a bearer token stands for; UNAUTHENTICATED otherwise."""
@@ -105,24 +185,19 @@ class Auth:
             raise errors.unauthenticated('the authorization must be "Bearer <token>"')
         token = token.strip()
         known = self._verified.get(token)
-        if known is not None and known[2] <= time.time():
-            raise errors.unauthenticated('the token has expired')
         if known is None:
-            try:
-                claims = jwt.decode(token, self._secret, algorithms=['HS256'], issuer=ISSUER,
-                                    options={'require': ['exp', 'sub', 'iss']})
-            except jwt.ExpiredSignatureError:
-                raise errors.unauthenticated('the token has expired')
-            except jwt.InvalidTokenError:
-                raise errors.unauthenticated('the token is not valid')
-            ns, _, key_name = str(claims['sub']).partition(':')
+            known = self._verify(token)
             if len(self._verified) >= VERIFIED_TOKENS:
                 self._verified.clear()
-            known = self._verified[token] = (ns, key_name, float(claims['exp']))
-        ns, key_name, _ = known
-        if self.core.cache.get(keys.namespace_key(ns, key_name)) is None:
-            raise errors.unauthenticated('the token\'s key no longer exists')
-        return Caller(ns, key_name, request_id)
+            self._verified[token] = known
+        if known.expires <= self.clock():
+            raise errors.unauthenticated('the token has expired')
+        if self.core.cache.get(keys.token_key(known.kid)) is None:
+            raise errors.unauthenticated('the token is not valid (unknown or retired signing key)')
+        key = self.core.cache.get(keys.namespace_key(known.namespace, known.key_name))
+        if key is None or key.value.generation != known.generation:
+            raise errors.unauthenticated('the token\'s key was deleted or set again since: log in again')
+        return Caller(known.namespace, known.key_name, request_id)
 
     # -- namespaces (system only, enforced by the access option) ------------------
     def view(self, name: str) -> pb.Namespace:

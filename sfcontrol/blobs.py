@@ -5,12 +5,19 @@ bytes live in the controller's state directory. Each holder of a blob (an
 instance for screenshots and agent-operation output, an artifact for uploads)
 has a BlobRef; the blob is deleted with its last reference.
 
+Sizes are bounded: a blob (and an upload) is at most max_blob_size bytes, and
+what a namespace holds (its blobs, each counted once, and its open uploads) at
+most namespace_quota bytes. A write over either is PAYLOAD_TOO_LARGE (413) and
+its bytes are not kept.
+
 Limit, written down: blob bytes live on the controller that stored them. With
 several controllers, each must share the blob directory (for example over
 NFS) for every blob to be readable through every controller.
 """
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -25,6 +32,9 @@ from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import blob_pb2 as pb
 
 CHUNK = 1024 * 1024
+GiB = 1024 ** 3
+DEFAULT_MAX_BLOB_SIZE = 20 * GiB
+DEFAULT_NAMESPACE_QUOTA = 200 * GiB
 CREATED = pb.BlobState.Value('BLOB_STATE_CREATED')
 DELETED = pb.BlobState.Value('BLOB_STATE_DELETED')
 UPLOAD_CREATED = pb.UploadState.Value('UPLOAD_STATE_CREATED')
@@ -38,11 +48,18 @@ def artifact_key(ns, uuid): return f'artifacts/{ns}/{uuid}'
 
 
 class Blobs:
-    def __init__(self, core: Core, data_dir: pathlib.Path):
+    def __init__(self, core: Core, data_dir: pathlib.Path, max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+                 namespace_quota: int = DEFAULT_NAMESPACE_QUOTA):
         self.core = core
         self.dir = pathlib.Path(data_dir)
-        for sub in ('blobs', 'uploads', 'partial'):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.max_blob_size = max_blob_size
+        self.namespace_quota = namespace_quota
+        # Bytes this controller is receiving now, by namespace (not yet in a record).
+        self._receiving: collections.Counter[str] = collections.Counter()
+        # The bytes are tenants' data: readable by the controller alone.
+        for sub in ('', 'blobs', 'uploads', 'partial'):
+            (self.dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.dir / sub, 0o700)
 
     # -- reading -------------------------------------------------------------------
     def _refs(self, uuid):
@@ -71,10 +88,18 @@ class Blobs:
         return None
 
     async def read(self, uuid: str, offset: int = 0, limit: int = 0):
-        """Yield the blob's bytes from offset, at most limit (0: to the end)."""
+        """Yield the bytes of a blob the caller may see from offset, at most limit (0: to the end)."""
+        self.get(uuid)
+        async for chunk in self.stream(uuid, offset, limit):
+            yield chunk
+
+    async def stream(self, uuid: str, offset: int = 0, limit: int = 0):
+        """Yield a blob's bytes, for a caller whose right to them was checked already."""
         if offset < 0 or limit < 0:
             raise errors.invalid('offset and limit must not be negative')
-        self.get(uuid)
+        entry = self.core.cache.get(blob_key(uuid))
+        if entry is None or entry.value.state == DELETED:
+            raise errors.not_found('blob not found')
         path = self.dir / 'blobs' / uuid
         remaining = limit or None
         with open(path, 'rb') as f:
@@ -87,20 +112,63 @@ class Blobs:
                     remaining -= len(chunk)
                 yield chunk
 
+    # -- sizes ---------------------------------------------------------------------
+    def usage(self, namespace: str) -> int:
+        """Bytes the namespace holds: its blobs (each once), open uploads, and what this
+        controller is receiving for it now."""
+        held = {e.value.blob_uuid for e in self.core.cache.where('blob-refs/', 'namespace', namespace)}
+        stored = 0
+        for uuid in held:
+            entry = self.core.cache.get(blob_key(uuid))
+            if entry is not None and entry.value.state == CREATED:
+                stored += entry.value.size
+        uploading = sum(e.value.size for e in self.core.cache.where('uploads/', 'namespace', namespace)
+                        if e.value.state == UPLOAD_CREATED)
+        return stored + uploading + self._receiving[namespace]
+
+    def _make_room(self, namespace: str, size_before: int, adding: int):
+        """Refuse adding bytes to a blob or upload of size_before, or to the namespace."""
+        if size_before + adding > self.max_blob_size:
+            raise errors.too_large(f'a blob or upload is at most {self.max_blob_size} bytes')
+        used = self.usage(namespace)
+        if used + adding > self.namespace_quota:
+            raise errors.too_large(f'namespace {namespace} would exceed its storage quota of '
+                                   f'{self.namespace_quota} bytes (it holds {used})')
+
+    @contextlib.contextmanager
+    def _counted(self, namespace: str):
+        """Count what is appended within the block as the namespace's until the block ends
+        (by then it is in a record: a blob's or an upload's size)."""
+        held = [0]
+        try:
+            yield held
+        finally:
+            self._receiving[namespace] -= held[0]
+
+    async def _append(self, chunks, f, namespace: str, size: int, held: list[int]):
+        """Append what chunks yields to file f (size bytes so far), within the limits;
+        (new size, SHA-512 of what was appended)."""
+        digest = hashlib.sha512()
+        async for chunk in chunks:
+            self._make_room(namespace, size, len(chunk))
+            self._receiving[namespace] += len(chunk)
+            held[0] += len(chunk)
+            await asyncio.to_thread(f.write, chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        return size, digest
+
     # -- writing ---------------------------------------------------------------------
     async def store(self, chunks, holder_type: str, holder_uuid: str, namespace: str) -> pb.Blob:
         """Store the bytes chunks yields as a blob held by holder. Identical content is
         stored once: a second copy only adds a reference."""
         partial = self.dir / 'partial' / uuidlib.uuid4().hex
-        digest, size = hashlib.sha512(), 0
         try:
-            with open(partial, 'wb') as f:
-                async for chunk in chunks:
-                    digest.update(chunk)
-                    size += len(chunk)
-                    await asyncio.to_thread(f.write, chunk)
-            return await self._adopt(partial, digest.hexdigest(), size, holder_type, holder_uuid,
-                                     namespace)
+            with self._counted(namespace) as held:
+                with _private(partial, 'wb') as f:
+                    size, digest = await self._append(chunks, f, namespace, 0, held)
+                return await self._adopt(partial, digest.hexdigest(), size, holder_type,
+                                         holder_uuid, namespace)
         finally:
             partial.unlink(missing_ok=True)
 
@@ -169,23 +237,44 @@ class Blobs:
                                node=self.core.fqdn, created_at=time.time(),
                                namespace=caller.current().namespace)
             upload.metadata.SetInParent()
-            (self.dir / 'uploads' / upload.uuid).touch()
+            _private(self.dir / 'uploads' / upload.uuid, 'wb').close()
             return Txn().create(upload_key(upload.uuid), upload.SerializeToString()), upload
         return await self.core.mutate(build, request=request)
 
     async def write_upload(self, upload_uuid: str, chunks) -> int:
+        upload = self._upload(upload_uuid).value
+        path = self.dir / 'uploads' / upload_uuid
+        with self._counted(upload.namespace) as held:
+            with open(path, 'ab') as f:
+                before = f.tell()
+                try:
+                    size, _ = await self._append(chunks, f, upload.namespace, before, held)
+                except BaseException:
+                    f.truncate(before)      # a refused (or broken) write leaves the upload as it was
+                    raise
+            await self._record_upload_size(upload_uuid, size)
+        return size
+
+    async def truncate_upload(self, upload_uuid: str, offset: int):
+        """Shorten an upload to offset bytes (a client rolls back a failed chunk so);
+        it never grows one."""
         self._upload(upload_uuid)
         path = self.dir / 'uploads' / upload_uuid
-        with open(path, 'ab') as f:
-            async for chunk in chunks:
-                await asyncio.to_thread(f.write, chunk)
-            return f.tell()
+        size = path.stat().st_size
+        if not 0 <= offset <= size:
+            raise errors.invalid(f'offset: 0 to the upload\'s size, {size} bytes (got {offset})')
+        os.truncate(path, offset)
+        await self._record_upload_size(upload_uuid, offset)
 
-    def truncate_upload(self, upload_uuid: str, offset: int):
-        self._upload(upload_uuid)
-        if offset < 0:
-            raise errors.invalid('offset must not be negative')
-        os.truncate(self.dir / 'uploads' / upload_uuid, offset)
+    async def _record_upload_size(self, upload_uuid: str, size: int):
+        def build():
+            entry = self._upload(upload_uuid)
+            upload = pb.Upload()
+            upload.CopyFrom(entry.value)
+            upload.size = size
+            return Txn().check_revision(entry.key, entry.mod_revision).put(
+                entry.key, upload.SerializeToString()), upload
+        await self.core.mutate(build)
 
     async def upload_artifact(self, req) -> pb.Artifact:
         me = caller.current()
@@ -201,8 +290,10 @@ class Blobs:
         artifact_uuid = self._artifact_uuid(ns, req.name)
         if req.HasField('upload_uuid'):
             self._upload(req.upload_uuid)
+            # The upload's file becomes the blob: not copied, so not counted twice.
             path = self.dir / 'uploads' / req.upload_uuid
-            blob = await self.store(_file_chunks(path), 'artifact', artifact_uuid, ns)
+            sha512, size = await asyncio.to_thread(_file_digest, path)
+            blob = await self._adopt(path, sha512, size, 'artifact', artifact_uuid, ns)
         else:
             blob = self.get(req.blob_uuid)
             await self.core.mutate(lambda: (Txn().put(
@@ -246,10 +337,19 @@ class Blobs:
         return found[0].value.uuid if found else str(uuidlib.uuid4())
 
 
-async def _file_chunks(path: pathlib.Path):
+def _private(path: pathlib.Path, mode: str):
+    """open(path, mode), creating the file readable by its owner only."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if 'a' in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
+
+
+def _file_digest(path: pathlib.Path) -> tuple[str, int]:
+    digest, size = hashlib.sha512(), 0
     with open(path, 'rb') as f:
-        while chunk := await asyncio.to_thread(f.read, CHUNK):
-            yield chunk
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 async def bytes_chunks(data: bytes):

@@ -11,6 +11,7 @@ class Caller:
     namespace: str
     key_name: str = ''
     request_id: str = ''   # the transport-level x-request-id, for logs
+    node: str = ''         # a node of the node API (its certificate's name); no namespace
 
     @property
     def is_system(self) -> bool:

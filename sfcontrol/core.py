@@ -37,9 +37,10 @@ KINDS = [
     Kind('nodes/', records_pb2.NodeRecord),
     Kind('placements/', records_pb2.Placement),
     Kind('blobs/', blob_pb2.Blob, index=('sha512',)),
-    Kind('blob-refs/', records_pb2.BlobRef, index=('holder_uuid',)),
-    Kind('uploads/', blob_pb2.Upload),
+    Kind('blob-refs/', records_pb2.BlobRef, index=('holder_uuid', 'namespace')),
+    Kind('uploads/', blob_pb2.Upload, index=('namespace',)),
     Kind('artifacts/', blob_pb2.Artifact),
+    Kind('token-keys/', records_pb2.TokenKeyRecord),
 ]
 
 MAX_ATTEMPTS = 20
@@ -70,7 +71,7 @@ class Core:
         again when they moved. With a request_id, a repeat of the same request gets
         the first response and changes nothing."""
         request_id = getattr(request, 'request_id', '') if request is not None else ''
-        ns = caller.current().namespace
+        ns = caller.current().namespace if request_id else ''
         method = method or caller.current_method.get()
         digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest() if request_id else b''
         if request_id:

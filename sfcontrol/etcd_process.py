@@ -1,8 +1,11 @@
 """A private etcd child process: loopback ports, its own data dir, stopped by PID.
 
-Used by sf-up (the one-command plane) and by the tests.
+Used by sf-up (the one-command plane) and by the tests. With a pki (a
+sfcommon.pki.LocalPki), clients and peers speak TLS and etcd takes only clients
+with a certificate of the plane's etcd CA (--client-cert-auth): nobody else on
+the host can read or write it.
 
-    server = EtcdServer(tmp_path / "etcd")
+    server = EtcdServer(tmp_path / "etcd", pki=LocalPki(tmp_path / "pki").ensure())
     server.start()            # or: await server.start_async()
     server.endpoint           # "127.0.0.1:PORT"
     server.restart()          # same data dir and ports
@@ -26,9 +29,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
+
+from sfcommon.pki import LocalPki
 
 ETCD = os.environ.get("SF_TEST_ETCD", "/usr/bin/etcd")
 READY_TIMEOUT = 15.0
@@ -66,12 +72,14 @@ def _free_ports(n: int) -> list[int]:
 class EtcdServer:
     def __init__(self, data_dir: str | os.PathLike, name: str = "sftest",
                  ports: tuple[int, int] | None = None, initial_cluster: str | None = None,
-                 cluster_token: str = "etcd-cluster"):
+                 cluster_token: str = "etcd-cluster", pki: LocalPki | None = None):
         """initial_cluster: "name=http://127.0.0.1:PEER,..." of every member, for a member
         of a cluster (default: a cluster of this one member). It only matters on the first
         start: a member that restarts with its data dir rejoins the cluster it was in."""
         self.data_dir = Path(data_dir)
         self.name = name
+        self.pki = pki
+        self.scheme = "https" if pki else "http"
         self.client_port, self.peer_port = ports or _free_ports(2)
         self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
         self.cluster_token = cluster_token
@@ -79,13 +87,15 @@ class EtcdServer:
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
 
     @classmethod
-    def cluster(cls, base_dir: str | os.PathLike, size: int = 3) -> list[EtcdServer]:
+    def cluster(cls, base_dir: str | os.PathLike, size: int = 3,
+                pki: LocalPki | None = None) -> list[EtcdServer]:
         """size members (not started) of one new cluster, data in base_dir/m<i>."""
         ports = _free_ports(2 * size)
         names = [f"m{i}" for i in range(size)]
-        initial = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}" for i, n in enumerate(names))
+        scheme = "https" if pki else "http"
+        initial = ",".join(f"{n}={scheme}://127.0.0.1:{ports[2 * i + 1]}" for i, n in enumerate(names))
         token = f"sftest-{os.getpid()}-{ports[0]}"
-        return [cls(Path(base_dir) / n, n, (ports[2 * i], ports[2 * i + 1]), initial, token)
+        return [cls(Path(base_dir) / n, n, (ports[2 * i], ports[2 * i + 1]), initial, token, pki)
                 for i, n in enumerate(names)]
 
     @property
@@ -94,10 +104,25 @@ class EtcdServer:
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"{self.scheme}://127.0.0.1:{self.peer_port}"
+
+    @property
+    def client_tls(self):
+        """What a client (the controller) connects with: a sfcommon.pki.EtcdTls, or None."""
+        return self.pki.etcd_client() if self.pki else None
+
+    def _tls_flags(self) -> list[str]:
+        if not self.pki:
+            return []
+        tls = self.pki.etcd_server()
+        files = ["--trusted-ca-file", str(tls.ca), "--cert-file", str(tls.cert),
+                 "--key-file", str(tls.key), "--client-cert-auth"]
+        peer = ["--peer-trusted-ca-file", str(tls.ca), "--peer-cert-file", str(tls.cert),
+                "--peer-key-file", str(tls.key), "--peer-client-cert-auth"]
+        return files + peer
 
     def _command(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{self.scheme}://127.0.0.1:{self.client_port}"
         peer = self.peer_url
         return [
             ETCD, "--name", self.name, "--data-dir", str(self.data_dir),
@@ -105,7 +130,7 @@ class EtcdServer:
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", self.initial_cluster,
             "--initial-cluster-token", self.cluster_token, "--initial-cluster-state", "new",
-            "--logger", "zap", "--log-level", "error",
+            "--logger", "zap", "--log-level", "error", *self._tls_flags(),
         ]
 
     def _launch(self) -> float:
@@ -171,7 +196,15 @@ class EtcdServer:
 
     def _http(self, method: str, path: str, body: str | None = None) -> dict | None:
         """etcd's JSON answer to an HTTP request on the client port; None if it gives none."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.client_port, timeout=0.5)
+        if self.pki:
+            # The member's own certificate doubles as a client one (etcd requires one).
+            tls = self.pki.etcd_server()
+            context = ssl.create_default_context(cafile=str(tls.ca))
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+            conn = http.client.HTTPSConnection("127.0.0.1", self.client_port, timeout=0.5,
+                                               context=context)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.client_port, timeout=0.5)
         try:
             conn.request(method, path, body=body)
             resp = conn.getresponse()

@@ -7,11 +7,13 @@ transaction built from the cache (see Core.mutate).
 import asyncio
 import base64
 import random
+import secrets
 import uuid as uuidlib
 
 from google.protobuf import json_format
 
 from sfcommon import errors
+from sfcommon.urlpolicy import ImagePolicy
 from sfcontrol import caller, keys, limits, scheduler, states, validation
 from sfcontrol.core import Core, object_type_name
 from sfcontrol.events import Events
@@ -42,8 +44,10 @@ def _copy(message):
 
 
 class Instances:
-    def __init__(self, core: Core, networks: Networks, nodes: NodeClients, events: Events, blobs):
+    def __init__(self, core: Core, networks: Networks, nodes: NodeClients, events: Events, blobs,
+                 images: ImagePolicy):
         self.core = core
+        self.images = images
         self.networks = networks
         self.nodes = nodes
         self.events = events
@@ -101,7 +105,7 @@ class Instances:
         ns = req.namespace if req.HasField('namespace') else me.namespace
         if not me.can_see(ns) or self.core.cache.get(keys.namespace(ns)) is None:
             raise errors.not_found('namespace not found')
-        validation.check_create(req)
+        validation.check_create(req, self.images)
         affinity = {}
         if req.HasField('metadata') and 'affinity' in req.metadata:
             affinity = json_format.MessageToDict(req.metadata)['affinity']
@@ -162,11 +166,13 @@ class Instances:
 
     def _place(self, txn: Txn, inst: pb.Instance, interfaces, desired_power, size, vsock_cid=None):
         """Write what the instance's node should make true."""
+        old = self.core.cache.get(keys.placement(inst.node, inst.uuid))
         if vsock_cid is None:
-            old = self.core.cache.get(keys.placement(inst.node, inst.uuid))
             vsock_cid = old.value.desired.vsock_cid if old else 0
+        # The graphical console's password, made once per instance (VNC reads 8 characters).
+        password = old.value.desired.console_password if old else secrets.token_urlsafe(6)
         desired = node_pb2.DesiredInstance(instance=inst, desired_power_state=desired_power,
-                                           vsock_cid=vsock_cid)
+                                           vsock_cid=vsock_cid, console_password=password)
         desired.instance.interfaces.extend(interfaces)
         for net_uuid in dict.fromkeys(i.network_uuid for i in interfaces):
             desired.networks.append(self.core.cache.by_uuid('networks/', net_uuid).value)
@@ -469,8 +475,11 @@ class Instances:
             raise errors.not_ready(f'instance {inst.uuid} has no console yet')
         node = self.core.cache.get(keys.node(inst.node))
         vdi = 'vnc' if inst.video.vdi == specs_pb2.VDI_TYPE_VNC else 'spice'
+        placement = self.core.cache.get(keys.placement(inst.node, inst.uuid))
         lines = ['[virt-viewer]', f'type={vdi}', f'host={node.value.console_host if node else ""}',
                  f'port={inst.vdi_port}']
+        if placement is not None and placement.value.desired.console_password:
+            lines.append(f'password={placement.value.desired.console_password}')
         if inst.HasField('vdi_tls_port'):
             lines.append(f'tls-port={inst.vdi_tls_port}')
         lines += [f'title={inst.name}', 'delete-this-file=1']

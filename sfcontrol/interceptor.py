@@ -1,9 +1,10 @@
 """Authentication, namespace scoping and the error model, for every RPC.
 
 Access comes from the schema: each method's (shakenfist.v1.access) option.
-shakenfist.v1 methods without it are ACCESS_NAMESPACE; the node API is
-ACCESS_SYSTEM (nodes authenticate with a system key); health and reflection
-are public. Handlers raise ApiError; this turns it into a gRPC status with
+shakenfist.v1 methods without it are ACCESS_NAMESPACE; health and reflection
+are public. The node API (NodeControlService) takes no token: the caller is the
+node its TLS client certificate names (CN "node:<name>", issued by the
+cluster CA), and nothing else may call it. Handlers raise ApiError; this turns it into a gRPC status with
 ErrorInfo. Anything unexpected is logged and answered INTERNAL, with no
 traceback for the caller.
 """
@@ -24,7 +25,10 @@ from shakenfist.v1 import wire_pb2
 
 log = logging.getLogger(__name__)
 PUBLIC, NAMESPACE, SYSTEM = wire_pb2.ACCESS_PUBLIC, wire_pb2.ACCESS_NAMESPACE, wire_pb2.ACCESS_SYSTEM
+NODE = -1       # not a value of the public schema's Access: the node API's own
 _PUBLIC_SERVICES = ('grpc.health.v1.Health', 'grpc.reflection.v1alpha.ServerReflection')
+_NODE_SERVICE = 'shakenfist.node.v1alpha1.NodeControlService'
+NODE_CN_PREFIX = 'node:'
 
 
 @functools.cache
@@ -33,6 +37,8 @@ def access_of(method: str) -> int:
     service, name = method.lstrip('/').rsplit('/', 1)
     if service in _PUBLIC_SERVICES:
         return PUBLIC
+    if service == _NODE_SERVICE:
+        return NODE
     try:
         desc = descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
     except KeyError:
@@ -59,6 +65,8 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
             request_id = md.get('x-request-id') or str(uuid.uuid4())
             if access == PUBLIC:
                 who = Caller('', '', request_id)
+            elif access == NODE:
+                who = Caller('', '', request_id, node=node_of(context))
             else:
                 who = auth().authenticate(md.get('authorization'), request_id)
                 if access == SYSTEM and not who.is_system:
@@ -118,6 +126,16 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 unary(_checked_stream(handler.stream_unary, check)), **kw)
         return grpc.stream_stream_rpc_method_handler(
             streaming(_checked_stream(handler.stream_stream, check)), **kw)
+
+
+def node_of(context) -> str:
+    """The node a node-API caller's certificate names; UNAUTHENTICATED without one."""
+    names = context.auth_context().get('x509_common_name') or [b'']
+    cn = names[0].decode(errors='replace')
+    if not cn.startswith(NODE_CN_PREFIX) or len(cn) == len(NODE_CN_PREFIX):
+        raise errors.unauthenticated('the node API needs a node certificate of this cluster, '
+                                     'on the node port')
+    return cn[len(NODE_CN_PREFIX):]
 
 
 class _Undecodable:

@@ -15,6 +15,7 @@ ObjectCache (cached=True below):
   blob-refs/<blob>/<holder type>/<uuid>  store.v1alpha1.BlobRef (a blob lives while held)
   uploads/<uuid>                         shakenfist.v1.Upload
   artifacts/<ns>/<uuid>                  shakenfist.v1.Artifact
+  token-keys/<kid>                       store.v1alpha1.TokenKeyRecord (signs tokens)
 
 Guards, written with create-if-absent in the same transaction as the object
 they protect, so that two controllers cannot both take one:
@@ -29,7 +30,6 @@ Not cached (read from etcd when asked for):
 
   events/<ns>/<object type>/<object uuid>/<seq>   shakenfist.v1.Event; seq sorts by time
   requests/<ns>/<request id>             store.v1alpha1.RequestRecord (AIP-155 idempotency)
-  config/token-secret                    the HMAC secret that signs tokens
 """
 
 import os
@@ -52,7 +52,9 @@ def mac(macaddr): return f'macs/{macaddr}'
 def floating(ipv4): return f'floating/{ipv4}'
 def request(ns, request_id): return f'requests/{ns}/{request_id}'
 def vsock_cid(cid): return f'vsock-cids/{cid}'
-TOKEN_SECRET = 'config/token-secret'
+def token_key(kid): return f'token-keys/{kid}'
+TOKEN_KEYS = 'token-keys/'
+LEGACY_TOKEN_SECRET = 'config/token-secret'     # before signing keys had ids; removed at start
 
 
 def events(ns='', object_type='', uuid=''):

@@ -1,7 +1,10 @@
 """The controller's side of the node API (NodeControlService).
 
 Nodes register, send heartbeats, watch the instances placed on them, and
-report what they observe. A node is alive while it heartbeats: each heartbeat
+report what they observe. A node is the node its certificate names
+(caller.current().node, set by the interceptor); every call is checked
+against what that node was given: its own name, the instances placed on it,
+their agent operations and the blobs those put into guests. A node is alive while it heartbeats: each heartbeat
 re-arms a timer; when the timer fires the node is marked unreachable (one
 write, on the transition), and its instances show it.
 """
@@ -12,7 +15,7 @@ import time
 
 from sfcommon import errors
 from sfcontrol import caller, keys, states
-from sfcontrol.agentops import AgentOperations
+from sfcontrol.agentops import FINAL as OPERATION_FINAL, AgentOperations
 from sfcontrol.core import Core
 from sfcontrol.instances import Instances
 from sfcontrol.store import Txn
@@ -26,9 +29,10 @@ STATUS = event_pb2.EVENT_TYPE_STATUS
 
 
 class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
-    def __init__(self, core: Core, instances: Instances, agentops: AgentOperations, blobs,
+    def __init__(self, core: Core, instances: Instances, agentops: AgentOperations, blobs, auth,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 20.0):
         self.core = core
+        self.auth = auth
         self.instances = instances
         self.agentops = agentops
         self.blobs = blobs
@@ -47,10 +51,27 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         for timer in self._timers.values():
             timer.cancel()
 
+    # -- identity --------------------------------------------------------------
+    @staticmethod
+    def _me(claimed: str) -> str:
+        """The calling node, which must be the node the request names."""
+        node = caller.current().node
+        if claimed != node:
+            raise errors.permission_denied(f'this credential is node {node}\'s, not {claimed!r}\'s')
+        return node
+
+    def _my_instance(self, node: str, instance_uuid: str):
+        """An instance placed on node (NOT_FOUND for any other, as for a foreign namespace)."""
+        entry = self.core.cache.by_uuid('instances/', instance_uuid)
+        if entry is None or entry.value.node != node:
+            raise errors.not_found(f'instance {instance_uuid} is not placed on node {node}')
+        return entry
+
     # -- membership ------------------------------------------------------------
     async def RegisterNode(self, request: pb.RegisterNodeRequest, context):
-        if not request.name or not request.address:
-            raise errors.invalid('a node needs a name and an address')
+        self._me(request.name)
+        if not request.address:
+            raise errors.invalid('a node needs the address of its NodeService')
 
         def build():
             entry = self.core.cache.get(keys.node(request.name))
@@ -84,6 +105,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         return response
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context):
+        self._me(request.name)
         entry = self.core.cache.get(keys.node(request.name))
         if entry is None:
             raise errors.not_found(f'node {request.name} is not registered')
@@ -122,6 +144,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
 
     # -- desired state -----------------------------------------------------------
     async def WatchDesiredInstances(self, request: pb.WatchDesiredInstancesRequest, context):
+        self._me(request.name)
         if self.core.cache.get(keys.node(request.name)) is None:
             raise errors.not_found(f'node {request.name} is not registered')
         prefix = keys.placements(request.name)
@@ -151,9 +174,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
 
     # -- reports -------------------------------------------------------------------
     async def ReportInstanceStatus(self, request: pb.ReportInstanceStatusRequest, context):
-        entry = self.core.cache.by_uuid('instances/', request.instance_uuid)
-        if entry is None:
-            raise errors.not_found('instance not found')
+        entry = self._my_instance(self._me(request.node), request.instance_uuid)
 
         def build():
             current = self.core.cache.get(entry.key)
@@ -204,15 +225,21 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
                         {'error': request.error_message} if request.HasField('error_message') else None)
 
     async def RecordEvents(self, request: pb.RecordEventsRequest, context):
+        node = self._me(request.node)
         txn = Txn()
         for item in request.events:
             ev = item.event
+            ev.fqdn = node          # who observed it is not the node's to say
             ns = caller.SYSTEM
             if ev.object_type == OBJ_INSTANCE:
                 inst = self.core.cache.by_uuid('instances/', ev.object_uuid)
                 if inst is None:
-                    continue
+                    continue        # deleted since: its events go with it
+                if inst.value.node != node:
+                    raise errors.not_found(f'instance {ev.object_uuid} is not placed on node {node}')
                 ns = inst.value.namespace
+            elif ev.object_type != OBJ_NODE or ev.object_uuid != node:
+                raise errors.permission_denied('a node records events of its instances and itself only')
             type_name = event_pb2.ObjectType.Name(ev.object_type)[len('OBJECT_TYPE_'):].lower()
             txn.put(keys.event(ns, type_name, ev.object_uuid), ev.SerializeToString())
         if txn.ops:
@@ -221,11 +248,12 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
 
     async def UpdateAgentOperation(self, request: pb.UpdateAgentOperationRequest, context):
         # As with ReportInstanceStatus: only the node the instance is placed on may report.
+        node = self._me(request.node)
         op = self.core.cache.get(keys.agentop(request.uuid))
         if op is None:
             raise errors.not_found('agent operation not found')
         inst = self.core.cache.by_uuid('instances/', op.value.instance_uuid)
-        if inst is None or inst.value.node != request.node:
+        if inst is None or inst.value.node != node:
             raise errors.conflict(f'agent operation {request.uuid} is not for an instance '
                                   f'placed on {request.node}')
         await self.agentops.update(
@@ -239,9 +267,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         if first is None or first.WhichOneof('part') != 'header':
             raise errors.invalid('a blob stream starts with its header')
         header = first.header
-        inst = self.core.cache.by_uuid('instances/', header.instance_uuid)
-        if inst is None:
-            raise errors.not_found('instance not found')
+        inst = self._my_instance(self._me(header.node), header.instance_uuid)
 
         async def chunks():
             async for part in request_iterator:
@@ -252,5 +278,26 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         return pb.PutBlobResponse(blob_uuid=blob.uuid, size=blob.size, sha512=blob.sha512)
 
     async def GetBlob(self, request: pb.GetBlobRequest, context):
-        async for chunk in self.blobs.read(request.blob_uuid, request.offset):
+        node = caller.current().node
+        if not self._blob_is_given_to(node, request.blob_uuid):
+            raise errors.not_found(f'blob {request.blob_uuid} is not for node {node}')
+        async for chunk in self.blobs.stream(request.blob_uuid, request.offset):
             yield pb.GetBlobResponse(data=chunk)
+
+    def _blob_is_given_to(self, node: str, blob_uuid: str) -> bool:
+        """Whether an unfinished agent operation of an instance on node puts the blob."""
+        for placement in self.core.cache.range(keys.placements(node))[0]:
+            uuid = placement.value.desired.instance.uuid
+            for op in self.core.cache.where('agentops/', 'instance_uuid', uuid):
+                if op.value.state not in OPERATION_FINAL and any(
+                        c.blob_uuid == blob_uuid for c in op.value.commands):
+                    return True
+        return False
+
+    async def AuthorizeConsole(self, request: pb.AuthorizeConsoleRequest, context):
+        entry = self._my_instance(self._me(request.node), request.instance_uuid)
+        who = self.auth.authenticate(f'Bearer {request.token}')
+        if not who.can_see(entry.value.namespace):
+            # As the public API answers a foreign namespace: nothing to see here.
+            raise errors.not_found(f'instance {request.instance_uuid} not found')
+        return pb.AuthorizeConsoleResponse(namespace=who.namespace)

@@ -1,8 +1,13 @@
-"""Calls from the controller to a node's NodeService, with deadlines."""
+"""Calls from the controller to a node's NodeService, with deadlines.
+
+Over mutual TLS: the controller presents its certificate, and the node must
+present the one the cluster CA issued for its name (checked as the TLS server
+name <name>.node.shakenfist, whatever address it registered).
+"""
 
 import grpc
 
-from sfcommon import errors
+from sfcommon import errors, pki
 from sfcontrol import keys
 from sfcontrol.cache import ObjectCache
 from shakenfist.node.v1alpha1 import node_pb2_grpc
@@ -11,8 +16,12 @@ DEFAULT_TIMEOUT = 30.0
 
 
 class NodeClients:
-    def __init__(self, cache: ObjectCache):
+    def __init__(self, cache: ObjectCache, bundle: pki.Bundle | None):
         self._cache = cache
+        self._credentials = None
+        if bundle is not None:
+            ca, cert, key = bundle.read()
+            self._credentials = grpc.ssl_channel_credentials(ca, key, cert)
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
 
     def _stub(self, node_name: str) -> node_pb2_grpc.NodeServiceStub:
@@ -24,7 +33,11 @@ class NodeClients:
         address = entry.value.address
         known = self._channels.get(node_name)
         if known is None or known[0] != address:
-            self._channels[node_name] = (address, grpc.aio.insecure_channel(address))
+            if self._credentials is None:
+                raise errors.unavailable('this controller has no certificate to call nodes with')
+            channel = grpc.aio.secure_channel(address, self._credentials, options=[
+                ('grpc.ssl_target_name_override', pki.node_server_name(node_name))])
+            self._channels[node_name] = (address, channel)
         return node_pb2_grpc.NodeServiceStub(self._channels[node_name][1])
 
     async def call(self, node_name: str, method: str, request, timeout: float = DEFAULT_TIMEOUT):

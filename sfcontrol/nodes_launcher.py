@@ -23,13 +23,15 @@ def bridge_prefix(state: pathlib.Path, i: int) -> str:
     return f'sf{plane}{i}-'
 
 
-def node_command(i: int, state: pathlib.Path, grpc_target: str, host: str) -> list[str]:
+def node_command(i: int, state: pathlib.Path, pki, node_target: str, host: str,
+                 image_allow=()) -> list[str]:
     images = {'sftest': TEST_IMAGE.as_uri()} if TEST_IMAGE.exists() else {}
-    return [sys.executable, '-m', 'sfnode.main', '--name', f'node{i}', '--controller', grpc_target,
-            '--key-file', str(state / 'system.key'), '--state-dir', str(state / 'nodes' / f'node{i}'),
+    return [sys.executable, '-m', 'sfnode.main', '--name', f'node{i}', '--controller', node_target,
+            '--pki-dir', str(pki.node(f'node{i}').directory),
+            '--state-dir', str(state / 'nodes' / f'node{i}'),
             '--bridge-prefix', bridge_prefix(state, i), '--listen', f'{host}:0', '--console-listen', host,
             '--images', json.dumps(images), '--caps-cache', str(state / 'qemu-caps'),
-            '--stop-guests-on-exit']
+            '--stop-guests-on-exit', *(f'--image-allow={prefix}' for prefix in image_allow)]
 
 
 @dataclasses.dataclass
@@ -48,14 +50,14 @@ class Nodes:
                 await p.wait()
 
 
-async def start_nodes(state: pathlib.Path, n: int, grpc_target: str, key: str, host: str,
+async def start_nodes(state: pathlib.Path, pki, n: int, node_target: str, host: str, image_allow,
                       registered) -> Nodes:
     """Start n nodes and return once each has registered (registered(name) awaits that)."""
     procs = []
     for i in range(n):
         log_file = open(state / f'node{i}.log', 'ab')
         procs.append(await asyncio.create_subprocess_exec(
-            *node_command(i, state, grpc_target, host), stdout=log_file, stderr=log_file,
+            *node_command(i, state, pki, node_target, host, image_allow), stdout=log_file, stderr=log_file,
             stdin=asyncio.subprocess.DEVNULL, env={**os.environ, 'PYTHONUNBUFFERED': '1'}))
     nodes = Nodes(procs)
     try:

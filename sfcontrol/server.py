@@ -1,15 +1,20 @@
 """Assemble and run the controller: one grpc.aio server with reflection and health."""
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import pathlib
+import time
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sfcontrol import services
+from sfcommon.pki import Bundle, EtcdTls
+from sfcommon.urlpolicy import ImagePolicy
+from sfcontrol import blobs as blobs_module, services
 from sfcontrol.agentops import AgentOperations
 from sfcontrol.auth import Auth
 from sfcontrol.blobs import Blobs
@@ -38,19 +43,29 @@ log = logging.getLogger(__name__)
 class Config:
     """Controller settings; each has a flag and an SF_* environment variable (main.py)."""
     etcd_endpoints: list[str]
-    listen: str = '127.0.0.1:0'
+    listen: str = '127.0.0.1:0'             # the public API
+    node_listen: str = '127.0.0.1:0'        # the node API (mutual TLS)
+    pki: Bundle | None = None           # ca.pem, controller.pem/.key; None: no node API
+    etcd_tls: EtcdTls | None = None     # etcd's CA and this controller's client certificate
+    tls_cert: pathlib.Path | None = None    # the public API's certificate and key; without
+    tls_key: pathlib.Path | None = None     # them it listens in plaintext on loopback only
     state_dir: pathlib.Path = pathlib.Path('/var/lib/shakenfist')
     store_prefix: str = '/sf'
     token_ttl: int = 900
     floating_netblock: str = '198.51.100.0/24'
+    image_allow: tuple[str, ...] = ()       # URL prefixes tenants may use though local or internal
+    max_blob_size: int = blobs_module.DEFAULT_MAX_BLOB_SIZE     # bytes of one blob or upload
+    namespace_quota: int = blobs_module.DEFAULT_NAMESPACE_QUOTA  # bytes of blobs a namespace holds
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 20.0
+    clock: Callable[[], float] = time.time      # wall-clock seconds; tests pass their own
 
 
 @dataclasses.dataclass
 class Controller:
     server: grpc.aio.Server
     port: int
+    node_port: int
     core: Core
     auth: Auth
     agentops: AgentOperations
@@ -66,19 +81,52 @@ class Controller:
         await self.core.store.close()
 
 
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(':', 1)[0].strip('[]')
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _public_port(server: grpc.aio.Server, config: Config) -> int:
+    if config.tls_cert and config.tls_key:
+        credentials = grpc.ssl_server_credentials(
+            [(pathlib.Path(config.tls_key).read_bytes(), pathlib.Path(config.tls_cert).read_bytes())])
+        return server.add_secure_port(config.listen, credentials)
+    if not is_loopback(config.listen):
+        raise ValueError(f'the public API would listen on {config.listen} in plaintext: give '
+                         '--tls-cert and --tls-key, or listen on a loopback address')
+    return server.add_insecure_port(config.listen)
+
+
+def _node_port(server: grpc.aio.Server, config: Config) -> int:
+    """The node API's port: mutual TLS with the cluster CA (see sfcommon/pki.py)."""
+    if config.pki is None:
+        log.warning('no certificates (--pki-dir): nodes cannot connect to this controller')
+        return 0
+    ca, cert, key = config.pki.read()
+    return server.add_secure_port(config.node_listen, grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True))
+
+
 async def start(config: Config) -> Controller:
-    store = await Store.connect(config.etcd_endpoints, prefix=config.store_prefix)
+    store = await Store.connect(config.etcd_endpoints, prefix=config.store_prefix,
+                                tls=config.etcd_tls)
     core = await Core.open(store)
-    auth = await Auth.start(core, config.state_dir, config.token_ttl)
-    nodes = NodeClients(core.cache)
-    blobs = Blobs(core, pathlib.Path(config.state_dir) / 'blobs')
+    auth = await Auth.start(core, config.state_dir, config.token_ttl, config.clock)
+    nodes = NodeClients(core.cache, config.pki)
+    blobs = Blobs(core, pathlib.Path(config.state_dir) / 'blobs', config.max_blob_size,
+                  config.namespace_quota)
     blobs.start()
     networks = Networks(core, config.floating_netblock)
     events = Events(core)
-    instances = Instances(core, networks, nodes, events, blobs)
+    instances = Instances(core, networks, nodes, events, blobs, ImagePolicy(config.image_allow))
     agentops = AgentOperations(core, instances, nodes)
     agentops.start()
-    node_control = NodeControl(core, instances, agentops, blobs, config.heartbeat_interval,
+    node_control = NodeControl(core, instances, agentops, blobs, auth, config.heartbeat_interval,
                                config.heartbeat_timeout)
     node_control.start()
     metadata = Metadata(core)
@@ -115,8 +163,9 @@ async def start(config: Config) -> Controller:
     reflection.enable_server_reflection(
         names + [health_pb2.DESCRIPTOR.services_by_name['Health'].full_name, reflection.SERVICE_NAME],
         server)
-    port = server.add_insecure_port(config.listen)
+    port = _public_port(server, config)
+    node_port = _node_port(server, config)
     await server.start()
     await health_servicer.set('', health_pb2.HealthCheckResponse.SERVING)
-    log.info('controller listening', extra={'port': port, 'pid': os.getpid()})
-    return Controller(server, port, core, auth, agentops, node_control, nodes)
+    log.info('controller listening', extra={'port': port, 'node_port': node_port, 'pid': os.getpid()})
+    return Controller(server, port, node_port, core, auth, agentops, node_control, nodes)

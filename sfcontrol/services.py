@@ -204,7 +204,7 @@ class UploadService(blob_service_pb2_grpc.UploadServiceServicer):
         return blob.WriteUploadResponse(size=await self.b.write_upload(first.upload_uuid, chunks()))
 
     async def TruncateUpload(self, request, context):
-        self.b.truncate_upload(request.upload_uuid, request.offset)
+        await self.b.truncate_upload(request.upload_uuid, request.offset)
         return blob.TruncateUploadResponse()
 
 

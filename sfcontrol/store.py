@@ -142,9 +142,19 @@ class Store:
 
     @classmethod
     async def connect(cls, endpoints: list[str], prefix: str = "/sf", *,
-                      timeout: float = 5.0) -> Store:
-        """Connect, waiting up to timeout; timeout also bounds every RPC (and reconnect)."""
-        channel = grpc.aio.insecure_channel(_target(endpoints), options=_CHANNEL_OPTIONS)
+                      timeout: float = 5.0, tls=None) -> Store:
+        """Connect, waiting up to timeout; timeout also bounds every RPC (and reconnect).
+
+        tls (sfcommon.pki.EtcdTls): etcd's CA and the client certificate etcd requires. The
+        members' certificates are checked for tls.server_name, one name that every member's
+        certificate carries (several endpoints share one channel and one name)."""
+        if tls is None:
+            channel = grpc.aio.insecure_channel(_target(endpoints), options=_CHANNEL_OPTIONS)
+        else:
+            ca, cert, key = tls.read()
+            channel = grpc.aio.secure_channel(
+                _target(endpoints), grpc.ssl_channel_credentials(ca, key, cert),
+                options=[*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", tls.server_name)])
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout)
         except TimeoutError:

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from sfcommon import logs
+from sfcommon.pki import LocalPki
 from sfcontrol import keys, server
 from sfcontrol.etcd_process import EtcdServer
 
@@ -29,6 +30,9 @@ def parser():
     p.add_argument('--grpc-port', type=int, default=13001, help='0 picks a free port')
     p.add_argument('--rest-port', type=int, default=13000, help='0 picks a free port')
     p.add_argument('--host', default='127.0.0.1', help='address to listen on')
+    p.add_argument('--image-allow', action='append', default=[],
+                   help='a URL prefix tenants may use as an image though it is a local file or an '
+                        'internal address (repeatable; the sftest shorthand needs none)')
     p.add_argument('--log-level', default=os.environ.get('SF_LOG_LEVEL', 'info'))
     return p
 
@@ -42,11 +46,11 @@ def _write_private(path: pathlib.Path, data: dict):
     os.replace(tmp, path)
 
 
-def _etcd(state: pathlib.Path) -> EtcdServer:
+def _etcd(state: pathlib.Path, pki: LocalPki) -> EtcdServer:
     """The plane's etcd, on the ports it used before (its data dir records them)."""
     ports_file = state / 'etcd-ports.json'
     ports = tuple(json.loads(ports_file.read_text())) if ports_file.exists() else None
-    etcd = EtcdServer(state / 'etcd' / 'data', name='sf', ports=ports)
+    etcd = EtcdServer(state / 'etcd' / 'data', name='sf', ports=ports, pki=pki)
     ports_file.write_text(json.dumps([etcd.client_port, etcd.peer_port]))
     return etcd
 
@@ -60,13 +64,17 @@ async def run(args):
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        etcd = _etcd(state)
+        pki = LocalPki(state / 'pki').ensure()
+        etcd = _etcd(state, pki)
         await etcd.start_async()
         stack.append(('etcd', etcd.stop_async))
         controller = await server.start(server.Config(
-            etcd_endpoints=[etcd.endpoint], listen=f'{args.host}:{args.grpc_port}', state_dir=state))
+            etcd_endpoints=[etcd.endpoint], etcd_tls=etcd.client_tls, pki=pki.controller(),
+            listen=f'{args.host}:{args.grpc_port}', node_listen=f'{args.host}:0', state_dir=state,
+            image_allow=tuple(args.image_allow)))
         stack.append(('controller', controller.stop))
         grpc_target = f'{args.host}:{controller.port}'
+        node_target = f'{args.host}:{controller.node_port}'
         key = (state / 'system.key').read_text().strip()
 
         from gateway.app import start_gateway
@@ -75,12 +83,13 @@ async def run(args):
         rest = f'http://{args.host}:{rest_port}'
 
         from sfcontrol.nodes_launcher import start_nodes
-        nodes = await start_nodes(state, args.nodes, grpc_target, key, args.host,
+        nodes = await start_nodes(state, pki, args.nodes, node_target, args.host, args.image_allow,
                                   lambda name: _registered(controller, name))
         stack.append(('nodes', nodes.stop))
 
         _write_private(state / 'shakenfist.json', {'namespace': 'system', 'key': key, 'apiurl': rest})
         _write_private(state / 'endpoints.json', {'grpc': grpc_target, 'rest': rest,
+                                                  'node_api': node_target,
                                                   'namespace': 'system', 'key': key})
         print(_usage(state, grpc_target, rest), flush=True)
         await stop.wait()
@@ -122,6 +131,7 @@ Stop with Ctrl-C (or SIGTERM).
 
 def main():
     args = parser().parse_args()
+    os.umask(0o077)     # keys, disks, blobs and logs are the plane's alone
     logs.setup('sf-up', args.log_level)
     try:
         asyncio.run(run(args))

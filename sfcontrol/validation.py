@@ -1,10 +1,12 @@
 """Create-time validation of instances (wire reference §C.2), and metadata rules."""
 
 import re
+import urllib.parse
 
 from google.protobuf import json_format, struct_pb2
 
 from sfcommon import errors
+from sfcommon.urlpolicy import ImagePolicy
 from shakenfist.v1 import instance_pb2, instance_service_pb2 as api, specs_pb2
 
 HOSTNAME = re.compile(r'^[a-zA-Z0-9-]{1,63}$')
@@ -13,7 +15,7 @@ DEFAULT_VIDEO = dict(model=specs_pb2.VIDEO_MODEL_CIRRUS, memory=16384, vdi=specs
 BLANK_BASES = ('', 'none')
 
 
-def check_create(req: api.CreateInstanceRequest):
+def check_create(req: api.CreateInstanceRequest, images: ImagePolicy):
     """Raise INVALID_ARGUMENT for the first problem found, in Shaken Fist's order."""
     if not HOSTNAME.match(req.name):
         raise errors.invalid('name: an instance name must be a hostname: 1 to 63 characters '
@@ -38,6 +40,11 @@ def check_create(req: api.CreateInstanceRequest):
         if base.startswith(('label:', 'sf://')):
             # Labels, artifacts and blobs as disk bases come with the blob store.
             raise errors.not_found(f'disk[{i}].base: {base} not found')
+        if urllib.parse.urlsplit(base).scheme:      # else a shorthand, the node's to know
+            try:
+                images.check(base)
+            except errors.ApiError as e:
+                raise errors.invalid(f'disk[{i}].base: {e.message}')
     for i, net in enumerate(req.network):
         if not net.network_uuid:
             raise errors.invalid(f'network[{i}]: a networkspec must name a network_uuid')

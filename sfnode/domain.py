@@ -65,6 +65,8 @@ class InstancePaths:
     config_drive: str | None
     # The serial console log (appended to across restarts).
     console_log: str
+    # The unix socket QEMU serves the serial console on (the node shares it: console.py).
+    console_socket: str
     # The unix socket of the sf-agent2 virtio-serial port (used when there is no vsock).
     agent_socket: str
     # The unix socket of the legacy sf-agent port.
@@ -84,6 +86,7 @@ class InstancePaths:
             config_drive=(None if instance.configdrive == instance_pb2.CONFIG_DRIVE_NONE
                           else os.path.join(directory, 'config.img')),
             console_log=os.path.join(directory, 'console.log'),
+            console_socket=os.path.join(directory, 'console.sock'),
             agent_socket=os.path.join(directory, 'agent2.sock'),
             legacy_agent_socket=os.path.join(directory, 'agent.sock'))
 
@@ -91,8 +94,6 @@ class InstancePaths:
 @dataclasses.dataclass(frozen=True)
 class DomainOptions:
     """How this node builds domains."""
-    # The serial console's TCP port, allocated by the node.
-    console_port: int
     # 'qemu' (TCG) or 'kvm': see Hypervisor.probe_kvm().
     domain_type: str = 'qemu'
     # The Linux bridge of each network, by network UUID.
@@ -106,6 +107,8 @@ class DomainOptions:
     vdi_listen: str = '127.0.0.1'
     # A fixed VNC/SPICE port allocated by the node, or None for libvirt's autoport.
     vdi_port: int | None = None
+    # The VNC or SPICE password (VNC reads its first 8 characters); '' for none.
+    vdi_password: str = ''
     q35_hotplug_ports: int = Q35_HOTPLUG_PORTS
 
 
@@ -278,7 +281,7 @@ def build_domain_xml(desired: node_pb2.DesiredInstance, paths: InstancePaths,
     ET.SubElement(devices, 'emulator').text = options.emulator
     qemu_args = _disks(devices, disk_layout(inst, paths), q35)
     _nics(devices, inst, options.bridges)
-    _serial_console(devices, paths.console_log, options)
+    _serial_console(devices, paths)
     _side_channels(devices, desired, paths, options)
     qemu_env = _graphics(devices, inst.video, options)
     ET.SubElement(devices, 'memballoon', model='none')
@@ -358,16 +361,15 @@ def _nics(devices: ET.Element, inst: instance_pb2.Instance, bridges: Mapping[str
         devices.append(interface_element(iface, bridge))
 
 
-def _serial_console(devices: ET.Element, log_path: str, options: DomainOptions):
-    """One serial port: a telnet server on the node's port that is also logged
-    to a file, so the console is interactive and readable after the fact. The
-    <console> is libvirt's alias of that port, not a second device."""
+def _serial_console(devices: ET.Element, paths: 'InstancePaths'):
+    """One serial port: a unix socket QEMU serves (the node shares it with the
+    viewers it admits, sfnode/console.py), also logged to a file so that it is
+    readable after the fact. The <console> is libvirt's alias of that port, not
+    a second device."""
     for tag, target in (('serial', {'port': '0'}), ('console', {'type': 'serial', 'port': '0'})):
-        chardev = ET.SubElement(devices, tag, type='tcp')
-        ET.SubElement(chardev, 'source', mode='bind', host=options.console_listen,
-                      service=str(options.console_port))
-        ET.SubElement(chardev, 'protocol', type='telnet')
-        ET.SubElement(chardev, 'log', file=log_path, append='on')
+        chardev = ET.SubElement(devices, tag, type='unix')
+        ET.SubElement(chardev, 'source', mode='bind', path=paths.console_socket)
+        ET.SubElement(chardev, 'log', file=paths.console_log, append='on')
         ET.SubElement(chardev, 'target', **target)
 
 
@@ -394,8 +396,11 @@ def _graphics(devices: ET.Element, video: specs_pb2.VideoSpec, options: DomainOp
     vdi = wire_name(specs_pb2.VdiType, video.vdi) or 'spice'
     port = ({'port': str(options.vdi_port), 'autoport': 'no'} if options.vdi_port
             else {'port': '-1', 'autoport': 'yes'})
+    secret = {'passwd': options.vdi_password} if options.vdi_password else {}
+    if vdi == 'vnc':
+        secret['sharePolicy'] = 'force-shared'      # several viewers never disconnect each other
     graphics = ET.SubElement(devices, 'graphics', type='vnc' if vdi == 'vnc' else 'spice',
-                             listen=options.vdi_listen, **port)
+                             listen=options.vdi_listen, **port, **secret)
     ET.SubElement(graphics, 'listen', type='address', address=options.vdi_listen)
     if vdi != 'vnc':
         # The SPICE guest agent's channel (clipboard, display resizing).

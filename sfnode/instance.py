@@ -15,6 +15,7 @@ from sfcommon import errors
 from sfcommon.events import make_event
 from sfnode import configdrive, domain, images
 from sfnode.agent import AgentSession
+from sfnode.console import SerialConsole
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import event_pb2, instance_pb2 as ipb, network_pb2, specs_pb2
 
@@ -55,6 +56,7 @@ class InstanceWorker:
         self.state = desired.instance.state
         self.removed = False
         self.agent = None                # AgentSession, when the instance has sf-agent2
+        self.console = None              # SerialConsole, once the domain exists
         self._wake = asyncio.Event()
         self._wake.set()
         self.task = asyncio.create_task(self._run(), name=f'instance-{self.uuid}')
@@ -117,9 +119,24 @@ class InstanceWorker:
             await self._build(desired)
         elif self.state != _ORDER[-1]:
             await self._advance(_ORDER[-1])
+        await self._start_console(desired)
         await self._converge_power(desired)
         await self._converge_interfaces(desired)
         self._start_agent(desired)
+
+    async def _start_console(self, desired):
+        if self.console is not None:
+            return
+        paths = domain.InstancePaths.under(str(self.dir), desired.instance)
+        console = SerialConsole(self.uuid, paths.console_socket, self._authorize_console,
+                                open_access=self.node.config.console_open)
+        await console.start(self.node.console_listen, self._ports()['console'])
+        self.console = console
+
+    async def _authorize_console(self, token: str) -> str:
+        reply = await self.node.link.call('AuthorizeConsole', node_pb2.AuthorizeConsoleRequest(
+            node=self.node.name, instance_uuid=self.uuid, token=token), retry=False)
+        return reply.namespace
 
     def _vsock(self, desired) -> bool:
         """The agent's transport: vsock where this node has vhost-vsock and the
@@ -150,12 +167,13 @@ class InstanceWorker:
         paths = domain.InstancePaths.under(str(self.dir), inst)
         bases = []
         for i, spec in enumerate(inst.disk_spec):
-            url = images.resolve(spec.base if spec.HasField('base') else None, self.node.image_table)
-            if url is None:
+            source = images.resolve(spec.base if spec.HasField('base') else None, self.node.image_table)
+            if source is None:
                 bases.append(None)
                 continue
+            url, trusted = source
             progress = images.Progress(url, self._event)
-            bases.append(await self.node.images.fetch(url, progress))
+            bases.append(await self.node.images.fetch(url, progress, trusted=trusted))
         await self._advance(S.Value('INSTANCE_STATE_CREATING'))
         steps = []      # disks and the config drive are independent: make them at once
         for i, spec in enumerate(inst.disk_spec):
@@ -172,12 +190,14 @@ class InstanceWorker:
         ports = self._ports()
         bridges = {n.uuid: await self.node.bridges.ensure(n) for n in desired.networks}
         options = domain.DomainOptions(
-            console_port=ports['console'], vdi_port=ports['vdi'],
+            vdi_port=ports['vdi'], vdi_password=desired.console_password,
             domain_type=self.node.domain_type, bridges=bridges, vsock=self._vsock(desired),
             console_listen=self.node.console_listen, vdi_listen=self.node.console_listen)
         xml = domain.build_domain_xml(desired, paths, options)
+        shown = xml.replace(f"passwd=\"{desired.console_password}\"", 'passwd="(hidden)"') \
+            if desired.console_password else xml
         event = asyncio.ensure_future(
-            self._event('libvirt domain XML', {'xml': xml}, event_pb2.EVENT_TYPE_MUTATE))
+            self._event('libvirt domain XML', {'xml': shown}, event_pb2.EVENT_TYPE_MUTATE))
         start = desired.desired_power_state != P.Value('POWER_STATE_OFF')
         await self.node.hypervisor.define(xml, start=start)
         slots = domain.disk_layout(inst, paths)
@@ -241,6 +261,8 @@ class InstanceWorker:
     async def _teardown(self):
         if self.agent is not None:
             await self.agent.stop()
+        if self.console is not None:
+            await self.console.stop()
         hv = self.node.hypervisor
         if await hv.exists(self.name):
             await hv.destroy(self.name)
@@ -284,12 +306,10 @@ class AgentReporter:
             async for chunk in chunks:
                 for i in range(0, len(chunk), 1024 * 1024):
                     yield node_pb2.PutBlobRequest(data=chunk[i:i + 1024 * 1024])
-        reply = await self.link.control.PutBlob(parts(), metadata=await self.link.metadata(),
-                                                timeout=600)
+        reply = await self.link.control.PutBlob(parts(), timeout=600)
         return reply.blob_uuid
 
     async def get_blob(self, blob_uuid):
-        stream = self.link.control.GetBlob(node_pb2.GetBlobRequest(blob_uuid=blob_uuid),
-                                           metadata=await self.link.metadata(), timeout=600)
+        stream = self.link.control.GetBlob(node_pb2.GetBlobRequest(blob_uuid=blob_uuid), timeout=600)
         async for part in stream:
             yield part.data

@@ -1,55 +1,45 @@
-"""The node's only connection: gRPC to the controller, authenticated as system.
+"""The node's only connection: gRPC to the controller's node port.
+
+Mutual TLS: the node presents its own certificate (node:<name>, from the
+cluster CA) and accepts only a controller's (server name
+controller.shakenfist). The node holds no namespace key and no token, so its
+credential reaches nothing of the public API.
 
 Reports are retried until the controller takes them (with a capped backoff),
-so a controller restart loses no observation. The token is renewed shortly
-before it expires.
+so a controller restart loses no observation.
 """
 
 import asyncio
 import logging
-import time
 
 import grpc
-import jwt
 
+from sfcommon import pki
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
-from shakenfist.v1 import auth_service_pb2, auth_service_pb2_grpc
 
 log = logging.getLogger(__name__)
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.UNAUTHENTICATED}
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class ControllerLink:
-    def __init__(self, target: str, namespace: str, key: str, node_name: str):
+    def __init__(self, target: str, bundle: pki.Bundle, node_name: str):
         self.target = target
         self.node = node_name
-        self._namespace, self._key = namespace, key
-        self._token, self._expires = '', 0.0
-        self.channel = grpc.aio.insecure_channel(target)
+        ca, cert, key = bundle.read()
+        self.channel = grpc.aio.secure_channel(
+            target, grpc.ssl_channel_credentials(ca, key, cert),
+            options=[('grpc.ssl_target_name_override', pki.CONTROLLER_SERVER_NAME)])
         self.control = node_pb2_grpc.NodeControlServiceStub(self.channel)
-        self._auth = auth_service_pb2_grpc.AuthServiceStub(self.channel)
-
-    async def metadata(self):
-        if time.time() > self._expires - 60:
-            r = await self._auth.CreateToken(auth_service_pb2.CreateTokenRequest(
-                namespace=self._namespace, key=self._key), timeout=30)
-            self._token = r.access_token
-            self._expires = jwt.decode(r.access_token, options={'verify_signature': False})['exp']
-        return (('authorization', f'Bearer {self._token}'),)
 
     async def call(self, method: str, request, *, timeout: float = 30.0, retry: bool = True):
         """Call a NodeControlService method; retry transient failures until it lands."""
         delay = 0.1
         while True:
             try:
-                return await getattr(self.control, method)(
-                    request, metadata=await self.metadata(), timeout=timeout)
+                return await getattr(self.control, method)(request, timeout=timeout)
             except grpc.aio.AioRpcError as e:
                 if not retry or e.code() not in RETRYABLE:
                     raise
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    self._expires = 0
                 log.warning('controller call %s failed (%s); retrying in %.1fs',
                             method, e.code().name, delay)
                 await asyncio.sleep(delay)

@@ -8,20 +8,24 @@ import os
 import pathlib
 import signal
 
-from sfcommon import logs
+from sfcommon import logs, pki
 from sfnode.node import Node, NodeConfig
 
 log = logging.getLogger(__name__)
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or '').split(',') if v.strip()]
 
 
 def parser():
     env = os.environ.get
     p = argparse.ArgumentParser(prog='sfnode', description=__doc__.splitlines()[0])
     p.add_argument('--name', default=env('SF_NODE_NAME', os.uname().nodename))
-    p.add_argument('--controller', default=env('SF_NODE_CONTROLLER', '127.0.0.1:13001'),
-                   help='host:port of the controller (SF_NODE_CONTROLLER)')
-    p.add_argument('--key-file', type=pathlib.Path, default=env('SF_NODE_KEY_FILE'),
-                   help='a file holding a system namespace key (SF_NODE_KEY_FILE)')
+    p.add_argument('--controller', default=env('SF_NODE_CONTROLLER', '127.0.0.1:13002'),
+                   help="host:port of the controller's node port (SF_NODE_CONTROLLER)")
+    p.add_argument('--pki-dir', type=pathlib.Path, default=env('SF_NODE_PKI_DIR', '/etc/shakenfist/node'),
+                   help="this node's bundle from sf-pki: ca.pem, node.pem, node.key (SF_NODE_PKI_DIR)")
     p.add_argument('--state-dir', type=pathlib.Path, default=env('SF_NODE_STATE_DIR', '/srv/sfnode'))
     p.add_argument('--libvirt-uri', default=env('SF_NODE_LIBVIRT_URI'),
                    help='default: qemu:///embed?root=<state dir>/libvirt; qemu:///system on production hosts')
@@ -31,6 +35,10 @@ def parser():
     p.add_argument('--bridge-prefix', default=env('SF_NODE_BRIDGE_PREFIX', 'sfb0-'))
     p.add_argument('--image-table', default=env('SF_NODE_IMAGE_TABLE'),
                    help='JSON file of {shorthand: url} over the built-in table')
+    p.add_argument('--image-allow', action='append', default=_split(env('SF_IMAGE_ALLOW')),
+                   help='a URL prefix (file:///srv/images/, http://10.0.0.5/) that tenants may use '
+                        'as an image although it is a local file or internal address; repeatable '
+                        '(SF_IMAGE_ALLOW, comma-separated)')
     p.add_argument('--images', default=env('SF_NODE_IMAGES', '{}'),
                    help='JSON {shorthand: url} given on the command line (sf-up uses it for sftest)')
     p.add_argument('--capacity', default=env('SF_NODE_CAPACITY'),
@@ -45,6 +53,9 @@ def parser():
                    default=env('SF_NODE_STOP_GUESTS_ON_EXIT') == '1',
                    help='power guests off when the node stops (sf-up does this); by default '
                         'they keep running and a restarted node adopts them')
+    p.add_argument('--console-open', action='store_true', default=env('SF_NODE_CONSOLE_OPEN') == '1',
+                   help="serial console ports take anyone, without a token (Shaken Fist's behaviour; "
+                        'off by default) (SF_NODE_CONSOLE_OPEN=1)')
     p.add_argument('--log-level', default=env('SF_LOG_LEVEL', 'info'))
     return p
 
@@ -63,11 +74,11 @@ async def run(args):
     probe_image = images_table.get('sftest', '').removeprefix('file://') or None
     domain_type = args.domain_type or await hypervisor.probe_kvm(probe_image)
     config = NodeConfig(
-        name=args.name, controller=args.controller, key=args.key_file.read_text().strip(),
+        name=args.name, controller=args.controller, pki=pki.Bundle(args.pki_dir, 'node'),
         state_dir=state, libvirt_uri=args.libvirt_uri, listen=args.listen,
         console_listen=args.console_listen, bridge_prefix=args.bridge_prefix,
-        image_table=args.image_table, extra_images=images_table, capacity=capacity,
-        usage_interval=args.usage_interval, domain_type=domain_type)
+        image_table=args.image_table, image_allow=tuple(args.image_allow), extra_images=images_table, capacity=capacity,
+        usage_interval=args.usage_interval, domain_type=domain_type, console_open=args.console_open)
     node = await Node(config, hypervisor).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,6 +92,7 @@ async def run(args):
 
 def main():
     args = parser().parse_args()
+    os.umask(0o077)     # keys, disks, blobs and logs are the plane's alone
     logs.setup(f'sfnode-{args.name}', args.log_level)
     asyncio.run(run(args))
 

@@ -10,7 +10,8 @@ import subprocess
 
 import grpc
 
-from sfcommon import errors
+from sfcommon import errors, pki
+from sfcommon.urlpolicy import ImagePolicy
 from sfnode import images
 from sfnode.instance import InstanceWorker
 from sfnode.link import ControllerLink
@@ -22,18 +23,20 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class NodeConfig:
     name: str
-    controller: str                 # host:port of the controller
-    key: str                        # a system namespace key
+    controller: str                 # host:port of the controller's node port
+    pki: pki.Bundle                 # ca.pem, node.pem, node.key (sfcommon/pki.py)
     state_dir: pathlib.Path
     libvirt_uri: str | None = None  # default: qemu:///embed?root=<state_dir>/libvirt
     listen: str = '127.0.0.1:0'     # NodeService
     console_listen: str = '127.0.0.1'
     bridge_prefix: str = 'sfb0-'
     image_table: str | None = None  # JSON {shorthand: url}, over the built-in table
+    image_allow: tuple[str, ...] = ()   # URL prefixes tenants may fetch besides public http(s)
     extra_images: dict = dataclasses.field(default_factory=dict)
     capacity: pb.NodeCapacity | None = None
     usage_interval: float = 60.0    # seconds between usage events; 0 turns them off
     domain_type: str | None = None  # 'qemu' or 'kvm'; None probes
+    console_open: bool = False      # serial consoles without a token (Shaken Fist's behaviour)
 
 
 class Bridges:
@@ -90,6 +93,31 @@ def host_capacity() -> pb.NodeCapacity:
                            disk_gib=st.f_bavail * st.f_frsize // 2**30)
 
 
+CONTROLLER_CN_PREFIX = 'controller:'
+
+
+class ControllerOnly(grpc.aio.ServerInterceptor):
+    """NodeService takes calls from controllers only: a client certificate of the
+    cluster CA whose CN is controller:<name>. A node's certificate is refused, so
+    one node cannot act on another's guests."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behaviour = handler.unary_unary
+
+        async def checked(request, context):
+            names = context.auth_context().get('x509_common_name') or [b'']
+            if not names[0].startswith(CONTROLLER_CN_PREFIX.encode()):
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    'only a controller of this cluster may call a node')
+            return await behaviour(request, context)
+        return grpc.unary_unary_rpc_method_handler(
+            checked, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
 class Node(node_pb2_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig, hypervisor):
         self.config = config
@@ -98,9 +126,9 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         self.state_dir = pathlib.Path(config.state_dir)
         self.instances_dir = self.state_dir / 'instances'
         self.instances_dir.mkdir(parents=True, exist_ok=True)
-        self.images = images.ImageCache(self.state_dir / 'images')
+        self.images = images.ImageCache(self.state_dir / 'images', ImagePolicy(config.image_allow))
         self.image_table = {**images.load_table(config.image_table), **config.extra_images}
-        self.link = ControllerLink(config.controller, 'system', config.key, config.name)
+        self.link = ControllerLink(config.controller, config.pki, config.name)
         self.workers: dict[str, InstanceWorker] = {}
         self.bridges = Bridges(config.bridge_prefix, self._networks_in_use)
         self.console_listen = config.console_listen
@@ -117,15 +145,13 @@ class Node(node_pb2_grpc.NodeServiceServicer):
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self):
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[ControllerOnly()])
         node_pb2_grpc.add_NodeServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port(self.config.listen)
+        ca, cert, key = self.config.pki.read()
+        self.port = self.server.add_secure_port(self.config.listen, grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True))
         await self.server.start()
-        host = self.config.listen.rsplit(':', 1)[0]
-        r = await self.link.call('RegisterNode', pb.RegisterNodeRequest(
-            name=self.name, address=f'{host}:{self.port}', console_host=self.console_listen,
-            capacity=self.config.capacity or host_capacity(),
-            features=pb.NodeFeatures(kvm=self.domain_type == 'kvm', vsock=self.vsock)))
+        r = await self.link.call('RegisterNode', self._registration())
         self.hypervisor.on_power_change(self._power_changed)
         self._tasks = [asyncio.create_task(self._follow(), name='follow'),
                        asyncio.create_task(self._heartbeat(r.heartbeat_interval_seconds), name='heartbeat')]
@@ -143,6 +169,8 @@ class Node(node_pb2_grpc.NodeServiceServicer):
             w.task.cancel()
             if w.agent is not None:
                 await w.agent.stop()
+            if w.console is not None:
+                await w.console.stop()
         await asyncio.gather(*self._tasks, *(w.task for w in self.workers.values()),
                              return_exceptions=True)
         if stop_guests:     # at once: each destroy waits a second or two for QEMU to exit
@@ -161,10 +189,15 @@ class Node(node_pb2_grpc.NodeServiceServicer):
             except grpc.aio.AioRpcError as e:
                 log.warning('heartbeat failed: %s', e.code().name)
                 if e.code() == grpc.StatusCode.NOT_FOUND:       # the controller forgot us
-                    await self.link.call('RegisterNode', pb.RegisterNodeRequest(
-                        name=self.name, address=f'127.0.0.1:{self.port}',
-                        console_host=self.console_listen,
-                        capacity=self.config.capacity or host_capacity()))
+                    await self.link.call('RegisterNode', self._registration())
+
+    def _registration(self) -> pb.RegisterNodeRequest:
+        """Who this node is: the same at the first registration and every later one."""
+        host = self.config.listen.rsplit(':', 1)[0]
+        return pb.RegisterNodeRequest(
+            name=self.name, address=f'{host}:{self.port}', console_host=self.console_listen,
+            capacity=self.config.capacity or host_capacity(),
+            features=pb.NodeFeatures(kvm=self.domain_type == 'kvm', vsock=self.vsock))
 
     async def _follow(self):
         """Follow the desired state; on a broken stream, reconnect and resync."""
@@ -172,7 +205,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         while True:
             try:
                 stream = self.link.control.WatchDesiredInstances(
-                    pb.WatchDesiredInstancesRequest(name=self.name), metadata=await self.link.metadata())
+                    pb.WatchDesiredInstancesRequest(name=self.name))
                 listed = set()
                 async for change in stream:
                     delay = 0.1

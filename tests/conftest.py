@@ -1,5 +1,6 @@
-"""Shared fixtures: a real etcd per session, and a controller per test on its own
-key prefix (so tests are independent yet share the etcd)."""
+"""Shared fixtures: a real etcd per session (TLS with client certificates, as the
+plane runs it), and a controller per test on its own key prefix (so tests are
+independent yet share the etcd)."""
 
 import os
 
@@ -13,28 +14,36 @@ import uuid  # noqa: E402
 import pytest  # noqa: E402
 import pytest_asyncio  # noqa: E402
 
+from sfcommon.pki import LocalPki  # noqa: E402
 from sfcontrol import server  # noqa: E402
 from sfcontrol.etcd_process import EtcdServer  # noqa: E402
 from tests.grpc_client import Client  # noqa: E402
 
 
 @pytest.fixture(scope='session')
-def etcd(tmp_path_factory):
-    s = EtcdServer(tmp_path_factory.mktemp('etcd-shared') / 'data').start()
+def pki(tmp_path_factory):
+    """The certificates of the tests' planes (one cluster CA and one etcd CA)."""
+    return LocalPki(tmp_path_factory.mktemp('pki')).ensure()
+
+
+@pytest.fixture(scope='session')
+def etcd(tmp_path_factory, pki):
+    s = EtcdServer(tmp_path_factory.mktemp('etcd-shared') / 'data', pki=pki).start()
     yield s
     s.stop()
 
 
 @pytest.fixture
-def private_etcd(tmp_path):
+def private_etcd(tmp_path, pki):
     """An etcd of the test's own, for tests that stop or restart it."""
-    s = EtcdServer(tmp_path / 'etcd').start()
+    s = EtcdServer(tmp_path / 'etcd', pki=pki).start()
     yield s
     s.stop()
 
 
 def controller_config(etcd, tmp_path, **overrides):
-    return server.Config(etcd_endpoints=[etcd.endpoint], state_dir=tmp_path / 'state',
+    return server.Config(etcd_endpoints=[etcd.endpoint], etcd_tls=etcd.client_tls,
+                         pki=etcd.pki.controller(), state_dir=tmp_path / 'state',
                          store_prefix=f'/sftest/{uuid.uuid4().hex}', **overrides)
 
 
@@ -57,11 +66,18 @@ async def system(controller, tmp_path):
     await c.close()
 
 
+@pytest.fixture
+def node_api(controller, pki):
+    """Where nodes reach the test's controller, with the plane's certificates."""
+    from tests.node_double import NodeApi
+    return NodeApi.of(controller, pki)
+
+
 @pytest_asyncio.fixture
-async def node(system):
+async def node(node_api, system):
     """One healthy node, following its desired state."""
     from tests.node_double import NodeDouble
-    n = await NodeDouble(system).start()
+    n = await NodeDouble(node_api).start()
     yield n
     await n.stop()
 

@@ -71,3 +71,17 @@ class Raises:
 
 
 raises = Raises
+
+
+class ManualClock:
+    """Wall-clock time that moves only when the test says (trio's MockClock, for time.time)."""
+
+    def __init__(self, start: float | None = None):
+        import time
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float):
+        self.now += seconds

@@ -8,16 +8,42 @@ libvirt/QEMU, is the node that does.
 """
 
 import asyncio
+import dataclasses
 
 import grpc
 
+from sfcommon import pki as pkilib
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
 from shakenfist.v1 import instance_pb2
 
 
+@dataclasses.dataclass
+class NodeApi:
+    """Where nodes reach a controller (its node port), and the plane's certificates."""
+    target: str
+    pki: pkilib.LocalPki
+
+    @classmethod
+    def of(cls, controller, pki: pkilib.LocalPki) -> 'NodeApi':
+        return cls(f'127.0.0.1:{controller.node_port}', pki)
+
+    def channel(self, name: str) -> grpc.aio.Channel:
+        """A channel to the node API with node name's certificate, as sfnode has."""
+        ca, cert, key = self.pki.node(name).read()
+        return grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(ca, key, cert), options=[
+            ('grpc.ssl_target_name_override', pkilib.CONTROLLER_SERVER_NAME)])
+
+    def server_credentials(self, name: str):
+        """What node name's NodeService serves with: its certificate, controllers only."""
+        ca, cert, key = self.pki.node(name).read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
 class NodeDouble(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, client, name='node1', cpus=64, memory_mib=65536, disk_gib=2000):
-        self.client = client
+    def __init__(self, api: NodeApi, name='node1', cpus=64, memory_mib=65536, disk_gib=2000):
+        self.api = api
+        self.channel = api.channel(name)
+        self.node_control = node_pb2_grpc.NodeControlServiceStub(self.channel)
         self.name = name
         self.capacity = pb.NodeCapacity(cpus=cpus, memory_mib=memory_mib, disk_gib=disk_gib)
         self.desired: dict[str, pb.DesiredInstance] = {}
@@ -34,11 +60,12 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
         """Serve NodeService, register, and follow the desired state. With auto_create,
         report every new instance created and powered on, as a healthy node would."""
         self.auto_create = auto_create
-        self.server = grpc.aio.server()
+        from sfnode.node import ControllerOnly
+        self.server = grpc.aio.server(interceptors=[ControllerOnly()])
         node_pb2_grpc.add_NodeServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port('127.0.0.1:0')
+        self.port = self.server.add_secure_port('127.0.0.1:0', self.api.server_credentials(self.name))
         await self.server.start()
-        await self.client.node_control.RegisterNode(pb.RegisterNodeRequest(
+        await self.node_control.RegisterNode(pb.RegisterNodeRequest(
             name=self.name, address=f'127.0.0.1:{self.port}', capacity=self.capacity,
             console_host='127.0.0.1'))
         self._watch = asyncio.create_task(self._follow())
@@ -51,9 +78,10 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
             await asyncio.gather(self._watch, return_exceptions=True)
         if self.server:
             await self.server.stop(None)
+        await self.channel.close()
 
     async def _follow(self):
-        stream = self.client.node_control.WatchDesiredInstances(
+        stream = self.node_control.WatchDesiredInstances(
             pb.WatchDesiredInstancesRequest(name=self.name))
         async for change in stream:
             kind = change.WhichOneof('change')
@@ -80,11 +108,11 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
                 self.changed.notify_all()
 
     async def report(self, uuid, **fields):
-        await self.client.node_control.ReportInstanceStatus(pb.ReportInstanceStatusRequest(
+        await self.node_control.ReportInstanceStatus(pb.ReportInstanceStatusRequest(
             node=self.name, instance_uuid=uuid, **fields))
 
     async def heartbeat(self):
-        await self.client.node_control.Heartbeat(pb.HeartbeatRequest(name=self.name))
+        await self.node_control.Heartbeat(pb.HeartbeatRequest(name=self.name))
 
     # -- NodeService ----------------------------------------------------------
     async def GetConsoleData(self, request, context):

@@ -18,10 +18,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 class Plane:
-    def __init__(self, nodes=1):
+    def __init__(self, nodes=1, image_allow=()):
         # Short: libvirt's embed root (under it) must stay under about 50 characters.
         self.state = pathlib.Path(tempfile.mkdtemp(prefix='sfe', dir='/tmp'))
         self.nodes = nodes
+        self.image_allow = list(image_allow)
         self.proc = None
 
     def start(self, timeout=240):
@@ -30,7 +31,8 @@ class Plane:
         self.log = open(self.state / 'sf-up.log', 'wb')
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'sfcontrol.up', '--state-dir', str(self.state), '--nodes',
-             str(self.nodes), '--grpc-port', '0', '--rest-port', '0'],
+             str(self.nodes), '--grpc-port', '0', '--rest-port', '0',
+             *(f'--image-allow={prefix}' for prefix in self.image_allow)],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not (self.state / 'endpoints.json').exists():

@@ -13,7 +13,7 @@ from sfcontrol import server
 from tests.conftest import controller_config, system_key
 from tests.grpc_client import Client
 from tests.helpers import create, create_created, raises
-from tests.node_double import NodeDouble
+from tests.node_double import NodeApi, NodeDouble
 from tests.test_blobs import upload
 from tests.waiting import eventually
 
@@ -46,9 +46,10 @@ async def list_ops(client, ref='inst1', all=False):
         api.ListInstanceAgentOperationsRequest(instance_ref=ref, all=all))).agent_operations
 
 
-async def node_update(client, uuid, state, node='node1', **kw):
-    await client.node_control.UpdateAgentOperation(node_pb2.UpdateAgentOperationRequest(
-        node=node, uuid=uuid, state=state, **kw))
+async def node_update(node, uuid, state, name=None, **kw):
+    """Node node reports on an operation (as the node it claims to be: name)."""
+    await node.node_control.UpdateAgentOperation(node_pb2.UpdateAgentOperationRequest(
+        node=name or node.name, uuid=uuid, state=state, **kw))
 
 
 def dispatched(node):
@@ -130,12 +131,12 @@ async def test_execute_queues_an_operation_and_routes_it_to_the_node(system, nod
 async def test_node_reports_progress_and_results(system, node):
     await ready_instance(system, node)
     op = await execute(system, command_line='cat /tmp/x')
-    await node_update(system, op.uuid, EXECUTING, last_progress=1234.5)
+    await node_update(node, op.uuid, EXECUTING, last_progress=1234.5)
     running = await get_op(system, op.uuid)
     assert running.state == EXECUTING and running.attempts == 1 and running.last_progress == 1234.5
     result = pb.AgentCommandResult(command='execute-response', command_line='cat /tmp/x',
                                    return_code=0, stdout='hello\n', stderr='')
-    await node_update(system, op.uuid, COMPLETE, results={'0': result})
+    await node_update(node, op.uuid, COMPLETE, results={'0': result})
     done = await get_op(system, op.uuid)
     assert done.state == COMPLETE and dict(done.results) == {'0': result}
     assert done.results['0'].HasField('stderr')      # the library reads results['0']['stderr']
@@ -146,13 +147,13 @@ async def test_illegal_transitions_are_state_conflict(system, node):
     await ready_instance(system, node)
     op = await execute(system)
     async with raises(C.FAILED_PRECONDITION, 'STATE_CONFLICT', 'cannot go from queued to complete'):
-        await node_update(system, op.uuid, COMPLETE)
-    await node_update(system, op.uuid, EXECUTING)
-    await node_update(system, op.uuid, EXECUTING)       # a repeated report is not a transition
-    await node_update(system, op.uuid, COMPLETE)
+        await node_update(node, op.uuid, COMPLETE)
+    await node_update(node, op.uuid, EXECUTING)
+    await node_update(node, op.uuid, EXECUTING)       # a repeated report is not a transition
+    await node_update(node, op.uuid, COMPLETE)
     for state in (EXECUTING, QUEUED, ERROR):
         async with raises(C.FAILED_PRECONDITION, 'STATE_CONFLICT', 'cannot go from complete'):
-            await node_update(system, op.uuid, state)
+            await node_update(node, op.uuid, state)
     done = await get_op(system, op.uuid)
     assert done.state == COMPLETE and done.attempts == 1
 
@@ -160,39 +161,46 @@ async def test_illegal_transitions_are_state_conflict(system, node):
 async def test_executing_may_be_requeued_for_a_retry(system, node):
     await ready_instance(system, node)
     op = await execute(system)
-    await node_update(system, op.uuid, EXECUTING)
-    await node_update(system, op.uuid, QUEUED)
-    await node_update(system, op.uuid, EXECUTING)
+    await node_update(node, op.uuid, EXECUTING)
+    await node_update(node, op.uuid, QUEUED)
+    await node_update(node, op.uuid, EXECUTING)
     assert (await get_op(system, op.uuid)).attempts == 2
 
 
 async def test_node_error_is_recorded_with_its_message(system, node):
     await ready_instance(system, node)
     op = await execute(system)
-    await node_update(system, op.uuid, EXECUTING)
-    await node_update(system, op.uuid, ERROR, error_message='agent went away')
+    await node_update(node, op.uuid, EXECUTING)
+    await node_update(node, op.uuid, ERROR, error_message='agent went away')
     failed = await get_op(system, op.uuid)
     assert failed.state == ERROR and failed.error_message == 'agent went away'
 
 
 async def test_update_of_unknown_operation_is_not_found(system, node):
     async with raises(C.NOT_FOUND, 'NOT_FOUND', 'agent operation not found'):
-        await node_update(system, 'nope', EXECUTING)
+        await node_update(node, 'nope', EXECUTING)
 
 
-async def test_only_the_instances_node_may_update_its_operations(system, node):
+async def test_only_the_instances_node_may_update_its_operations(system, node, node_api):
     await ready_instance(system, node)
     op = await execute(system)
-    async with raises(C.FAILED_PRECONDITION, 'STATE_CONFLICT', 'node2'):
-        await node_update(system, op.uuid, EXECUTING, node='node2')
+    other = await NodeDouble(node_api, 'node2').start()
+    try:
+        async with raises(C.FAILED_PRECONDITION, 'STATE_CONFLICT', 'node2'):
+            await node_update(other, op.uuid, EXECUTING)
+        async with raises(C.PERMISSION_DENIED, 'PERMISSION_DENIED', 'node2'):
+            await node_update(other, op.uuid, EXECUTING, name='node1')
+    finally:
+        await other.stop()
     assert (await get_op(system, op.uuid)).state == QUEUED
 
 
-async def test_update_needs_the_system_namespace(system, tenant, node):
+async def test_update_needs_a_node_certificate_not_a_token(system, tenant, node):
     await ready_instance(system, node)
     op = await execute(system)
-    async with raises(C.PERMISSION_DENIED):
-        await node_update(tenant, op.uuid, EXECUTING)
+    for client in (system, tenant):
+        async with raises(C.UNAUTHENTICATED, 'UNAUTHENTICATED', 'node certificate'):
+            await node_update(client, op.uuid, EXECUTING, name='node1')
     assert (await get_op(system, op.uuid)).state == QUEUED
 
 
@@ -206,22 +214,22 @@ async def test_an_unfinished_operation_expires_at_its_deadline(system, node):
     assert expired.error_message and 'deadline' in expired.error_message
     assert time.time() >= op.deadline
     async with raises(C.FAILED_PRECONDITION, 'STATE_CONFLICT'):
-        await node_update(system, op.uuid, COMPLETE)
+        await node_update(node, op.uuid, COMPLETE)
     assert (await get_op(system, op.uuid)).state == EXPIRED
 
 
 async def test_an_executing_operation_expires_too(system, node):
     await ready_instance(system, node)
     op = await execute(system, deadline_seconds=0.5)
-    await node_update(system, op.uuid, EXECUTING)
+    await node_update(node, op.uuid, EXECUTING)
     await wait_op_state(system, op.uuid, EXPIRED, timeout=5)
 
 
 async def test_a_finished_operation_does_not_expire(system, node):
     await ready_instance(system, node)
     done = await execute(system, deadline_seconds=0.3)
-    await node_update(system, done.uuid, EXECUTING)
-    await node_update(system, done.uuid, COMPLETE)
+    await node_update(node, done.uuid, EXECUTING)
+    await node_update(node, done.uuid, COMPLETE)
     # A later deadline expiring shows the earlier one has passed too.
     later = await execute(system, deadline_seconds=0.6)
     await wait_op_state(system, later.uuid, EXPIRED, timeout=5)
@@ -232,7 +240,7 @@ async def test_deadlines_are_rearmed_after_a_controller_restart(etcd, tmp_path):
     config = controller_config(etcd, tmp_path)
     ctl = await server.start(config)
     client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
-    node = await NodeDouble(client).start()
+    node = await NodeDouble(NodeApi.of(ctl, etcd.pki)).start()
     try:
         await ready_instance(client, node)
         op = await execute(client, deadline_seconds=1.5)
@@ -279,7 +287,7 @@ async def test_put_file_is_staged_and_queued_with_put_blob_and_chmod(system, nod
     assert [o.uuid for o in dispatched(node)] == [op.uuid]
     assert [o.uuid for o in await list_ops(system)] == [op.uuid]
     for state in (QUEUED, EXECUTING, COMPLETE):
-        await node_update(system, op.uuid, state)
+        await node_update(node, op.uuid, state)
     assert (await get_op(system, op.uuid)).state == COMPLETE
 
 
@@ -293,8 +301,8 @@ async def test_put_file_with_a_missing_blob_is_not_found(system, node):
 
 
 @pytest.mark.parametrize('change,message', [
-    (dict(mode=-1), 'invalid mode'),
-    (dict(mode=0o1000000), 'invalid mode'),
+    (dict(mode=-1), 'mode: must be from 0 to 65535'),       # the schema's limit
+    (dict(mode=0o1000000), 'mode: must be from 0 to 65535'),
     (dict(path=''), 'path'),
 ])
 async def test_bad_put_file_is_invalid_argument(system, node, change, message):
@@ -316,9 +324,9 @@ async def test_list_shows_queued_operations_or_all_of_them(system, node):
     b = await execute(system, command_line='b')
     c = await execute(system, command_line='c')
     theirs = await execute(system, 'other', command_line='x')
-    await node_update(system, a.uuid, EXECUTING)
-    await node_update(system, a.uuid, COMPLETE)
-    await node_update(system, b.uuid, EXECUTING)
+    await node_update(node, a.uuid, EXECUTING)
+    await node_update(node, a.uuid, COMPLETE)
+    await node_update(node, b.uuid, EXECUTING)
     assert [o.uuid for o in await list_ops(system)] == [c.uuid]
     assert sorted(o.uuid for o in await list_ops(system, all=True)) == sorted([a.uuid, b.uuid, c.uuid])
     assert [o.uuid for o in await list_ops(system, 'other', all=True)] == [theirs.uuid]
@@ -346,8 +354,8 @@ async def test_delete_marks_the_operation_deleted(system, node):
     await ready_instance(system, node)
     queued = await execute(system, command_line='a', deadline_seconds=0.5)
     done = await execute(system, command_line='b')
-    await node_update(system, done.uuid, EXECUTING)
-    await node_update(system, done.uuid, COMPLETE)
+    await node_update(node, done.uuid, EXECUTING)
+    await node_update(node, done.uuid, COMPLETE)
     for op in (queued, done):
         r = await system.agentops.DeleteAgentOperation(api.DeleteAgentOperationRequest(
             agent_operation_uuid=op.uuid))
@@ -356,7 +364,7 @@ async def test_delete_marks_the_operation_deleted(system, node):
     assert await list_ops(system) == []
     assert {o.state for o in await list_ops(system, all=True)} == {DELETED}
     async with raises(C.FAILED_PRECONDITION, 'STATE_CONFLICT'):
-        await node_update(system, queued.uuid, EXECUTING)
+        await node_update(node, queued.uuid, EXECUTING)
     # Its deadline was disarmed: a later one passing leaves it deleted, not expired.
     later = await execute(system, command_line='c', deadline_seconds=0.6)
     await wait_op_state(system, later.uuid, EXPIRED, timeout=5)
@@ -384,8 +392,8 @@ async def test_same_request_id_gives_one_operation_dispatched_once(system, node)
     assert [o.uuid for o in await list_ops(system, all=True)] == [first.uuid]
     assert [o.uuid for o in dispatched(node)] == [first.uuid]
     # Retried after it finished: still the one operation, and it is not run again.
-    await node_update(system, first.uuid, EXECUTING)
-    await node_update(system, first.uuid, COMPLETE)
+    await node_update(node, first.uuid, EXECUTING)
+    await node_update(node, first.uuid, COMPLETE)
     third = await execute(system, request_id='exec-1')
     assert third.uuid == first.uuid and third.state == COMPLETE
     assert [o.uuid for o in dispatched(node)] == [first.uuid]

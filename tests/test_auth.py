@@ -11,7 +11,7 @@ from shakenfist.v1 import auth_service_pb2 as auth, instance_service_pb2 as api
 from shakenfist.v1 import server_service_pb2
 from tests.conftest import controller_config, system_key
 from tests.grpc_client import Client
-from tests.helpers import raises
+from tests.helpers import ManualClock, raises
 
 C = grpc.StatusCode
 
@@ -56,10 +56,14 @@ async def test_calls_without_or_with_a_bad_token_are_unauthenticated(controller,
 
 async def test_expired_tokens_are_unauthenticated(etcd, tmp_path):
     from sfcontrol import server
-    ctl = await server.start(controller_config(etcd, tmp_path, token_ttl=-1))
+    clock = ManualClock()
+    ctl = await server.start(controller_config(etcd, tmp_path, token_ttl=60, clock=clock))
     c = Client(f'127.0.0.1:{ctl.port}')
     try:
         await c.login(SYSTEM, system_key(tmp_path))
+        clock.advance(59)
+        await c.instances.ListInstances(api.ListInstancesRequest())
+        clock.advance(1)
         async with raises(C.UNAUTHENTICATED, match='expired'):
             await c.instances.ListInstances(api.ListInstancesRequest())
     finally:
@@ -83,16 +87,21 @@ async def test_namespace_and_key_management(system, controller):
 
     team = await Client(f'127.0.0.1:{controller.port}').login('team', 's1')
     try:
+        await team.instances.ListInstances(api.ListInstancesRequest())
         await system.auth.UpdateNamespaceKey(auth.UpdateNamespaceKeyRequest(namespace='team', key_name='k1', key='s2'))
         async with raises(C.UNAUTHENTICATED):
             await Client(f'127.0.0.1:{controller.port}').login('team', 's1')
+        # Setting the key again ends the tokens of its earlier generation.
+        async with raises(C.UNAUTHENTICATED, match='deleted or set again'):
+            await team.instances.ListInstances(api.ListInstancesRequest())
+        await team.login('team', 's2')
         # Only system manages namespaces.
         async with raises(C.PERMISSION_DENIED, 'PERMISSION_DENIED'):
             await team.auth.CreateNamespace(auth.CreateNamespaceRequest(namespace='other'))
         # Deleting the key ends the tokens issued for it.
         await team.instances.ListInstances(api.ListInstancesRequest())
         await system.auth.DeleteNamespaceKey(auth.DeleteNamespaceKeyRequest(namespace='team', key_name='k1'))
-        async with raises(C.UNAUTHENTICATED, match='no longer exists'):
+        async with raises(C.UNAUTHENTICATED, match='deleted or set again'):
             await team.instances.ListInstances(api.ListInstancesRequest())
     finally:
         await team.close()

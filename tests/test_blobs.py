@@ -6,7 +6,8 @@ import os
 import grpc
 
 from shakenfist.node.v1alpha1 import node_pb2
-from shakenfist.v1 import blob_service_pb2 as b, instance_service_pb2 as api
+from shakenfist.v1 import agent_operation_service_pb2 as aop
+from shakenfist.v1 import blob_service_pb2 as b, instance_pb2, instance_service_pb2 as api
 from tests.helpers import create_created, raises, wait_state
 
 
@@ -93,6 +94,7 @@ async def test_a_screenshot_is_a_blob_released_with_its_instance(system, node, c
 
 async def test_nodes_store_and_fetch_blobs_over_grpc_streams(system, node):
     inst = await create_created(system)
+    await node.report(inst.uuid, agent_state=instance_pb2.AGENT_STATE_READY)
     data = os.urandom(2 * 1024 * 1024 + 3)
 
     async def parts():
@@ -100,12 +102,21 @@ async def test_nodes_store_and_fetch_blobs_over_grpc_streams(system, node):
             node=node.name, namespace='system', instance_uuid=inst.uuid))
         for i in range(0, len(data), 65536):
             yield node_pb2.PutBlobRequest(data=data[i:i + 65536])
-    stored = await system.node_control.PutBlob(parts())
+    stored = await node.node_control.PutBlob(parts())
     assert stored.size == len(data) and stored.sha512 == hashlib.sha512(data).hexdigest()
-    got = b''
-    async for part in system.node_control.GetBlob(node_pb2.GetBlobRequest(blob_uuid=stored.blob_uuid)):
-        got += part.data
-    assert got == data
+
+    async def fetch():
+        got = b''
+        async for part in node.node_control.GetBlob(node_pb2.GetBlobRequest(blob_uuid=stored.blob_uuid)):
+            got += part.data
+        return got
+    # A node reads only the blobs that an agent operation of its instances puts.
+    async with raises(grpc.StatusCode.NOT_FOUND, match='not for node node1'):
+        await fetch()
+    art = await system.artifacts.UploadArtifact(b.UploadArtifactRequest(name='f', blob_uuid=stored.blob_uuid))
+    await system.agentops.PutFile(aop.PutFileRequest(
+        instance_ref=inst.uuid, blob_uuid=art.artifact.blob_uuid, path='/tmp/f', mode=0o644))
+    assert await fetch() == data
 
 
 async def test_foreign_blobs_and_uploads_are_not_found(system, tenant):

@@ -1,6 +1,7 @@
 """End to end on real QEMU/TCG guests: sf-up (etcd, controller, gateway, one sfnode
 on libvirt) driven through gRPC and the real sf-client, as users do."""
 
+import asyncio
 import functools
 import http.server
 import os
@@ -25,21 +26,22 @@ BOOT = 90          # seconds a boot may take on a busy 2-core runner under TCG
 
 
 @pytest.fixture(scope='module')
-def plane():
-    p = Plane(nodes=1).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture(scope='module')
 def image_url():
-    """The test image over HTTP, as offline tests fetch base images."""
+    """The test image over HTTP, as offline tests fetch base images. It is on loopback,
+    an internal address: the plane's operator allow-lists it."""
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(IMAGE_DIR))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f'http://127.0.0.1:{server.server_address[1]}/sftest.qcow2'
     server.shutdown()
+
+
+@pytest.fixture(scope='module')
+def plane(image_url):
+    p = Plane(nodes=1, image_allow=[image_url.rsplit('/', 1)[0] + '/']).start()
+    yield p
+    p.stop()
 
 
 @pytest_asyncio.fixture(scope='module', loop_scope='module')
@@ -170,6 +172,59 @@ async def test_console_tail_and_clear(plane, client, guest):
     after = (await client.instances.GetConsoleData(api.GetConsoleDataRequest(
         instance_ref='guest', length=-1))).console.data
     assert len(after) < len(whole) and b'SFTEST init: started' not in after
+
+
+async def open_console(guest, token=None):
+    """A connection to the guest's serial console port; with a token, admitted."""
+    reader, writer = await asyncio.open_connection('127.0.0.1', guest.console_port)
+    assert b'Token: ' in await asyncio.wait_for(reader.readuntil(b'Token: '), 10)
+    if token is not None:
+        writer.write(token.encode() + b'\n')
+        await writer.drain()
+    return reader, writer
+
+
+async def read_until_text(reader, text: bytes, timeout=30):
+    seen = b''
+    async def more():
+        nonlocal seen
+        while text not in seen:
+            chunk = await reader.read(4096)
+            if not chunk:
+                raise EOFError(seen.decode(errors='replace'))
+            seen += chunk
+    await asyncio.wait_for(more(), timeout)
+    return seen
+
+
+async def test_the_serial_console_admits_token_holders_only_and_is_shared(plane, client, guest):
+    from shakenfist.v1 import auth_service_pb2 as auth
+    from tests.grpc_client import Client
+    # No token, a bad one, or one of a namespace that cannot see the instance: refused.
+    await client.auth.CreateNamespace(auth.CreateNamespaceRequest(namespace='stranger'))
+    await client.auth.AddNamespaceKey(auth.AddNamespaceKeyRequest(namespace='stranger', key_name='k', key='sk'))
+    stranger = await Client(plane.endpoints['grpc']).login('stranger', 'sk')
+    for token in ('', 'not-a-token-at-all', stranger.token):
+        reader, writer = await open_console(guest, token)
+        answer = await read_until_text(reader, b'may not use this console', 10)
+        assert b'Connected' not in answer
+        assert await reader.read() == b''           # and the connection is closed
+        writer.close()
+    await stranger.close()
+    # Two viewers with the owner's token: both see what either makes the guest print.
+    (r1, w1), (r2, w2) = [await open_console(guest, client.token) for _ in range(2)]
+    try:
+        for reader in (r1, r2):
+            await read_until_text(reader, b'Connected.')
+        w1.write(b'\necho console-$((6 * 7))-works\n')
+        await w1.drain()
+        for reader in (r1, r2):
+            await read_until_text(reader, b'console-42-works')
+        # What was typed ran in the guest, and the log (consoledata) has it too.
+        await console_has(plane, guest, 'console-42-works')
+    finally:
+        for w in (w1, w2):
+            w.close()
 
 
 async def test_sf_client_execute_upload_download_screenshot(plane, client, guest, tmp_path):

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import pytest_asyncio
 
+from sfcommon.pki import LocalPki
 from sfcontrol.nodes_launcher import node_command
 from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api, specs_pb2
 from tests.plane import Plane
@@ -79,9 +80,10 @@ async def test_a_node_killed_during_creates_recovers_them_all_without_duplicates
             for pid in plane.node_pids('node0'):
                 os.kill(pid, signal.SIGKILL)
     # Restart it the way sf-up started it.
-    grpc_target = plane.endpoints['grpc']
     log = open(plane.state / 'node0-restart.log', 'ab')
-    proc = subprocess.Popen(node_command(0, plane.state, grpc_target, '127.0.0.1'), stdout=log,
+    command = node_command(0, plane.state, LocalPki(plane.state / 'pki'), plane.endpoints['node_api'],
+                           '127.0.0.1')
+    proc = subprocess.Popen(command, stdout=log,
                             stderr=log, env={**os.environ, 'SF_NODE_DOMAIN_TYPE': 'qemu'},
                             start_new_session=True)
     try:

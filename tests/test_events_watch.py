@@ -11,7 +11,7 @@ from shakenfist.v1 import event_pb2, event_service_pb2 as ev, instance_service_p
 from tests.conftest import controller_config, system_key
 from tests.grpc_client import Client
 from tests.helpers import create_created, raises
-from tests.node_double import NodeDouble
+from tests.node_double import NodeApi, NodeDouble
 from tests.waiting import eventually
 
 INSTANCE = event_pb2.OBJECT_TYPE_INSTANCE
@@ -79,7 +79,7 @@ async def test_watch_filters_by_event_type(system, node):
 async def test_a_watch_survives_an_etcd_restart(private_etcd, tmp_path):
     ctl = await server.start(controller_config(private_etcd, tmp_path))
     c = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
-    node = await NodeDouble(c).start()
+    node = await NodeDouble(NodeApi.of(ctl, private_etcd.pki)).start()
     try:
         await create_created(c)
         w = Collector(c, object_type=INSTANCE, object_ref='inst1')

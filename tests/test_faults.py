@@ -27,7 +27,8 @@ from shakenfist.v1 import instance_service_pb2 as api
 from tests.conftest import controller_config, system_key
 from tests.grpc_client import Client
 from tests.helpers import create_request
-from tests.node_double import NodeDouble
+from sfnode.node import ControllerOnly
+from tests.node_double import NodeApi, NodeDouble
 from tests.waiting import eventually
 
 C = grpc.StatusCode
@@ -67,8 +68,8 @@ class ResilientNode(NodeDouble):
     and watches again; it retries its reports, heartbeats, and drives each instance on to
     created from whatever state it finds it in."""
 
-    def __init__(self, client, name='node1', **capacity):
-        super().__init__(client, name, **capacity)
+    def __init__(self, api, name='node1', **capacity):
+        super().__init__(api, name, **capacity)
         self.upserts: collections.Counter[str] = collections.Counter()
         self.rewatches = 0
         self.retries: collections.Counter[str] = collections.Counter()
@@ -77,9 +78,9 @@ class ResilientNode(NodeDouble):
 
     async def start(self):
         self.auto_create = True
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[ControllerOnly()])
         node_pb2_grpc.add_NodeServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port('127.0.0.1:0')
+        self.port = self.server.add_secure_port('127.0.0.1:0', self.api.server_credentials(self.name))
         await self.server.start()
         self._watch = asyncio.create_task(self._run())
         await asyncio.wait_for(self.synced.wait(), 10)
@@ -98,7 +99,7 @@ class ResilientNode(NodeDouble):
     async def _run(self):
         try:
             while True:
-                await retrying(self.client.node_control.RegisterNode, npb.RegisterNodeRequest(
+                await retrying(self.node_control.RegisterNode, npb.RegisterNodeRequest(
                     name=self.name, address=f'127.0.0.1:{self.port}', capacity=self.capacity,
                     console_host='127.0.0.1'), self.retries)
                 try:
@@ -118,13 +119,13 @@ class ResilientNode(NodeDouble):
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.client.node_control.Heartbeat(npb.HeartbeatRequest(name=self.name),
+                await self.node_control.Heartbeat(npb.HeartbeatRequest(name=self.name),
                                                          timeout=CALL_TIMEOUT)
             except grpc.aio.AioRpcError:
                 pass        # the controller is away; the watch loop registers again
 
     async def _follow(self):
-        stream = self.client.node_control.WatchDesiredInstances(
+        stream = self.node_control.WatchDesiredInstances(
             npb.WatchDesiredInstancesRequest(name=self.name), wait_for_ready=True)
         async for change in stream:
             kind = change.WhichOneof('change')
@@ -150,7 +151,7 @@ class ResilientNode(NodeDouble):
                 self.changed.notify_all()
 
     async def report(self, uuid, **fields):
-        await retrying(self.client.node_control.ReportInstanceStatus,
+        await retrying(self.node_control.ReportInstanceStatus,
                        npb.ReportInstanceStatusRequest(node=self.name, instance_uuid=uuid, **fields),
                        self.retries)
 
@@ -160,15 +161,17 @@ class ResilientNode(NodeDouble):
 class Plane:
     """Controllers on one etcd prefix, the clients of the test, and its nodes."""
 
-    def __init__(self, config):
+    def __init__(self, config, pki):
         self.config = config
+        self.pki = pki
         self.controllers: list[server.Controller] = []
         self.clients: list[Client] = []
         self.nodes: list[ResilientNode] = []
         self.token = None
 
-    async def start_controller(self, port=0):
-        ctl = await server.start(dataclasses.replace(self.config, listen=f'127.0.0.1:{port}'))
+    async def start_controller(self, port=0, node_port=0):
+        ctl = await server.start(dataclasses.replace(
+            self.config, listen=f'127.0.0.1:{port}', node_listen=f'127.0.0.1:{node_port}'))
         self.controllers.append(ctl)
         if self.token is None:
             c = await Client(f'127.0.0.1:{ctl.port}').login(
@@ -187,7 +190,7 @@ class Plane:
 
     async def node(self, ctl, name='node1', **capacity):
         capacity = capacity or {'cpus': 10_000, 'memory_mib': 10_000_000, 'disk_gib': 100_000}
-        n = await ResilientNode(self.client(ctl), name, **capacity).start()
+        n = await ResilientNode(NodeApi.of(ctl, self.pki), name, **capacity).start()
         self.nodes.append(n)
         return n
 
@@ -205,11 +208,11 @@ class Plane:
 
 
 @pytest_asyncio.fixture
-async def make_plane():
+async def make_plane(pki):
     planes = []
 
     def make(config):
-        planes.append(Plane(config))
+        planes.append(Plane(config, pki))
         return planes[-1]
     yield make
     for p in planes:
@@ -383,13 +386,13 @@ def report(what, creates, nodes, elapsed):
 async def test_creates_survive_a_controller_restart(etcd, tmp_path, make_plane):
     plane = make_plane(controller_config(etcd, tmp_path))
     ctl = await plane.start_controller()
-    port = ctl.port
+    port, node_port = ctl.port, ctl.node_port
     node = await plane.node(ctl)
     t0 = time.monotonic()
     creates = Creates([plane.client(ctl) for _ in range(CLIENTS)]).start()
     await creates.acknowledged(2 * CLIENTS, 'before the restart')
     await plane.stop_controller(ctl)            # no grace: in-flight creates are cut off
-    ctl = await plane.start_controller(port)    # same port and prefix: clients reconnect
+    ctl = await plane.start_controller(port, node_port)    # same ports and prefix: clients reconnect
     await creates.acknowledged(2 * CLIENTS, 'after the restart')
     await creates.finish()
     elapsed = time.monotonic() - t0
@@ -484,17 +487,17 @@ async def test_two_controllers_never_overbook_a_node(etcd, tmp_path, make_plane)
 # -- 4. a 3-member etcd cluster losing a member --------------------------------------------------------
 
 @pytest.fixture
-def etcd_cluster(tmp_path):
-    members = EtcdServer.cluster(tmp_path / 'cluster', 3)
+def etcd_cluster(tmp_path, pki):
+    members = EtcdServer.cluster(tmp_path / 'cluster', 3, pki=pki)
     yield members
     for m in members:
         m.stop()
 
 
-async def answers(endpoint, prefix):
+async def answers(member, prefix):
     """The number of instances one member reports for prefix, by a linearizable read
     (served only by a member that is in the cluster and caught up)."""
-    store = await Store.connect([endpoint], prefix=prefix, timeout=3)
+    store = await Store.connect([member.endpoint], prefix=prefix, timeout=3, tls=member.client_tls)
     try:
         return await store.count('instances/')
     finally:
@@ -535,7 +538,7 @@ async def test_creates_survive_losing_an_etcd_cluster_member(etcd_cluster, tmp_p
     await eventually(lambda: all(m.healthy() for m in etcd_cluster), timeout=15,
                      what='all three members healthy')
     total = await ctl.core.store.count('instances/')
-    counts = [await answers(m.endpoint, config.store_prefix) for m in etcd_cluster]
+    counts = [await answers(m, config.store_prefix) for m in etcd_cluster]
     assert counts == [total] * 3
     # And creates still work.
     more = Creates([plane.client(ctl)], tag='after').start()

@@ -31,7 +31,7 @@ from shakenfist.v1 import instance_pb2
 from shakenfist.v1 import instance_service_pb2 as api
 from tests.grpc_client import Client
 from tests.helpers import create_request
-from tests.node_double import NodeDouble
+from tests.node_double import NodeApi, NodeDouble
 from tests.waiting import eventually
 
 CLIENTS = 50
@@ -46,10 +46,11 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture
 def controller_process(etcd, tmp_path):
-    """`sfcontrol` in a child process, on its own prefix: (process, target, key file)."""
-    with socket.socket() as s:
+    """`sfcontrol` in a child process, on its own prefix: (process, target, key file, node API)."""
+    with socket.socket() as s, socket.socket() as n:
         s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+        n.bind(('127.0.0.1', 0))
+        port, node_port = s.getsockname()[1], n.getsockname()[1]
     state = tmp_path / 'state'
     setpriv = shutil.which('setpriv')       # SIGTERM it if this process dies
     die_with_us = [setpriv, '--pdeathsig', 'TERM', '--'] if setpriv else []
@@ -57,11 +58,13 @@ def controller_process(etcd, tmp_path):
         proc = subprocess.Popen(
             die_with_us + [sys.executable, '-m', 'sfcontrol.main', '--etcd', etcd.endpoint,
                            '--listen', f'127.0.0.1:{port}', '--state-dir', str(state),
+                           '--node-listen', f'127.0.0.1:{node_port}',
+                           '--pki-dir', str(etcd.pki.controller().directory),
                            '--prefix', f'/sftest/{uuid.uuid4().hex}', '--log-level', 'warning'],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=pathlib.Path(__file__).resolve().parent.parent)
     try:
-        yield proc, f'127.0.0.1:{port}', state / 'system.key'
+        yield proc, f'127.0.0.1:{port}', state / 'system.key', NodeApi(f'127.0.0.1:{node_port}', etcd.pki)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -196,9 +199,9 @@ class LoadClient:
 
 
 async def test_mixed_load_of_50_clients(controller_process, tmp_path):
-    proc, target, key_file = controller_process
+    proc, target, key_file, node_api = controller_process
     system = await serving(proc, target, key_file, tmp_path / 'sfcontrol.log')
-    node = await Node(system, cpus=10_000, memory_mib=10_000_000, disk_gib=100_000).start()
+    node = await Node(node_api, cpus=10_000, memory_mib=10_000_000, disk_gib=100_000).start()
     clients = []
     for _ in range(CLIENTS):
         c = Client(target)
@@ -244,12 +247,12 @@ async def test_mixed_load_of_50_clients(controller_process, tmp_path):
         print(f'{kind:<14}{s["count"]:>7}{s["p50"]:>10.1f}{s["p99"]:>10.1f}')
 
 
-async def test_concurrent_creates_contending_for_one_node_all_get_an_answer(controller, system):
+async def test_concurrent_creates_contending_for_one_node_all_get_an_answer(controller, system, node_api):
     """60 creates at once for a node with room for 50: every create checks the node's
     record, so all but one conflict on each round. Exactly 50 are created and 10 refused
     RESOURCE_EXHAUSTED; none gives up with UNAVAILABLE ("conflicted too often"), as 22 of
     50 did before conflicting retries were queued within the controller (Core.mutate)."""
-    node = await NodeDouble(system, cpus=50, memory_mib=50 * 64, disk_gib=50).start()
+    node = await NodeDouble(node_api, cpus=50, memory_mib=50 * 64, disk_gib=50).start()
     clients = []
     for _ in range(60):
         c = Client(f'127.0.0.1:{controller.port}')

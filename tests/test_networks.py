@@ -15,7 +15,7 @@ from shakenfist.v1 import network_service_pb2 as net, specs_pb2
 from tests.conftest import controller_config, system_key
 from tests.grpc_client import Client
 from tests.helpers import create, create_created, network, raises, wait_state
-from tests.node_double import NodeDouble
+from tests.node_double import NodeApi, NodeDouble
 
 C = grpc.StatusCode
 FLOATING = ipaddress.IPv4Network('198.51.100.0/24')
@@ -364,7 +364,7 @@ async def test_a_deleted_instance_gives_its_floating_address_back(system, node):
 async def test_an_exhausted_floating_pool_is_resource_exhausted(etcd, tmp_path):
     ctl = await server.start(controller_config(etcd, tmp_path, floating_netblock='203.0.113.0/29'))
     client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
-    node = await NodeDouble(client).start()
+    node = await NodeDouble(NodeApi.of(ctl, etcd.pki)).start()
     try:
         pool = assignable('203.0.113.0/29')                 # five addresses
         nat = await network(client, provide_nat=True)       # the gateway takes one

@@ -17,7 +17,7 @@ def test_two_planes_run_side_by_side_and_stop_cleanly():
         try:
             for p in (a, b):
                 endpoints = json.loads((p.state / 'endpoints.json').read_text())
-                assert set(endpoints) == {'grpc', 'rest', 'namespace', 'key'}
+                assert set(endpoints) == {'grpc', 'rest', 'node_api', 'namespace', 'key'}
                 assert endpoints['namespace'] == 'system'
                 config = json.loads((p.state / 'shakenfist.json').read_text())
                 assert config == {'namespace': 'system', 'key': endpoints['key'], 'apiurl': endpoints['rest']}

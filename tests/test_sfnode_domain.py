@@ -44,7 +44,7 @@ def make_instance(disks=(('virtio', 'disk'),), nics=(), video=('vga', 'vnc'),
 def build(desired, **options) -> tuple[str, ET.Element, domain.InstancePaths]:
     paths = domain.InstancePaths.under('/srv/sf/instances/x', desired.instance)
     options.setdefault('bridges', BRIDGES)
-    xml = domain.build_domain_xml(desired, paths, domain.DomainOptions(console_port=31001, **options))
+    xml = domain.build_domain_xml(desired, paths, domain.DomainOptions(**options))
     return xml, ET.fromstring(xml), paths
 
 
@@ -127,19 +127,27 @@ def test_nics_in_interface_order_on_their_networks_bridges(example):
     assert all(t.startswith('tap-') and len(t) <= 15 for t in taps) and len(set(taps)) == 2
 
 
-def test_one_serial_console_interactive_on_its_port_and_logged(example):
+def test_one_serial_console_on_a_unix_socket_and_logged(example):
+    """QEMU serves the serial port on a unix socket only the node can reach; the node
+    shares it with the viewers it admits (sfnode/console.py). No TCP port of QEMU's."""
     _, root, paths = build(example)
     serials = root.findall('devices/serial')
     assert len(serials) == 1
     serial = serials[0]
-    assert serial.get('type') == 'tcp'
-    assert serial.find('source').attrib == {'mode': 'bind', 'host': '127.0.0.1', 'service': '31001'}
-    assert serial.find('protocol').get('type') == 'telnet'
+    assert serial.get('type') == 'unix'
+    assert serial.find('source').attrib == {'mode': 'bind', 'path': paths.console_socket}
     assert serial.find('log').attrib == {'file': paths.console_log, 'append': 'on'}
     console = root.find('devices/console')
-    assert console.get('type') == 'tcp'
+    assert console.get('type') == 'unix'
     assert console.find('target').attrib == {'type': 'serial', 'port': '0'}
-    assert console.find('source').get('service') == '31001'
+    assert console.find('source').get('path') == paths.console_socket
+
+
+def test_graphical_consoles_have_the_instances_password_and_vnc_is_shared(example):
+    _, root, _ = build(example, vdi_password='s3cret-pw')
+    graphics = root.find('devices/graphics')
+    assert graphics.get('passwd') == 's3cret-pw'
+    assert graphics.get('sharePolicy') == 'force-shared'
 
 
 def test_agent2_without_vsock_is_a_virtio_serial_port(example):
@@ -214,7 +222,7 @@ async def test_nvme_disks_are_qemu_devices_and_the_first_boots(test_driver):
     assert disks[0].find('boot').get('order') == '2' and disks[1].find('boot') is None
     await define_and_read_back(test_driver, xml)
     slots = domain.disk_layout(make_instance(disks=(('nvme', 'disk'),)).instance,
-                               domain.InstancePaths(['/x/d.qcow2'], None, '/x/c.log', '/x/a.sock'))
+                               domain.InstancePaths(['/x/d.qcow2'], None, '/x/c.log', '/x/c.sock', '/x/a.sock'))
     assert [(s.device, s.to_pb().bus) for s in slots] == [('nvme0', spb.DISK_BUS_NVME)]
 
 

@@ -27,6 +27,7 @@ import pytest_asyncio
 from google.protobuf.message import DecodeError
 
 from sfnode import domain
+from sfnode.console import SerialConsole
 from sfnode.hypervisor import (PNG_SIGNATURE, DeviceNotFound, DomainNotFound, Hypervisor,
                                InvalidConfig, InvalidDomainState, Unsupported, ppm_to_png)
 from shakenfist.agent.v2 import agent_pb2 as apb
@@ -234,9 +235,11 @@ async def test_real_guest_lifecycle_hotplug_and_events(real_hv, guest_image, emb
                     paths.disks[0]], check=True)
     console_port = free_port()
     xml = domain.build_domain_xml(desired, paths, domain.DomainOptions(
-        console_port=console_port, domain_type='qemu', emulator=EMULATOR))
+        domain_type='qemu', emulator=EMULATOR))
     timings = {}
     console = None
+    serial = await SerialConsole(inst.uuid, paths.console_socket, None, open_access=True).start(
+        '127.0.0.1', console_port)
 
     try:
         # Start: the 'started' event says the power is on.
@@ -348,6 +351,7 @@ async def test_real_guest_lifecycle_hotplug_and_events(real_hv, guest_image, emb
     finally:
         if console:
             console.close()
+        await serial.stop()
         for cleanup in (hv.destroy, hv.undefine):
             try:
                 await cleanup(name)
@@ -394,7 +398,7 @@ async def main(state, caps_cache):
     desired = sftest_instance()
     paths = domain.InstancePaths.under(state, desired.instance)
     subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', paths.disks[0], '64M'], check=True)
-    xml = domain.build_domain_xml(desired, paths, domain.DomainOptions(console_port=free_port()))
+    xml = domain.build_domain_xml(desired, paths, domain.DomainOptions())
     print('ready', flush=True)
     sys.stdin.readline()
     result = {'open_seconds': hv.open_seconds}
@@ -461,7 +465,7 @@ def minimal_xml(name, domain_uuid):
     desired = sftest_instance()
     desired.instance.uuid = domain_uuid
     paths = domain.InstancePaths.under('/nonexistent', desired.instance)
-    xml = domain.build_domain_xml(desired, paths, domain.DomainOptions(console_port=31000))
+    xml = domain.build_domain_xml(desired, paths, domain.DomainOptions())
     return xml.replace(f'sf-{domain_uuid}', name)
 
 

@@ -18,7 +18,7 @@ from sfcontrol.store import Store, StoreCompacted, StoreUnavailable, Txn
 @pytest_asyncio.fixture
 async def store(etcd):
     # A fresh prefix per test keeps tests independent on the shared etcd.
-    s = await Store.connect([etcd.endpoint], prefix=f"/sftest/{uuid.uuid4().hex}")
+    s = await Store.connect([etcd.endpoint], prefix=f"/sftest/{uuid.uuid4().hex}", tls=etcd.client_tls)
     yield s
     await s.close()
 
@@ -190,7 +190,7 @@ async def test_watch_replays_puts_and_deletes_in_order_from_start_revision(store
 
 
 async def test_watch_survives_etcd_restart_without_missing_or_repeating(private_etcd):
-    store = await Store.connect([private_etcd.endpoint])
+    store = await Store.connect([private_etcd.endpoint], tls=private_etcd.client_tls)
     try:
         start = await store.put("r/before", b"0") + 1
         async with collecting(store, "r/", start) as seen:
@@ -270,7 +270,7 @@ async def test_lease_keys_vanish_on_revoke_and_keepalive_reports_ttl(store):
 async def test_unreachable_etcd_is_store_unavailable(private_etcd):
     with pytest.raises(StoreUnavailable):
         await Store.connect([f"127.0.0.1:{_free_ports(1)[0]}"], timeout=0.5)
-    store = await Store.connect([private_etcd.endpoint], timeout=1.0)
+    store = await Store.connect([private_etcd.endpoint], timeout=1.0, tls=private_etcd.client_tls)
     try:
         await store.put("a", b"1")
         await private_etcd.stop_async()
