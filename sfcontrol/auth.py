@@ -12,6 +12,7 @@ keys keep verifying until the tokens they signed have expired. A token's
 lifetime is capped (MAX_TOKEN_TTL), also for tokens checked.
 """
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -40,6 +41,11 @@ ISSUER = 'shakenfist'
 SYSTEM_KEY_NAME = 'deploy'
 SYSTEM_KEY_FILE = 'system.key'
 VERIFIED_TOKENS = 10000         # remembered verified tokens (then the memory starts again)
+# Failed logins: a client (namespace, address) may fail FAILURE_BURST times, then once
+# per FAILURE_REFILL seconds. scrypt runs in one worker thread at a time, off the
+# event loop: wrong keys cost the attacker time, not other callers.
+FAILURE_BURST, FAILURE_REFILL = 5, 2.0
+SCRYPT_AT_ONCE = 1
 MAX_TOKEN_TTL = 3600            # no token lives longer than this, whatever signed it
 CREATED = pb.NamespaceState.Value('NAMESPACE_STATE_CREATED')
 
@@ -59,6 +65,29 @@ def signing_key() -> records_pb2.TokenKeyRecord:
                                       created_at=time.time())
 
 
+class FailureLimiter:
+    """A token bucket of failures per client: FAILURE_BURST, refilled one per refill s."""
+
+    def __init__(self, clock: Callable[[], float], burst: int = FAILURE_BURST,
+                 refill: float = FAILURE_REFILL, size: int = 10000):
+        self.clock, self.burst, self.refill, self.size = clock, burst, refill, size
+        self._buckets: dict[tuple, tuple[float, float]] = {}     # client -> (tokens, when)
+
+    def _tokens(self, client) -> float:
+        tokens, when = self._buckets.get(client, (self.burst, self.clock()))
+        return min(self.burst, tokens + (self.clock() - when) / self.refill)
+
+    def check(self, client):
+        if self._tokens(client) < 1:
+            wait = self.refill * (1 - self._tokens(client))
+            raise errors.too_many_requests(f'too many failed attempts: retry in {wait:.0f} s')
+
+    def failed(self, client):
+        if len(self._buckets) >= self.size:
+            self._buckets.clear()
+        self._buckets[client] = (self._tokens(client) - 1, self.clock())
+
+
 @dataclasses.dataclass(frozen=True)
 class _Verified:
     """A token whose signature and claims were checked."""
@@ -76,6 +105,8 @@ class Auth:
         self.core = core
         self.token_ttl = token_ttl
         self.clock = clock
+        self.failures = FailureLimiter(clock)
+        self._scrypt = asyncio.Semaphore(SCRYPT_AT_ONCE)
         # Verifying the JWT was 12% of a GetInstance (bench P1); a client sends the
         # same token on every call. Expiry, revocation and the signing key are still
         # checked on every call.
@@ -136,12 +167,17 @@ class Auth:
         return await self.core.mutate(build)
 
     # -- tokens ----------------------------------------------------------------
-    def create_token(self, req: api.CreateTokenRequest) -> api.CreateTokenResponse:
+    async def create_token(self, req: api.CreateTokenRequest, source: str = '') -> api.CreateTokenResponse:
+        """A token for a namespace's key; source (the client's address) limits failures."""
         if not req.namespace or not req.key:
             raise errors.unauthenticated('a namespace and a key are required')
+        client = (req.namespace, source)
+        self.failures.check(client)
         for entry in self.core.cache.range(keys.namespace_keys(req.namespace))[0]:
             record = entry.value
-            if hmac.compare_digest(hash_key(req.key, record.salt), record.hash):
+            async with self._scrypt:
+                digest = await asyncio.to_thread(hash_key, req.key, record.salt)
+            if hmac.compare_digest(digest, record.hash):
                 signer = self._signing_keys()[0]
                 now = int(self.clock())
                 token = jwt.encode({'sub': f'{req.namespace}:{record.name}', 'iss': ISSUER,
@@ -150,6 +186,7 @@ class Auth:
                                    headers={'kid': signer.kid})
                 return api.CreateTokenResponse(access_token=token, token_type='Bearer',
                                                expires_in=self.token_ttl)
+        self.failures.failed(client)
         raise errors.unauthenticated('namespace or key not recognised')
 
     def _verify(self, token: str) -> _Verified:

@@ -64,7 +64,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
             md = dict(context.invocation_metadata() or ())
             request_id = md.get('x-request-id') or str(uuid.uuid4())
             if access == PUBLIC:
-                who = Caller('', '', request_id)
+                who = Caller('', '', request_id, address=address_of(context, md))
             elif access == NODE:
                 who = Caller('', '', request_id, node=node_of(context))
             else:
@@ -126,6 +126,17 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 unary(_checked_stream(handler.stream_unary, check)), **kw)
         return grpc.stream_stream_rpc_method_handler(
             streaming(_checked_stream(handler.stream_stream, check)), **kw)
+
+
+def address_of(context, md) -> str:
+    """The client's address: the first X-Forwarded-For hop (the gateway sets it), else the
+    peer's. A direct caller can claim any address this way; it only chooses which failure
+    bucket it spends (auth.FailureLimiter), and scrypt runs one at a time regardless."""
+    forwarded = md.get('x-forwarded-for', '').split(',')[0].strip()
+    if forwarded:
+        return forwarded[:64]
+    peer = context.peer() or ''                 # 'ipv4:127.0.0.1:4321', 'ipv6:[::1]:4321'
+    return peer.split(':', 1)[-1].rsplit(':', 1)[0]
 
 
 def node_of(context) -> str:

@@ -22,7 +22,7 @@ import functools
 from google.protobuf import descriptor, descriptor_pool
 
 from sfcommon import errors
-from shakenfist.v1 import errors_pb2, wire_pb2
+from shakenfist.v1 import wire_pb2
 
 FD = descriptor.FieldDescriptor
 PACKAGE = 'shakenfist.v1'
@@ -32,9 +32,6 @@ SIZED = ('google.protobuf.Value', 'google.protobuf.Struct', 'google.protobuf.Lis
 STRUCT = 'google.protobuf.Struct'
 _KEY_SHOWN = 24     # characters of an over-long key quoted in the message
 
-
-def too_large(message: str) -> errors.ApiError:
-    return errors.ApiError(errors_pb2.ERROR_REASON_PAYLOAD_TOO_LARGE, message)
 
 
 def limits_of(field) -> wire_pb2.Limits | None:
@@ -108,7 +105,7 @@ def _struct(lim):
                     raise errors.invalid(f'{path}: keys are at most {key_length} characters '
                                          f'(got {len(key)}: {shown!r})')
         if size and (n := value.ByteSize()) > size:
-            raise too_large(f'{path}: at most {size} bytes (got {n})')
+            raise errors.too_large(f'{path}: at most {size} bytes (got {n})')
     return check
 
 
@@ -117,7 +114,7 @@ def _sized(lim):
 
     def check(value, path):
         if (n := value.ByteSize()) > size:
-            raise too_large(f'{path}: at most {size} bytes (got {n})')
+            raise errors.too_large(f'{path}: at most {size} bytes (got {n})')
     return check
 
 
@@ -208,7 +205,7 @@ class _Plan:
             check(m, prefix)
         if self.max_bytes and (n := m.ByteSize()) > self.max_bytes:
             what = f'{prefix[:-1]}: a' if prefix else 'the request is too large: a'
-            raise too_large(f'{what} {self.type_name} is at most {self.max_bytes} bytes in '
+            raise errors.too_large(f'{what} {self.type_name} is at most {self.max_bytes} bytes in '
                             f'protobuf encoding (got {n})')
 
 

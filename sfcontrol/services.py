@@ -6,7 +6,7 @@ agentops.py and events.py.
 """
 
 from sfcommon import errors
-from sfcontrol import validation
+from sfcontrol import caller, validation
 from shakenfist.v1 import (agent_operation_service_pb2 as aop, agent_operation_service_pb2_grpc,
                            blob_service_pb2 as blob, blob_service_pb2_grpc,
                            auth_service_pb2, auth_service_pb2_grpc, event_service_pb2_grpc,
@@ -132,7 +132,8 @@ class AuthService(auth_service_pb2_grpc.AuthServiceServicer):
     def __init__(self, auth):
         self.a = auth
 
-    async def CreateToken(self, request, context): return self.a.create_token(request)
+    async def CreateToken(self, request, context):
+        return await self.a.create_token(request, caller.current().address)
     async def ListNamespaces(self, request, context): return self.a.list_namespaces(request)
 
     async def CreateNamespace(self, request, context): return await self.a.create_namespace(request)

@@ -279,3 +279,46 @@ def test_token_lifetimes_over_the_cap_are_refused_at_start():
         Auth(core=None, token_ttl=MAX_TOKEN_TTL + 1)
     with pytest.raises(ValueError, match='token_ttl'):
         Auth(core=None, token_ttl=0)
+
+
+# -- logins ----------------------------------------------------------------------------------------
+
+async def test_wrong_keys_are_limited_per_client_and_cost_no_scrypt_once_limited(controller, monkeypatch):
+    from sfcontrol import auth as authlib
+    calls = []
+    real = authlib.hash_key
+    monkeypatch.setattr(authlib, 'hash_key', lambda *a: calls.append(1) or real(*a))
+    attacker = Client(f'127.0.0.1:{controller.port}')
+    try:
+        for _ in range(authlib.FAILURE_BURST):
+            async with raises(C.UNAUTHENTICATED, 'UNAUTHENTICATED', 'not recognised'):
+                await attacker.login('system', 'wrong')
+        spent = len(calls)
+        async with raises(C.RESOURCE_EXHAUSTED, 'TOO_MANY_REQUESTS', 'retry in'):
+            await attacker.login('system', 'wrong')
+        assert len(calls) == spent              # refused before any scrypt
+    finally:
+        await attacker.close()
+
+
+async def test_scrypt_runs_off_the_event_loop(system, controller, monkeypatch):
+    """While a login's key hashing is stuck, other calls are served."""
+    import asyncio
+    import threading
+    from sfcontrol import auth as authlib
+    release = threading.Event()
+    real = authlib.hash_key
+
+    def slow(*a):
+        release.wait(10)
+        return real(*a)
+    monkeypatch.setattr(authlib, 'hash_key', slow)
+    other = Client(f'127.0.0.1:{controller.port}')
+    login = asyncio.ensure_future(other.login('system', 'wrong'))
+    try:
+        await asyncio.wait_for(system.instances.ListInstances(api.ListInstancesRequest()), 5)
+        assert not login.done()
+    finally:
+        release.set()
+        await asyncio.gather(login, return_exceptions=True)
+        await other.close()
