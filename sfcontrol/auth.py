@@ -149,22 +149,30 @@ class Auth:
         found = [e.value for e in self.core.cache.range(keys.TOKEN_KEYS)[0]]
         return sorted(found, key=lambda k: (k.created_at, k.kid), reverse=True)
 
-    async def rotate_signing_key(self) -> records_pb2.TokenKeyRecord:
+    async def rotate_signing_key(self, req: api.RotateSigningKeyRequest) -> api.RotateSigningKeyResponse:
         """Sign new tokens with a new key. Tokens of older keys keep working until they
-        expire; keys retired longer ago than any token lives are removed."""
+        expire (or, with revoke_earlier, not at all); keys retired longer ago than any
+        token lives are removed."""
         new = signing_key()
         new.created_at = self.clock()
 
         def build():
             txn = Txn().put(keys.token_key(new.kid), new.SerializeToString())
-            older = self._signing_keys()
-            # A key is retired when the next newer one was made; it verifies until then
-            # plus the longest token lifetime.
-            for newer, old in zip(older, older[1:]):
-                if newer.created_at + MAX_TOKEN_TTL < new.created_at:
+            kept = older = self._signing_keys()
+            if req.revoke_earlier:
+                kept = []
+            else:
+                # A key is retired when the next newer one is made; it verifies until
+                # then plus the longest token lifetime.
+                kept = [older[0]] if older else []
+                for newer, old in zip(older, older[1:]):
+                    if newer.created_at + MAX_TOKEN_TTL >= new.created_at:
+                        kept.append(old)
+            for old in older:
+                if old not in kept:
                     txn.delete(keys.token_key(old.kid))
-            return txn, new
-        return await self.core.mutate(build)
+            return txn, api.RotateSigningKeyResponse(kid=new.kid, earlier_keys=len(kept))
+        return await self.core.mutate(build, request=req)
 
     # -- tokens ----------------------------------------------------------------
     async def create_token(self, req: api.CreateTokenRequest, source: str = '') -> api.CreateTokenResponse:

@@ -132,6 +132,9 @@ class AuthService(auth_service_pb2_grpc.AuthServiceServicer):
     def __init__(self, auth):
         self.a = auth
 
+    async def RotateSigningKey(self, request, context):
+        return await self.a.rotate_signing_key(request)
+
     async def CreateToken(self, request, context):
         return await self.a.create_token(request, caller.current().address)
     async def ListNamespaces(self, request, context): return self.a.list_namespaces(request)

@@ -74,8 +74,9 @@ async def http():
 class World:
     """system's objects, so that paths name things that exist, and a token."""
 
-    def __init__(self, base, token, values, controller):
+    def __init__(self, base, token, values, controller, key):
         self.base, self.token, self.values, self.controller = base, token, values, controller
+        self.key = key      # system's, to log in again after a signing-key rotation
 
     def path(self, template, pick=0):
         return fill(template, self.values, pick)
@@ -117,7 +118,7 @@ async def make_world(controller, gateway, system, tenant, node, http, tmp_path, 
         'page_token': NUMBERISH, 'cursor': NUMBERISH,
     }
     token = await login(http, gateway, 'system', system_key(tmp_path))
-    return World(gateway, token, values, controller)
+    return World(gateway, token, values, controller, system_key(tmp_path))
 
 
 @pytest_asyncio.fixture
@@ -715,6 +716,9 @@ def property_run(doc, world, http, loop, examples=EXAMPLES):
                 if filled.startswith('/auth/namespaces/system/keys'):
                     return
                 status, headers, raw = exchange(verb, filled, query, body, ctype)
+                if filled.startswith('/auth/signing-keys'):     # revoke_earlier ends our token
+                    world.token = asyncio.run_coroutine_threadsafe(
+                        login(http, world.base, 'system', world.key), loop).result(20)
                 counts[(verb, path)] = counts.get((verb, path), 0) + 1
                 text = raw.decode('utf-8', 'replace')
                 for marker in MARKERS:

@@ -209,8 +209,8 @@ def _signing(controller):
 async def test_signing_keys_rotate_without_downtime(system, controller, tmp_path):
     before = system.token
     old_kid = jwt.get_unverified_header(before)['kid']
-    new = await controller.auth.rotate_signing_key()
-    assert set(_signing(controller)) == {old_kid, new.kid}
+    new = await system.auth.RotateSigningKey(auth.RotateSigningKeyRequest())
+    assert set(_signing(controller)) == {old_kid, new.kid} and new.earlier_keys == 1
     fresh = await Client(f'127.0.0.1:{controller.port}').login('system', (tmp_path / 'state' / 'system.key').read_text().strip())
     try:
         assert jwt.get_unverified_header(fresh.token)['kid'] == new.kid
@@ -230,15 +230,13 @@ async def test_retired_signing_keys_go_once_no_token_they_signed_can_live(etcd, 
     try:
         first = jwt.get_unverified_header(c.token)['kid']
         clock.advance(10)
-        second = await ctl.auth.rotate_signing_key()
+        second = await c.auth.RotateSigningKey(auth.RotateSigningKeyRequest())
         clock.advance(MAX_TOKEN_TTL + 1)
-        third = await ctl.auth.rotate_signing_key()
+        third = await ctl.auth.rotate_signing_key(auth.RotateSigningKeyRequest())
         # first was retired when second was made, over MAX_TOKEN_TTL ago: gone. second
         # was retired just now: it stays to verify what it signed.
         assert set(_signing(ctl)) == {second.kid, third.kid}
         assert first not in _signing(ctl)
-        async with raises(C.UNAUTHENTICATED, match='signing key'):
-            await c.instances.ListInstances(api.ListInstancesRequest())
     finally:
         await c.close()
         await ctl.stop(None)
@@ -271,6 +269,22 @@ async def test_a_token_dies_with_its_namespace_even_if_one_of_that_name_comes_ba
         await old.instances.ListInstances(api.ListInstancesRequest())
     finally:
         await old.close()
+
+
+async def test_revoking_earlier_keys_ends_every_token_at_once(system, tenant):
+    rotated = await system.auth.RotateSigningKey(auth.RotateSigningKeyRequest(revoke_earlier=True))
+    assert rotated.earlier_keys == 0
+    for client in (system, tenant):
+        async with raises(C.UNAUTHENTICATED, match='signing key'):
+            await client.instances.ListInstances(api.ListInstancesRequest())
+    await tenant.login('tenant', 'tenant-key')
+    assert jwt.get_unverified_header(tenant.token)['kid'] == rotated.kid
+    await tenant.instances.ListInstances(api.ListInstancesRequest())
+
+
+async def test_only_system_rotates_signing_keys(tenant):
+    async with raises(C.PERMISSION_DENIED, 'PERMISSION_DENIED'):
+        await tenant.auth.RotateSigningKey(auth.RotateSigningKeyRequest())
 
 
 def test_token_lifetimes_over_the_cap_are_refused_at_start():
