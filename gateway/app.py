@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+import urllib.parse
 import uuid
 
 import grpc
@@ -200,8 +201,9 @@ class Gateway:
             codec.from_wire(message, params)
         if not e.chunked:
             await self._read_body(request, e, message)
-        if request.query_string:
-            codec.from_wire(message, _query(request.query, e.repeated_keys), ignore=e.path_keys)
+        raw_query = request.rel_url.raw_query_string
+        if raw_query:
+            codec.from_wire(message, _query(raw_query, e.repeated_keys), ignore=e.path_keys)
 
         if e.chunked:
             messages = _chunks(request, message, e.raw_body_field)
@@ -309,10 +311,12 @@ async def _next(request, reading):
             raise ConnectionResetError('the client went away')
 
 
-def _query(query, repeated_keys):
-    """Query parameters as a JSON-like dict: a.b=x nests, repeated fields list."""
+def _query(raw_query, repeated_keys):
+    """Query parameters as a JSON-like dict: a.b=x nests, repeated fields list.
+    Bytes that are not UTF-8 stay as surrogates, for codec to refuse."""
     data = {}
-    for key, value in query.items():
+    for key, value in urllib.parse.parse_qsl(raw_query, keep_blank_values=True,
+                                             errors='surrogateescape'):
         *parents, leaf = key.split('.')
         target = data
         for name in parents:

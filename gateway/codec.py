@@ -233,6 +233,17 @@ def _parse_into(message, data, path, ignore=frozenset()):
 
 
 def _parse_field(message, f, value, path):
+    try:
+        _set_field(message, f, value, path)
+    except UnicodeEncodeError as e:
+        # protobuf strings must be UTF-8. A lone surrogate ("\ud800" in JSON, or
+        # bytes that were not UTF-8 in a path or query) fails wherever a string
+        # is set, Struct keys and values included; the innermost field says where.
+        raise WireError(path, f'{_describe(e.object)} is not valid Unicode '
+                              '(a lone surrogate, or bytes that are not UTF-8)') from None
+
+
+def _set_field(message, f, value, path):
     if value is None and not (f.type == FD.TYPE_MESSAGE
                               and f.message_type.full_name == 'google.protobuf.Value'):
         return  # null: leave unset

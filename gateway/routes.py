@@ -114,7 +114,9 @@ class Router:
     def match(self, http_method, raw_path):
         """Returns (target, {field: value or nested dict}); raises NotFound or
         MethodNotAllowed. raw_path is the percent-encoded path, no query."""
-        segments = [urllib.parse.unquote(s) if '%' in s else s
+        # Bytes that are not UTF-8 stay as surrogates, which codec refuses
+        # with the field's name.
+        segments = [urllib.parse.unquote(s, errors='surrogateescape') if '%' in s else s
                     for s in raw_path.split('/') if s]
         tries = [(segments, '')]
         if segments and ':' in segments[-1]:

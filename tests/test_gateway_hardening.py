@@ -1,0 +1,291 @@
+"""The REST gateway against input that used to get a 5xx or a plain-text
+error. Every error is the JSON model {"error": message, "status": code},
+application/json.
+
+3. Strings that are not valid Unicode, anywhere in a JSON body, a path or a
+   query, are 400.
+"""
+
+import asyncio
+import json
+
+import aiohttp
+import grpc
+import pytest
+from google.protobuf import descriptor
+
+from gateway import app as gateway_app
+from shakenfist.v1 import blob_service_pb2_grpc as blob_grpc
+from shakenfist.v1 import event_pb2
+from shakenfist.v1 import event_service_pb2 as event_svc
+from shakenfist.v1 import event_service_pb2_grpc as event_grpc
+from shakenfist.v1 import instance_service_pb2_grpc as inst_grpc
+from shakenfist.v1 import wire_pb2
+from tests import test_gateway
+from tests.test_gateway import Instances, Seen
+
+FD = descriptor.FieldDescriptor
+MiB = 1024 * 1024
+MARGIN = 3.0  # seconds of slack on a 2-core machine shared with other work
+
+
+# ------------------------------------------------------------------- fixtures
+
+class Uploads(test_gateway.Uploads):
+    """Commits an upload once seen.commit is set (as a controller commits
+    after the last piece), and records which calls were cancelled: a
+    cancelled client stream just ends, the cancellation shows only after."""
+
+    async def WriteUpload(self, request_iterator, context):
+        try:
+            response = await super().WriteUpload(request_iterator, context)
+            await self.seen.commit.wait()
+        except asyncio.CancelledError:
+            self.seen.cancelled_uploads += 1
+            raise
+        self.seen.completed_uploads.append(response.size)
+        return response
+
+
+class Events(event_grpc.EventServiceServicer):
+    """A watch that sends one event, then a second once the test says so."""
+
+    def __init__(self):
+        self.release = asyncio.Event()
+
+    async def WatchEvents(self, request, context):
+        for i in range(2):
+            if i:
+                await self.release.wait()
+            yield event_svc.WatchEventsResponse(cursor=f'c{i}', event=event_pb2.Event(
+                type=event_pb2.EVENT_TYPE_AUDIT, message=f'event {i}'))
+
+
+@pytest.fixture
+async def backend():
+    seen, events = Seen(), Events()
+    server = grpc.aio.server()
+    inst_grpc.add_InstanceServiceServicer_to_server(Instances(seen), server)
+    blob_grpc.add_UploadServiceServicer_to_server(Uploads(seen), server)
+    event_grpc.add_EventServiceServicer_to_server(events, server)
+    port = server.add_insecure_port('127.0.0.1:0')
+    await server.start()
+    seen.events, seen.completed_uploads, seen.cancelled_uploads = events, [], 0
+    seen.commit = asyncio.Event()
+    seen.commit.set()
+    yield seen, f'127.0.0.1:{port}'
+    await server.stop(None)
+
+
+@pytest.fixture
+async def serve(backend):
+    """serve(**options) starts a gateway with the test's short limits; returns
+    (port, its site). Stopped at the end of the test."""
+    _, target = backend
+    runners = []
+
+    async def start(**options):
+        options = {'max_body': MiB, **options}
+        runner, port = await gateway_app.start_gateway(target, '127.0.0.1', 0, **options)
+        runners.append(runner)
+        [site] = runner.sites
+        return port, site
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def port(serve):
+    return (await serve())[0]
+
+
+class Raw:
+    """A client on a plain socket, for what aiohttp's client will not send."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port, data=b''):
+        raw = cls(*await asyncio.open_connection('127.0.0.1', port))
+        if data:
+            await raw.send(data)
+        return raw
+
+    async def send(self, data):
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, timeout=5.0):
+        """(status, headers with lower-case names, body) of one response."""
+        async with asyncio.timeout(timeout):
+            head = await self.reader.readuntil(b'\r\n\r\n')
+            status_line, *lines = head.decode('latin-1').split('\r\n')[:-2]
+            self.version = status_line.split()[0]
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(':') for line in lines)}
+            body = await self.reader.readexactly(int(headers.get('content-length', 0)))
+        return int(status_line.split()[1]), headers, body
+
+    async def closed(self, timeout=5.0):
+        """True when the server closes the connection (what it sends first is dropped)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    pass
+            return True
+        except ConnectionError:
+            return True
+
+    def close(self):
+        self.writer.close()
+
+
+async def exchange(port, data, timeout=5.0):
+    raw = await Raw.open(port, data)
+    try:
+        return await raw.response(timeout)
+    finally:
+        raw.close()
+
+
+def assert_json_error(status, headers, body, expected, words=''):
+    assert status == expected, (status, body)
+    assert headers['content-type'].startswith('application/json'), headers
+    data = json.loads(body)
+    assert data == {'error': data['error'], 'status': expected}
+    assert isinstance(data['error'], str) and words in data['error'], data
+    assert 'Traceback' not in data['error']
+    return data['error']
+
+
+def request(method, target, headers=(), body=b'', version=b'HTTP/1.1'):
+    lines = [b'%s %s %s' % (method, target, version), b'Host: x',
+             *(b'%s: %s' % header for header in headers)]
+    if body:
+        lines.append(b'Content-Length: %d' % len(body))
+    return b'\r\n'.join(lines) + b'\r\n\r\n' + body
+
+
+# ============================================================ 3. not Unicode
+
+LONE = '\ud800'  # json.dumps writes it as the escape "\ud800", which json.loads accepts
+
+
+def wire_key(field):
+    return field.GetOptions().Extensions[wire_pb2.wire_name] or field.name
+
+
+def sample(field):
+    """Some valid JSON value for one value of field."""
+    if field.type == FD.TYPE_MESSAGE:
+        return {}
+    return {FD.TYPE_STRING: 'v', FD.TYPE_BOOL: True, FD.TYPE_BYTES: ''}.get(field.type, 1)
+
+
+def placements(desc, depth=0):
+    """(where, JSON object) pairs, each with a lone surrogate in one string of desc."""
+    if depth > 4:
+        return
+    for f in desc.fields:
+        key = wire_key(f)
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            key_field, value_field = f.message_type.fields
+            if key_field.type == FD.TYPE_STRING:
+                yield f'{key} (a map key)', {key: {LONE: sample(value_field)}}
+            for where, inner in value_placements(value_field, depth):
+                yield f'{key}[k]{where}', {key: {'k': inner}}
+        else:
+            for where, inner in value_placements(f, depth):
+                yield key + where, {key: [inner] if f.is_repeated else inner}
+
+
+def value_placements(f, depth):
+    if f.type == FD.TYPE_STRING:
+        yield '', LONE
+    elif f.type == FD.TYPE_MESSAGE:
+        name = f.message_type.full_name
+        if name == 'google.protobuf.Struct':
+            yield ' (a Struct key)', {LONE: 1}
+            yield ' (a Struct value)', {'a': [LONE]}
+        elif name in ('google.protobuf.Value', 'google.protobuf.ListValue'):
+            yield ' (a Value)', [LONE]
+        elif f.message_type.GetOptions().Extensions[wire_pb2.wire_list]:
+            for where, inner in value_placements(f.message_type.fields[0], depth + 1):
+                yield f'[0]{where}', [inner]
+        else:
+            for where, inner in placements(f.message_type, depth + 1):
+                yield f'.{where}', inner
+
+
+def surrogate_cases():
+    """(method, path, where, body) for every string of every JSON body."""
+    gateway = gateway_app.Gateway('unused:1')
+    for e in gateway.endpoints:
+        if e.raw_body_field:
+            continue
+        b = e.binding
+        path = b.template
+        while '{' in path:
+            start = path.index('{')
+            path = path[:start] + 'x' + path[path.index('}', start) + 1:]
+        if e.body_key is not None:
+            field = b.input.fields_by_name[b.body]
+            cases = ((f'{e.body_key}{where}', inner) for where, inner in value_placements(field, 0))
+        else:
+            cases = ((where, body) for where, body in placements(b.input)
+                     if next(iter(body)) not in e.path_keys)
+        for where, body in cases:
+            yield b.http_method, path, where, body
+
+
+async def test_a_lone_surrogate_anywhere_in_a_json_body_is_400(port, backend):
+    """Found: "\\ud800" in any string of a body was a 500 (protobuf refuses to
+    encode it), even on POST /auth."""
+    seen, _ = backend
+    found, sent = [], 0
+    async with aiohttp.ClientSession(f'http://127.0.0.1:{port}') as session:
+        for method, path, where, body in surrogate_cases():
+            async with session.request(method, path, data=json.dumps(body),
+                                       headers={'Content-Type': 'application/json'}) as r:
+                raw = await r.read()
+                sent += 1
+                text = json.loads(raw).get('error', '') if r.status == 400 else ''
+                if r.status != 400 or 'is not valid Unicode' not in text:
+                    found.append(f'{method} {path} {where}: {r.status} {raw[:200]!r}')
+    assert not found, '\n'.join(found[:30])
+    wheres = [where for _, _, where, _ in surrogate_cases()]
+    assert sent == len(wheres) > 50
+    assert any('.' in w for w in wheres) and any('Struct' in w for w in wheres) \
+        and any('Value' in w for w in wheres)  # nested messages, Structs and Values too
+    assert not seen.requests  # nothing was forwarded
+
+
+async def test_a_lone_surrogate_in_the_auth_body_names_its_field(port):
+    body = json.dumps({'namespace': 'system', 'key': 'k' + LONE})
+    status, headers, raw = await exchange(port, request(
+        b'POST', b'/auth', [(b'Content-Type', b'application/json')], body.encode()))
+    message = assert_json_error(status, headers, raw, 400, 'is not valid Unicode')
+    assert message.startswith("key: 'k\\ud800'")
+
+
+@pytest.mark.parametrize('target,words', [
+    (b'/instances/a%FFb', "instance_ref: 'a\\udcffb' is not valid Unicode"),
+    (b'/instances/%ED%A0%80', 'instance_ref: '),     # UTF-8 of a surrogate is not UTF-8
+    (b'/instances?namespace=%FF', 'namespace: '),
+    (b'/events:watch?object_type=instance&object_ref=%C0%80', 'object_ref: '),
+])
+async def test_paths_and_queries_that_are_not_utf8_are_400(port, backend, target, words):
+    """Found: percent-encoded bytes that are not UTF-8 were decoded with
+    U+FFFD in their place and forwarded."""
+    seen, _ = backend
+    assert_json_error(*await exchange(port, request(b'GET', target)), 400, words)
+    assert not seen.requests
+
+
+async def test_query_parameters_still_decode_as_before(port, backend):
+    seen, _ = backend
+    status, _, _ = await exchange(port, request(b'GET', b'/instances?namespace=a+b%2Fc%C3%A9&all=true'))
+    assert status == 200
+    got = seen.requests['ListInstances']
+    assert got.namespace == 'a b/c\u00e9' and got.all is True
