@@ -16,7 +16,7 @@ import uuid
 import grpc
 from aiohttp import web
 
-from gateway import codec, openapi, routes, schema
+from gateway import codec, http_server, openapi, routes, schema
 from sfcommon import errors
 from shakenfist.v1 import wire_pb2
 
@@ -43,7 +43,9 @@ HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 507, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNIMPLEMENTED: 501,
 }
-_METADATA_VALUE = re.compile(r'[\x20-\x7e]{1,8192}')  # what gRPC accepts in ASCII metadata
+_METADATA_VALUE = re.compile(r'[\x20-\x7e]+')  # what gRPC accepts in ASCII metadata
+# Well below gRPC's 8 KiB for all metadata (our tokens are a few hundred bytes).
+MAX_AUTHORIZATION = 4096
 _REQUEST_ID = re.compile(r'[\x21-\x7e]{1,128}')
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(',', ':')).encode
 
@@ -160,6 +162,8 @@ class Gateway:
             return target(rid)
         except routes.NotFound:
             return _error(404, f'no route for {request.method} {request.path}', rid)
+        except routes.BadPath as e:
+            return _error(400, str(e), rid)
         except routes.MethodNotAllowed as e:
             return _error(405, f'{request.method} is not allowed here; allowed: {e}', rid,
                           {'Allow': ', '.join(e.allowed)})
@@ -188,6 +192,10 @@ class Gateway:
         metadata = [('x-request-id', rid)]
         auth = request.headers.get('Authorization')
         if auth is not None:
+            # 400 rather than 401: the gateway cannot forward this header at all, so
+            # no one has judged the credentials (and 401 promises WWW-Authenticate).
+            if len(auth) > MAX_AUTHORIZATION:
+                raise HttpError(400, f'the Authorization header is longer than {MAX_AUTHORIZATION} bytes')
             if not _METADATA_VALUE.fullmatch(auth):
                 raise HttpError(400, 'the Authorization header is not printable ASCII')
             metadata.append(('authorization', auth))
@@ -195,18 +203,19 @@ class Gateway:
 
     async def _forward(self, request, e: Endpoint, params, rid):
         metadata = self._metadata(request, rid)
+        content_type = _content_type(request) if e.raw_body_field else None
         # Path variables, then the body, then query parameters.
         message = e.request_class()
         if params:
             codec.from_wire(message, params)
         if not e.chunked:
-            await self._read_body(request, e, message)
+            await self._read_body(request, e, message, content_type)
         raw_query = request.rel_url.raw_query_string
         if raw_query:
             codec.from_wire(message, _query(raw_query, e.repeated_keys), ignore=e.path_keys)
 
         if e.chunked:
-            messages = _chunks(request, message, e.raw_body_field)
+            messages = _chunks(request, message, e.raw_body_field, content_type)
         elif e.binding.client_streaming:
             messages = _one(message)
         else:
@@ -217,7 +226,7 @@ class Gateway:
             return await self._stream(request, e, call, rid)
         return self._respond(e, await call, rid)
 
-    async def _read_body(self, request, e, message):
+    async def _read_body(self, request, e, message, content_type):
         if not request.can_read_body:
             return
         if request.content_length is not None and request.content_length > self.max_body:
@@ -226,7 +235,7 @@ class Gateway:
         if e.raw_body_field is not None:
             body = getattr(message, e.raw_body_field)
             body.data = raw
-            body.content_type = request.headers.get('Content-Type', OCTET_STREAM)
+            body.content_type = content_type
             return
         if not raw.strip():
             return  # an empty body is {}
@@ -288,7 +297,7 @@ class Gateway:
                         request.transport.close()
                     return response
                 status, text = _rpc_status(err)
-                await response.write(_json_body({'error': text, 'status': status}) + b'\n')
+                await response.write(http_server.error_json(status, text) + b'\n')
             await response.write_eof()
             return response
         finally:
@@ -309,6 +318,13 @@ async def _next(request, reading):
             return reading.result()
         if request.transport is None or request.transport.is_closing():
             raise ConnectionResetError('the client went away')
+
+
+def _content_type(request):
+    value = request.headers.get('Content-Type', OCTET_STREAM)
+    if value and not _METADATA_VALUE.fullmatch(value):
+        raise HttpError(400, 'the Content-Type header is not printable ASCII')
+    return value
 
 
 def _query(raw_query, repeated_keys):
@@ -334,10 +350,9 @@ async def _one(message):
     yield message
 
 
-async def _chunks(request, base, field):
+async def _chunks(request, base, field, content_type):
     """Streams the request body as messages, each a copy of base with one
     piece of at most UPLOAD_CHUNK bytes; at least one message is sent."""
-    content_type = request.headers.get('Content-Type', OCTET_STREAM)
     sent = False
     while True:
         data = await _read_up_to(request.content, UPLOAD_CHUNK)
@@ -369,7 +384,7 @@ async def _read_up_to(stream, size):
 
 def _error(status, message, rid, headers=None):
     all_headers = {'X-Request-ID': rid, **(headers or {})}
-    return web.Response(status=status, body=_json_body({'error': message, 'status': status}),
+    return web.Response(status=status, body=http_server.error_json(status, message),
                         content_type=JSON, headers=all_headers)
 
 
@@ -399,20 +414,27 @@ def create_app(grpc_target, **options) -> web.Application:
     """The aiohttp application. options: max_body, timeout, stream_timeout,
     channel_options (see Gateway)."""
     gateway = Gateway(grpc_target, **options)
+
+    # Every request goes to the gateway's router. (aiohttp's would answer
+    # plain-text 404s for paths its pattern cannot match, such as a decoded
+    # newline.)
+    @web.middleware
+    async def everything(request, handler):
+        return await gateway.handle(request)
+
     # client_max_size bounds request.read(); streamed uploads bypass it.
-    app = web.Application(client_max_size=gateway.max_body)
+    app = web.Application(client_max_size=gateway.max_body, middlewares=[everything])
     app[GATEWAY] = gateway
     app.on_startup.append(gateway.on_startup)
     app.on_cleanup.append(gateway.on_cleanup)
-    app.router.add_route('*', '/{path:.*}', gateway.handle)
     return app
 
 
 async def start_gateway(grpc_target, host='127.0.0.1', port=0, **options):
     """Starts the gateway; returns (runner, the port it listens on). Stop it
     with `await runner.cleanup()`."""
-    runner = web.AppRunner(create_app(grpc_target, **options), access_log=None)
+    runner = web.AppRunner(create_app(grpc_target, **options))
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = http_server.Site(runner, host, port)
     await site.start()
     return runner, runner.addresses[0][1]

@@ -9,15 +9,21 @@ and drops empty segments, so "//instances" and "/instances/" both match
 are tried before "*", and "*" before "**", so literal routes win.
 """
 
+import re
 import urllib.parse
 
-__all__ = ['MethodNotAllowed', 'NotFound', 'Router', 'parse', 'variables']
+__all__ = ['BadPath', 'MethodNotAllowed', 'NotFound', 'Router', 'parse', 'variables']
 
 _ONE, _REST = object(), object()  # the "*" and "**" tokens
+_CONTROL = re.compile('[\x00-\x1f\x7f]')
 
 
 class NotFound(LookupError):
     pass
+
+
+class BadPath(ValueError):
+    """A path no route could name: str() is user-facing."""
 
 
 class MethodNotAllowed(LookupError):
@@ -114,10 +120,7 @@ class Router:
     def match(self, http_method, raw_path):
         """Returns (target, {field: value or nested dict}); raises NotFound or
         MethodNotAllowed. raw_path is the percent-encoded path, no query."""
-        # Bytes that are not UTF-8 stay as surrogates, which codec refuses
-        # with the field's name.
-        segments = [urllib.parse.unquote(s, errors='surrogateescape') if '%' in s else s
-                    for s in raw_path.split('/') if s]
+        segments = [_decode(s) for s in raw_path.split('/') if s]
         tries = [(segments, '')]
         if segments and ':' in segments[-1]:
             head, _, verb = segments[-1].rpartition(':')
@@ -138,6 +141,15 @@ class Router:
         if allowed:
             raise MethodNotAllowed(allowed)
         raise NotFound(raw_path)
+
+
+def _decode(segment):
+    # Bytes that are not UTF-8 stay as surrogates, which codec refuses with
+    # the field's name; control characters have no place in any name or ID.
+    text = urllib.parse.unquote(segment, errors='surrogateescape') if '%' in segment else segment
+    if _CONTROL.search(text):
+        raise BadPath(f'the path segment {text!r} has a control character')
+    return text
 
 
 def _walk(node, segs, i):

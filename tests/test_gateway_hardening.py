@@ -2,6 +2,8 @@
 error. Every error is the JSON model {"error": message, "status": code},
 application/json.
 
+2. The HTTP parser's refusals (control characters, a URL or header too long,
+   too many headers, not HTTP at all) are JSON, with a fitting 4xx.
 3. Strings that are not valid Unicode, anywhere in a JSON body, a path or a
    query, are 400.
 """
@@ -15,6 +17,7 @@ import pytest
 from google.protobuf import descriptor
 
 from gateway import app as gateway_app
+from gateway import http_server
 from shakenfist.v1 import blob_service_pb2_grpc as blob_grpc
 from shakenfist.v1 import event_pb2
 from shakenfist.v1 import event_service_pb2 as event_svc
@@ -167,6 +170,72 @@ def request(method, target, headers=(), body=b'', version=b'HTTP/1.1'):
     return b'\r\n'.join(lines) + b'\r\n\r\n' + body
 
 
+# ================================================ 2. the HTTP parser's errors
+
+PARSER_ERRORS = [
+    # (label, raw request, status, words in the message)
+    ('a percent-encoded newline in the path', request(b'GET', b'/instances/a%0Ab'), 400,
+     'control character'),
+    ('a percent-encoded NUL in the path', request(b'GET', b'/instances/a%00b'), 400, 'control character'),
+    ('a raw LF in the request line', b'GET /instances/a\nb HTTP/1.1\r\nHost: x\r\n\r\n', 400,
+     'not valid HTTP'),
+    ('a raw CR in the request line', b'GET /instances/a\rb HTTP/1.1\r\nHost: x\r\n\r\n', 400,
+     'not valid HTTP'),
+    ('a raw tab in the path', b'GET /instances/a\tb HTTP/1.1\r\nHost: x\r\n\r\n', 400, ''),
+    ('a URL over the limit', request(b'GET', b'/instances/' + b'a' * http_server.MAX_URL), 414,
+     'URL is longer'),
+    ('a header over the limit', request(b'GET', b'/', [(b'X-Big', b'a' * (http_server.MAX_FIELD + 1))]),
+     431, 'header field is longer'),
+    ('an Authorization header over the field limit',
+     request(b'GET', b'/instances', [(b'Authorization', b'Bearer ' + b'a' * 9000)]), 431, ''),
+    ('too many headers',
+     request(b'GET', b'/', [(b'X-%d' % i, b'y') for i in range(http_server.MAX_HEADERS + 1)]),
+     431, 'header fields'),
+    ('a header line without a colon', b'GET / HTTP/1.1\r\nHost: x\r\nnonsense\r\n\r\n', 400, ''),
+    ('a NUL in a header value', request(b'GET', b'/', [(b'X-A', b'a\x00b')]), 400, ''),
+    ('an unknown method', request(b'BREW', b'/'), 400, ''),
+    ('a TLS hello', b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03' + b'\x00' * 40, 400, 'HTTPS'),
+    ('a bad HTTP version', request(b'GET', b'/', version=b'HTTP/9.x'), 400, ''),
+    ('two Content-Lengths', request(b'POST', b'/auth', [(b'Content-Length', b'1'), (b'Content-Length', b'2')]),
+     400, ''),
+    ('a negative Content-Length', request(b'POST', b'/auth', [(b'Content-Length', b'-1')]), 400, ''),
+    ('a bad chunk size',
+     b'POST /auth HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n', 400, ''),
+    ('an Expect other than 100-continue', request(b'GET', b'/', [(b'Expect', b'tea')]), 417, ''),
+]
+
+
+@pytest.mark.parametrize('data,status,words', [case[1:] for case in PARSER_ERRORS],
+                         ids=[case[0] for case in PARSER_ERRORS])
+async def test_refusals_of_the_http_parser_are_json(port, data, status, words):
+    """Found: all of these were text/plain (or a 404 for the encoded newline,
+    which aiohttp's router could not match)."""
+    assert_json_error(*await exchange(port, data), status, words)
+
+
+async def test_an_authorization_header_too_long_for_grpc_is_400_not_507(port, backend):
+    """Found: an 8 KB Authorization header passed the HTTP parser and failed
+    as gRPC metadata (over its 8 KiB), which answered 507."""
+    seen, _ = backend
+    for size in (gateway_app.MAX_AUTHORIZATION + 1, 8100):
+        headers = [(b'Authorization', b'a' * size)]
+        assert_json_error(*await exchange(port, request(b'GET', b'/instances/i-1', headers)), 400,
+                          f'longer than {gateway_app.MAX_AUTHORIZATION} bytes')
+    assert 'GetInstance' not in seen.requests
+    headers = [(b'Authorization', b'a' * gateway_app.MAX_AUTHORIZATION)]
+    assert (await exchange(port, request(b'GET', b'/instances/i-1', headers)))[0] == 200
+    assert seen.metadata['GetInstance']['authorization'] == 'a' * gateway_app.MAX_AUTHORIZATION
+
+
+async def test_a_content_type_that_is_not_ascii_is_400(port, backend):
+    """Found reading the code: an upload's Content-Type with a byte that is not
+    UTF-8 failed inside the gRPC request stream; the connection was dropped."""
+    seen, _ = backend
+    data = request(b'POST', b'/upload/u-1', [(b'Content-Type', b'text/\xff')], body=b'abc')
+    assert_json_error(*await exchange(port, data), 400, 'Content-Type')
+    assert not seen.upload_messages
+
+
 # ============================================================ 3. not Unicode
 
 LONE = '\ud800'  # json.dumps writes it as the escape "\ud800", which json.loads accepts
@@ -274,6 +343,8 @@ async def test_a_lone_surrogate_in_the_auth_body_names_its_field(port):
     (b'/instances/%ED%A0%80', 'instance_ref: '),     # UTF-8 of a surrogate is not UTF-8
     (b'/instances?namespace=%FF', 'namespace: '),
     (b'/events:watch?object_type=instance&object_ref=%C0%80', 'object_ref: '),
+    (b'/instances/a\xffb', 'Invalid char in url path'),  # raw bytes: the parser refuses them
+    (b'/instances?namespace=\xc3', 'Invalid char in url query'),
 ])
 async def test_paths_and_queries_that_are_not_utf8_are_400(port, backend, target, words):
     """Found: percent-encoded bytes that are not UTF-8 were decoded with
