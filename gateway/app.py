@@ -26,6 +26,7 @@ MiB = 1024 * 1024
 DEFAULT_MAX_BODY = 10 * MiB
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_STREAM_TIMEOUT = 3600.0
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds a request body may pause before 408
 UPLOAD_CHUNK = MiB  # bytes per message when streaming a request body
 CLIENT_CHECK_INTERVAL = 1.0  # seconds between checks that a streaming client is still there
 
@@ -119,11 +120,24 @@ class Endpoint:
 
 class Gateway:
     def __init__(self, grpc_target, *, max_body=DEFAULT_MAX_BODY, timeout=DEFAULT_TIMEOUT,
-                 stream_timeout=DEFAULT_STREAM_TIMEOUT, channel_options=()):
+                 stream_timeout=DEFAULT_STREAM_TIMEOUT, channel_options=(),
+                 header_timeout=http_server.DEFAULT_HEADER_TIMEOUT,
+                 body_timeout=DEFAULT_BODY_TIMEOUT,
+                 idle_timeout=http_server.DEFAULT_IDLE_TIMEOUT,
+                 max_connections=http_server.DEFAULT_MAX_CONNECTIONS):
         self.grpc_target = grpc_target
         self.max_body = max_body
         self.timeout = timeout
         self.stream_timeout = stream_timeout
+        # Client limits. The body's is applied here; the others by http_server.Site.
+        for name, value in [('header_timeout', header_timeout), ('body_timeout', body_timeout),
+                            ('idle_timeout', idle_timeout), ('max_connections', max_connections)]:
+            if not value > 0:
+                raise ValueError(f'{name} must be positive, not {value!r}')
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
         self.channel_options = [('grpc.max_receive_message_length', -1), *channel_options]
         self.channel = None
         self.endpoints = [Endpoint(b) for b in schema.bindings()]
@@ -204,18 +218,19 @@ class Gateway:
     async def _forward(self, request, e: Endpoint, params, rid):
         metadata = self._metadata(request, rid)
         content_type = _content_type(request) if e.raw_body_field else None
+        body = _Body(request, self.body_timeout)
         # Path variables, then the body, then query parameters.
         message = e.request_class()
         if params:
             codec.from_wire(message, params)
         if not e.chunked:
-            await self._read_body(request, e, message, content_type)
+            await self._read_body(request, body, e, message, content_type)
         raw_query = request.rel_url.raw_query_string
         if raw_query:
             codec.from_wire(message, _query(raw_query, e.repeated_keys), ignore=e.path_keys)
 
         if e.chunked:
-            messages = _chunks(request, message, e.raw_body_field, content_type)
+            messages = _chunks(body, message, e.raw_body_field, content_type)
         elif e.binding.client_streaming:
             messages = _one(message)
         else:
@@ -224,18 +239,25 @@ class Gateway:
         call = e.call(messages, timeout=timeout, metadata=metadata)
         if e.binding.server_streaming:
             return await self._stream(request, e, call, rid)
-        return self._respond(e, await call, rid)
+        try:
+            response = await call
+        except asyncio.CancelledError:
+            # A body that fails inside the request iterator only cancels the call.
+            if body.error is not None and not asyncio.current_task().cancelling():
+                raise body.error from None
+            raise
+        return self._respond(e, response, rid)
 
-    async def _read_body(self, request, e, message, content_type):
+    async def _read_body(self, request, body, e, message, content_type):
         if not request.can_read_body:
             return
         if request.content_length is not None and request.content_length > self.max_body:
             raise HttpError(413, 'request body too large')
-        raw = await request.read()  # bounded by client_max_size: HTTPRequestEntityTooLarge
+        raw = await body.read_all(self.max_body)
         if e.raw_body_field is not None:
-            body = getattr(message, e.raw_body_field)
-            body.data = raw
-            body.content_type = content_type
+            field = getattr(message, e.raw_body_field)
+            field.data = raw
+            field.content_type = content_type
             return
         if not raw.strip():
             return  # an empty body is {}
@@ -350,12 +372,12 @@ async def _one(message):
     yield message
 
 
-async def _chunks(request, base, field, content_type):
+async def _chunks(reader, base, field, content_type):
     """Streams the request body as messages, each a copy of base with one
     piece of at most UPLOAD_CHUNK bytes; at least one message is sent."""
     sent = False
     while True:
-        data = await _read_up_to(request.content, UPLOAD_CHUNK)
+        data = await reader.read(UPLOAD_CHUNK)
         if not data and sent:
             return
         message = type(base)()
@@ -369,17 +391,49 @@ async def _chunks(request, base, field, content_type):
             return
 
 
-async def _read_up_to(stream, size):
-    data = await stream.read(size)
-    if len(data) in (0, size):
-        return data
-    buffer = bytearray(data)
-    while len(buffer) < size:
-        more = await stream.read(size - len(buffer))
-        if not more:
-            break
-        buffer += more
-    return bytes(buffer)
+class BodyTimeout(Exception):
+    """Set on a request's stream when its body stops arriving: a failed body
+    ends its connection after the response (see http_server)."""
+
+
+class _Body:
+    """A request body, read with a deadline on each wait for more: a client
+    that sends nothing for `timeout` seconds gets 408, one that keeps sending
+    takes as long as it needs (time spent waiting for gRPC is not counted: the
+    body is not being read then). `error` keeps the HttpError raised, because
+    inside the request iterator of a gRPC call it only shows as a cancelled call."""
+
+    def __init__(self, request, timeout):
+        self._stream, self._timeout = request.content, timeout
+        self.error = None
+
+    async def _wait(self, read):
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await read
+        except TimeoutError:
+            self._stream.set_exception(BodyTimeout())
+            self.error = HttpError(408, 'the request body stopped arriving '
+                                        f'(nothing for {self._timeout:g} seconds)')
+        raise self.error from None
+
+    async def read_all(self, limit):
+        data = bytearray()
+        while chunk := await self._wait(self._stream.readany()):
+            data += chunk
+            if len(data) > limit:
+                raise HttpError(413, 'request body too large')
+        return bytes(data)
+
+    async def read(self, size):
+        """Up to size bytes, fewer only at the end of the body."""
+        data = bytearray()
+        while len(data) < size:
+            more = await self._wait(self._stream.read(size - len(data)))
+            if not more:
+                break
+            data += more
+        return bytes(data)
 
 
 def _error(status, message, rid, headers=None):
@@ -412,7 +466,8 @@ GATEWAY = web.AppKey('gateway', Gateway)
 
 def create_app(grpc_target, **options) -> web.Application:
     """The aiohttp application. options: max_body, timeout, stream_timeout,
-    channel_options (see Gateway)."""
+    channel_options, header_timeout, body_timeout, idle_timeout and
+    max_connections (see Gateway)."""
     gateway = Gateway(grpc_target, **options)
 
     # Every request goes to the gateway's router. (aiohttp's would answer
@@ -422,7 +477,7 @@ def create_app(grpc_target, **options) -> web.Application:
     async def everything(request, handler):
         return await gateway.handle(request)
 
-    # client_max_size bounds request.read(); streamed uploads bypass it.
+    # client_max_size bounds request.read(); the gateway reads bodies itself.
     app = web.Application(client_max_size=gateway.max_body, middlewares=[everything])
     app[GATEWAY] = gateway
     app.on_startup.append(gateway.on_startup)
@@ -432,9 +487,13 @@ def create_app(grpc_target, **options) -> web.Application:
 
 async def start_gateway(grpc_target, host='127.0.0.1', port=0, **options):
     """Starts the gateway; returns (runner, the port it listens on). Stop it
-    with `await runner.cleanup()`."""
-    runner = web.AppRunner(create_app(grpc_target, **options))
+    with `await runner.cleanup()`. options: see create_app."""
+    app = create_app(grpc_target, **options)
+    gateway = app[GATEWAY]
+    runner = web.AppRunner(app)
     await runner.setup()
-    site = http_server.Site(runner, host, port)
+    site = http_server.Site(runner, host, port, header_timeout=gateway.header_timeout,
+                            idle_timeout=gateway.idle_timeout,
+                            max_connections=gateway.max_connections)
     await site.start()
     return runner, runner.addresses[0][1]

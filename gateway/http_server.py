@@ -1,12 +1,16 @@
-"""The gateway's HTTP server: aiohttp's, answering its own errors in the
-gateway's JSON error model.
+"""The gateway's HTTP server: aiohttp's, bounded against slow and abusive
+clients, and answering its own errors in the gateway's JSON error model.
 
-aiohttp's RequestHandler.handle_error renders the HTTP parser's errors (a bad
-request line, a header too long, ...) as plain text, and its HTTPExceptions
-(such as 417 for an unknown Expect) are plain text too. This module is the
-one place that reaches into aiohttp's server for that: a RequestHandler
-subclass (aiohttp's protocol, one per connection) and a site that serves an
-AppRunner with it, as TCPSite would with plain RequestHandlers.
+aiohttp 3.14 has options for the idle keep-alive time (keepalive_timeout) and
+the size of a request head (max_line_size, max_field_size, max_headers), but
+none for how long a head may take to arrive or how many connections may be
+open; and it renders the HTTP parser's errors (RequestHandler.handle_error)
+and its own HTTPExceptions (such as 417 for an unknown Expect) as plain text.
+This module is the one place that reaches into aiohttp's server for those: a
+RequestHandler subclass (aiohttp's protocol, one per connection) and a site
+that serves an AppRunner with it, as TCPSite would with plain RequestHandlers.
+A body that stops arriving needs no internals: gateway.app reads bodies with
+a deadline.
 """
 
 import asyncio
@@ -21,6 +25,9 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 log = logging.getLogger('gateway')
 
+DEFAULT_HEADER_TIMEOUT = 10.0   # seconds for a request head, from its first byte
+DEFAULT_IDLE_TIMEOUT = 75.0     # seconds a keep-alive connection may wait for its next request
+DEFAULT_MAX_CONNECTIONS = 1000
 # aiohttp raises the same LineTooLong for a long URL and a long header field;
 # the limit it names tells them apart, so the two differ.
 MAX_URL = 8192      # bytes; beyond, 414
@@ -34,6 +41,14 @@ def error_json(status, message):
     return json.dumps({'error': message, 'status': status}).encode()
 
 
+def _raw_response(status, message):
+    """A whole response, for the moments when there is no request to answer."""
+    body = error_json(status, message)
+    return (f'HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n'
+            f'Content-Type: application/json\r\nContent-Length: {len(body)}\r\n'
+            f'X-Request-ID: {uuid.uuid4()}\r\nConnection: close\r\n\r\n').encode() + body
+
+
 def _json_response(status, message, headers=None):
     return web.Response(status=status, body=error_json(status, message),
                         content_type='application/json',
@@ -41,10 +56,71 @@ def _json_response(status, message, headers=None):
 
 
 class _Connection(web.RequestHandler):
-    """One client connection: aiohttp's, with JSON errors."""
+    """One client connection: aiohttp's, plus a deadline for each request head,
+    a place in the site's connection count, and JSON errors."""
 
-    def __init__(self, web_server, **kwargs):
+    __slots__ = ('_site', '_counted', '_head_timer', '_last_body')
+
+    def __init__(self, site, web_server, **kwargs):
+        self._site = site
+        self._counted = False
+        self._head_timer = None
+        self._last_body = None  # the newest request's body: bytes after its end are a new head
         super().__init__(web_server, loop=asyncio.get_running_loop(), **kwargs)
+
+    def connection_made(self, transport):
+        if self._site.connections >= self._site.max_connections:
+            # Refused before aiohttp sees it: no request task, no timers.
+            transport.write(_raw_response(503, 'too many connections; try again later'))
+            transport.close()
+            return
+        self._site.connections += 1
+        self._counted = True
+        super().connection_made(transport)
+        self._start_head_timer()  # a new connection owes its first head at once
+
+    def connection_lost(self, exc):
+        if not self._counted:
+            return  # refused in connection_made
+        self._counted = False
+        self._site.connections -= 1
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data):
+        # The head deadline runs from a head's first byte until the parser has
+        # the whole head. Between requests the idle timeout applies instead
+        # (aiohttp's keepalive_timeout), and a body is the app's to time.
+        # Not covered: the start of a head that comes in one packet with the
+        # end of the previous request; the idle timeout still bounds it.
+        if data and self._head_timer is None and (
+                self._last_body is None or self._last_body.is_eof()):
+            self._start_head_timer()
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:  # the parser finished a head, or refused one
+            self._stop_head_timer()
+            self._last_body = self._messages[-1][1]
+
+    def _start_head_timer(self):
+        self._head_timer = self._loop.call_later(self._site.header_timeout, self._head_timed_out)
+
+    def _stop_head_timer(self):
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self):
+        self._head_timer = None
+        if self._waiter is not None:
+            # aiohttp is idle, waiting for this head: nothing else is being
+            # written, so the 408 can go out now.
+            if self.transport is not None:
+                self.transport.write(_raw_response(
+                    408, f'the request head did not arrive within {self._site.header_timeout:g} seconds'))
+            self.force_close()
+        else:
+            self.close()  # a pipelined head behind a response in progress: stop after it
 
     async def finish_response(self, request, resp, start_time):
         # aiohttp's own refusals are web.HTTPExceptions in plain text (such
@@ -53,7 +129,12 @@ class _Connection(web.RequestHandler):
             headers = {k: v for k, v in resp.headers.items()
                        if k not in ('Content-Type', 'Content-Length')}
             resp = _json_response(resp.status, resp.text or resp.reason, headers)
-        return await super().finish_response(request, resp, start_time)
+        result = await super().finish_response(request, resp, start_time)
+        if request.content.exception() is not None:
+            # The body failed (it stopped arriving, or could not be decoded):
+            # close now, rather than let aiohttp linger reading the rest.
+            self.force_close()
+        return result
 
     def handle_error(self, request, status=500, exc=None, message=None):
         """aiohttp's answer to a request it could not parse (or to a handler
@@ -88,13 +169,19 @@ class _Connection(web.RequestHandler):
 class Site(web.BaseSite):
     """A TCP listener whose connections are _Connection protocols."""
 
-    __slots__ = ('_host', '_port', '_web_server', '_options')
+    __slots__ = ('_host', '_port', '_web_server', '_options', 'header_timeout',
+                 'max_connections', 'connections')
 
-    def __init__(self, runner, host, port, *, backlog=128):
+    def __init__(self, runner, host, port, *, header_timeout=DEFAULT_HEADER_TIMEOUT,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 backlog=128):
         super().__init__(runner, backlog=backlog)
         self._host, self._port = host, port
         self._web_server = runner.server  # aiohttp's Server: the app's handler, and the connections to shut down
-        self._options = dict(access_log=None, max_line_size=MAX_URL, max_field_size=MAX_FIELD,
+        self.header_timeout, self.max_connections = header_timeout, max_connections
+        self.connections = 0  # open and accepted
+        self._options = dict(keepalive_timeout=idle_timeout, access_log=None,
+                             max_line_size=MAX_URL, max_field_size=MAX_FIELD,
                              max_headers=MAX_HEADERS)
 
     @property
@@ -105,5 +192,5 @@ class Site(web.BaseSite):
         await super().start()
         # BaseSite.stop() closes self._server, and runner.addresses reads it.
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Connection(self._web_server, **self._options), self._host, self._port,
+            lambda: _Connection(self, self._web_server, **self._options), self._host, self._port,
             backlog=self._backlog)

@@ -1,6 +1,7 @@
 """Command line: `sf-gateway` serves REST; `python -m gateway envoy|openapi` writes files.
 
     sf-gateway [--listen HOST:PORT] [--grpc-target HOST:PORT] [--max-body BYTES]
+               [--header-timeout S] [--body-timeout S] [--idle-timeout S] [--max-connections N]
     python -m gateway envoy --out DIR [--grpc-upstream HOST:PORT] [--listen-port 13000]
     python -m gateway openapi [--out FILE]
 """
@@ -15,7 +16,7 @@ import sys
 import time
 
 from gateway import app as gateway_app
-from gateway import envoy, openapi
+from gateway import envoy, http_server, openapi
 
 DEFAULT_LISTEN = '0.0.0.0:13000'
 DEFAULT_GRPC_TARGET = '127.0.0.1:13001'
@@ -70,7 +71,8 @@ async def serve(grpc_target, host, port, **options):
         log.info('REST gateway stopped')
 
 
-def _serve_main(argv):
+def serve_arguments(argv):
+    """sf-gateway's arguments: (the argparse namespace, start_gateway's options)."""
     parser = argparse.ArgumentParser(prog='sf-gateway', description='Shaken Fist REST gateway')
     parser.add_argument('--listen', type=_host_port,
                         default=os.environ.get('SF_GATEWAY_LISTEN', DEFAULT_LISTEN),
@@ -83,12 +85,36 @@ def _serve_main(argv):
                         help='deadline of unary calls in seconds (default %(default)s)')
     parser.add_argument('--stream-timeout', type=float, default=gateway_app.DEFAULT_STREAM_TIMEOUT,
                         help='deadline of streaming calls in seconds (default %(default)s)')
+    # Limits for slow or abusive clients.
+    parser.add_argument('--header-timeout', type=float,
+                        default=os.environ.get('SF_GATEWAY_HEADER_TIMEOUT', http_server.DEFAULT_HEADER_TIMEOUT),
+                        help='seconds a request head may take from its first byte; then 408 '
+                             '(env SF_GATEWAY_HEADER_TIMEOUT, default %(default)s)')
+    parser.add_argument('--body-timeout', type=float,
+                        default=os.environ.get('SF_GATEWAY_BODY_TIMEOUT', gateway_app.DEFAULT_BODY_TIMEOUT),
+                        help='seconds a request body may pause; then 408 '
+                             '(env SF_GATEWAY_BODY_TIMEOUT, default %(default)s)')
+    parser.add_argument('--idle-timeout', type=float,
+                        default=os.environ.get('SF_GATEWAY_IDLE_TIMEOUT', http_server.DEFAULT_IDLE_TIMEOUT),
+                        help='seconds an idle keep-alive connection is kept '
+                             '(env SF_GATEWAY_IDLE_TIMEOUT, default %(default)s)')
+    parser.add_argument('--max-connections', type=int,
+                        default=os.environ.get('SF_GATEWAY_MAX_CONNECTIONS', http_server.DEFAULT_MAX_CONNECTIONS),
+                        help='open connections at most; more are refused with 503 '
+                             '(env SF_GATEWAY_MAX_CONNECTIONS, default %(default)s)')
     parser.add_argument('--log-level', default=os.environ.get('SF_LOG_LEVEL', 'INFO'))
     args = parser.parse_args(argv)
+    options = dict(max_body=args.max_body, timeout=args.timeout, stream_timeout=args.stream_timeout,
+                   header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                   idle_timeout=args.idle_timeout, max_connections=args.max_connections)
+    return args, options
+
+
+def _serve_main(argv):
+    args, options = serve_arguments(argv)
     setup_logging(args.log_level.upper())
     host, port = args.listen
-    asyncio.run(serve(args.grpc_target, host, port, max_body=args.max_body,
-                      timeout=args.timeout, stream_timeout=args.stream_timeout))
+    asyncio.run(serve(args.grpc_target, host, port, **options))
 
 
 def _envoy_main(argv):

@@ -1,7 +1,11 @@
-"""The REST gateway against input that used to get a 5xx or a plain-text
-error. Every error is the JSON model {"error": message, "status": code},
-application/json.
+"""The REST gateway against slow and abusive clients and against input that
+used to get a 5xx or a plain-text error. Every error is the JSON model
+{"error": message, "status": code}, application/json.
 
+1. Slow clients: request heads and bodies that stop arriving get 408 and are
+   closed; idle keep-alive connections are closed; connections beyond the
+   maximum are refused at once; uploads that keep sending and long watches
+   are not cut.
 2. The HTTP parser's refusals (control characters, a URL or header too long,
    too many headers, not HTTP at all) are JSON, with a fitting 4xx.
 3. Strings that are not valid Unicode, anywhere in a JSON body, a path or a
@@ -10,6 +14,7 @@ application/json.
 
 import asyncio
 import json
+import time
 
 import aiohttp
 import grpc
@@ -17,7 +22,7 @@ import pytest
 from google.protobuf import descriptor
 
 from gateway import app as gateway_app
-from gateway import http_server
+from gateway import http_server, main as gateway_main
 from shakenfist.v1 import blob_service_pb2_grpc as blob_grpc
 from shakenfist.v1 import event_pb2
 from shakenfist.v1 import event_service_pb2 as event_svc
@@ -26,9 +31,14 @@ from shakenfist.v1 import instance_service_pb2_grpc as inst_grpc
 from shakenfist.v1 import wire_pb2
 from tests import test_gateway
 from tests.test_gateway import Instances, Seen
+from tests.waiting import eventually
 
 FD = descriptor.FieldDescriptor
 MiB = 1024 * 1024
+HEADER_TIMEOUT = 0.5
+BODY_TIMEOUT = 0.5
+IDLE_TIMEOUT = 1.5
+SLOW_CLIENTS = 300
 MARGIN = 3.0  # seconds of slack on a 2-core machine shared with other work
 
 
@@ -88,7 +98,8 @@ async def serve(backend):
     runners = []
 
     async def start(**options):
-        options = {'max_body': MiB, **options}
+        options = {'header_timeout': HEADER_TIMEOUT, 'body_timeout': BODY_TIMEOUT,
+                   'idle_timeout': IDLE_TIMEOUT, 'max_body': MiB, **options}
         runner, port = await gateway_app.start_gateway(target, '127.0.0.1', 0, **options)
         runners.append(runner)
         [site] = runner.sites
@@ -168,6 +179,150 @@ def request(method, target, headers=(), body=b'', version=b'HTTP/1.1'):
     if body:
         lines.append(b'Content-Length: %d' % len(body))
     return b'\r\n'.join(lines) + b'\r\n\r\n' + body
+
+
+# ============================================================ 1. slow clients
+
+async def test_slow_request_heads_get_408_and_are_closed_while_others_are_served(serve):
+    """Found: 300 connections sending a partial head were held open for an
+    hour (aiohttp's keepalive_timeout), there was no deadline for a head."""
+    port, site = await serve()
+    started = time.monotonic()
+    slow = [await Raw.open(port, b'GET /instances HTTP/1.1\r\nHost: x\r\nX-Slow: ')
+            for _ in range(SLOW_CLIENTS - 10)]
+    slow += [await Raw.open(port) for _ in range(10)]  # and some that send nothing at all
+    latencies = []
+    async with aiohttp.ClientSession(f'http://127.0.0.1:{port}') as session:
+        async def bystander():
+            while not all(r.reader.at_eof() for r in slow):
+                before = time.monotonic()
+                async with session.get('/instances/i-1') as r:
+                    assert r.status == 200
+                    await r.read()
+                latencies.append(time.monotonic() - before)
+                await asyncio.sleep(0.02)  # a client's pace, not a wait for a condition
+        watcher = asyncio.create_task(bystander())
+        answers = await asyncio.gather(*(r.response(HEADER_TIMEOUT + MARGIN) for r in slow))
+        assert all(await asyncio.gather(*(r.closed(MARGIN) for r in slow)))
+        shed = time.monotonic() - started
+        await asyncio.wait_for(watcher, MARGIN)
+    for answer in answers:
+        assert_json_error(*answer, 408, 'the request head did not arrive')
+    assert shed < HEADER_TIMEOUT + MARGIN
+    assert latencies and max(latencies) < 0.5, latencies
+    print(f'\n{SLOW_CLIENTS} slow heads shed in {shed:.2f}s (header timeout {HEADER_TIMEOUT}s); '
+          f'bystander GET: {len(latencies)} requests, max {max(latencies) * 1000:.1f} ms')
+    for r in slow:
+        r.close()
+    await eventually(lambda: site.connections == 0, MARGIN, what='every connection counted out')
+
+
+async def test_idle_keep_alive_is_timed_by_the_idle_timeout_not_the_head_deadline(port):
+    keep = await Raw.open(port, request(b'GET', b'/instances/i-1'))
+    assert (await keep.response())[0] == 200
+    idle_since = time.monotonic()
+    # A head deadline has passed (a slow head opened now has had its 408) ...
+    slow = await Raw.open(port, b'GET / HTTP/1.1\r\n')
+    assert (await slow.response(HEADER_TIMEOUT + MARGIN))[0] == 408
+    assert time.monotonic() - idle_since < IDLE_TIMEOUT  # (or this test proves nothing)
+    # ... and the idle connection still serves, then is closed once idle too long.
+    idle_since = time.monotonic()  # (the server's idle time starts after its answer)
+    await keep.send(request(b'GET', b'/instances/i-2'))
+    assert (await keep.response())[0] == 200
+    assert await keep.closed(IDLE_TIMEOUT + MARGIN)
+    assert time.monotonic() - idle_since >= IDLE_TIMEOUT
+    keep.close()
+    slow.close()
+
+
+async def test_a_body_shorter_than_its_content_length_gets_408_and_is_closed(port, backend):
+    """Found: a Content-Length longer than the body sent hung forever."""
+    seen, _ = backend
+    raw = await Raw.open(port, b'POST /instances/i-1/poweroff HTTP/1.1\r\nHost: x\r\n'
+                               b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"a"')
+    started = time.monotonic()
+    assert_json_error(*await raw.response(BODY_TIMEOUT + MARGIN), 408, 'the request body stopped arriving')
+    assert time.monotonic() - started >= BODY_TIMEOUT - 0.05
+    answered = time.monotonic()
+    assert await raw.closed(MARGIN)
+    assert time.monotonic() - answered < 1  # not held for aiohttp's 10 s of lingering
+    assert 'PowerOffInstance' not in seen.requests
+    raw.close()
+
+
+async def test_a_stalled_upload_gets_408_and_its_call_is_cancelled(port, backend):
+    seen, _ = backend
+    seen.commit.clear()
+    raw = await Raw.open(port, b'POST /upload/u-1 HTTP/1.1\r\nHost: x\r\n'
+                               b'Content-Length: 10485760\r\n\r\n' + b'x' * (MiB + 5))
+    assert_json_error(*await raw.response(BODY_TIMEOUT + MARGIN), 408, 'the request body stopped arriving')
+    assert await raw.closed(MARGIN)
+    raw.close()
+    assert sum(len(m.data.data) for m in seen.upload_messages) <= MiB + 5
+    # Cancelled, not ended as if the body were complete (then the commit would wait on).
+    await eventually(lambda: seen.cancelled_uploads == 1, MARGIN, what='the upload call cancelled')
+    seen.commit.set()
+    assert not seen.completed_uploads
+
+
+async def test_an_upload_that_keeps_sending_slowly_is_not_cut(port, backend):
+    seen, _ = backend
+    pieces = 12
+
+    async def slowly():
+        for _ in range(pieces):
+            yield b'y' * 1000
+            await asyncio.sleep(BODY_TIMEOUT / 4)  # a slow client's pace: 3 s in all
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f'http://127.0.0.1:{port}/upload/u-2', data=slowly()) as r:
+            assert r.status == 200, await r.text()
+            assert await r.json() == pieces * 1000
+    assert time.monotonic() - started > 2 * max(BODY_TIMEOUT, HEADER_TIMEOUT)
+    assert b''.join(m.data.data for m in seen.upload_messages) == b'y' * pieces * 1000
+    assert seen.completed_uploads == [pieces * 1000]
+
+
+async def test_a_watch_outlives_every_client_timeout(port, backend):
+    seen, _ = backend
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f'http://127.0.0.1:{port}/events:watch') as r:
+            assert r.status == 200
+            first = json.loads(await asyncio.wait_for(r.content.readline(), MARGIN))
+            assert first['cursor'] == 'c0'
+            # Quiet for longer than each timeout: seen as a slow head, a
+            # stalled body and an idle connection, all opened now, closed.
+            head = await Raw.open(port, b'GET / HTTP/1.1\r\n')
+            body = await Raw.open(port, b'POST /instances/i-1/poweroff HTTP/1.1\r\n'
+                                        b'Host: x\r\nContent-Length: 5\r\n\r\n{')
+            idle = await Raw.open(port, request(b'GET', b'/instances/i-1'))
+            assert (await idle.response())[0] == 200
+            assert (await head.response(HEADER_TIMEOUT + MARGIN))[0] == 408
+            assert (await body.response(BODY_TIMEOUT + MARGIN))[0] == 408
+            assert await idle.closed(IDLE_TIMEOUT + MARGIN)
+            seen.events.release.set()
+            second = json.loads(await asyncio.wait_for(r.content.readline(), MARGIN))
+            assert second['cursor'] == 'c1' and second['event']['message'] == 'event 1'
+    for raw in (head, body, idle):
+        raw.close()
+
+
+async def test_connections_beyond_the_maximum_are_refused_at_once(serve):
+    port, site = await serve(max_connections=5, header_timeout=60)
+    held = [await Raw.open(port) for _ in range(5)]
+    await eventually(lambda: site.connections == 5, MARGIN, what='5 connections held')
+    started = time.monotonic()
+    refused = await Raw.open(port, request(b'GET', b'/instances/i-1'))
+    assert_json_error(*await refused.response(), 503, 'too many connections')
+    assert await refused.closed()
+    assert time.monotonic() - started < 1
+    assert site.connections == 5
+    held.pop().close()
+    await eventually(lambda: site.connections == 4, MARGIN, what='a place freed')
+    status, _, _ = await exchange(port, request(b'GET', b'/instances/i-1', [(b'Connection', b'close')]))
+    assert status == 200
+    for raw in held + [refused]:
+        raw.close()
 
 
 # ================================================ 2. the HTTP parser's errors
@@ -360,3 +515,23 @@ async def test_query_parameters_still_decode_as_before(port, backend):
     assert status == 200
     got = seen.requests['ListInstances']
     assert got.namespace == 'a b/c\u00e9' and got.all is True
+
+
+# ============================================================ settings, flags
+
+def test_flags_and_environment_variables_set_the_limits(monkeypatch):
+    _, options = gateway_main.serve_arguments(['--header-timeout', '2.5', '--body-timeout', '7',
+                                               '--idle-timeout', '9', '--max-connections', '50'])
+    assert options['header_timeout'] == 2.5 and options['body_timeout'] == 7.0
+    assert options['idle_timeout'] == 9.0 and options['max_connections'] == 50
+    monkeypatch.setenv('SF_GATEWAY_HEADER_TIMEOUT', '3')
+    monkeypatch.setenv('SF_GATEWAY_BODY_TIMEOUT', '4')
+    monkeypatch.setenv('SF_GATEWAY_IDLE_TIMEOUT', '5')
+    monkeypatch.setenv('SF_GATEWAY_MAX_CONNECTIONS', '6')
+    _, options = gateway_main.serve_arguments([])
+    assert (options['header_timeout'], options['body_timeout'], options['idle_timeout'],
+            options['max_connections']) == (3.0, 4.0, 5.0, 6)
+    monkeypatch.delenv('SF_GATEWAY_MAX_CONNECTIONS')
+    assert gateway_main.serve_arguments([])[1]['max_connections'] == http_server.DEFAULT_MAX_CONNECTIONS
+    with pytest.raises(ValueError):
+        gateway_app.Gateway('unused:1', header_timeout=0)
