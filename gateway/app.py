@@ -415,6 +415,10 @@ class _Body:
             self._stream.set_exception(BodyTimeout())
             self.error = HttpError(408, 'the request body stopped arriving '
                                         f'(nothing for {self._timeout:g} seconds)')
+        except web.RequestPayloadError as e:
+            # Bad chunked framing or compression, found while reading.
+            reason = str(e).strip().splitlines()[-1].strip()
+            self.error = HttpError(400, f'the request body cannot be read: {reason}')
         raise self.error from None
 
     async def read_all(self, limit):

@@ -21,7 +21,10 @@ import uuid
 
 import yarl
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import (BadHttpMessage, ContentEncodingError, HttpProcessingError,
+                                     LineTooLong)
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import _ErrInfo  # how aiohttp queues a refusal in place of a request
 
 log = logging.getLogger('gateway')
 
@@ -100,7 +103,19 @@ class _Connection(web.RequestHandler):
         super().data_received(data)
         if self._request_count != count:  # the parser finished a head, or refused one
             self._stop_head_timer()
+            for i in range(count - self._request_count, 0):  # the new ones end the queue
+                self._refuse_other_versions(i)
             self._last_body = self._messages[-1][1]
+
+    def _refuse_other_versions(self, i):
+        # llhttp also takes HTTP/2.0 and HTTP/0.9 request lines, and aiohttp
+        # would answer them with that version in its status line. A 400,
+        # not 505: bad input is never a server error here.
+        message = self._messages[i][0]
+        version = getattr(message, 'version', None)
+        if version is not None and version.major != 1:
+            exc = BadHttpMessage(f'HTTP/{version.major}.{version.minor} is not supported')
+            self._messages[i] = (_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)
 
     def _start_head_timer(self):
         self._head_timer = self._loop.call_later(self._site.header_timeout, self._head_timed_out)
@@ -155,6 +170,9 @@ class _Connection(web.RequestHandler):
             if exc.args[1] == self.max_line_size:
                 return 414, f'the URL is longer than {self.max_line_size} bytes'
             return 431, f'a header field is longer than {self.max_field_size} bytes'
+        if isinstance(exc, ContentEncodingError):  # its message may be just the coding's name
+            reason = exc.message if ' ' in exc.message else f'Can not decode content-encoding: {exc.message}'
+            return 400, f'the request body cannot be read: {reason}'
         if isinstance(exc, HttpProcessingError):
             if exc.message == _TOO_MANY_HEADERS:
                 return 431, f'more than {self.max_headers} header fields'

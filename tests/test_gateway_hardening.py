@@ -10,16 +10,23 @@ used to get a 5xx or a plain-text error. Every error is the JSON model
    too many headers, not HTTP at all) are JSON, with a fitting 4xx.
 3. Strings that are not valid Unicode, anywhere in a JSON body, a path or a
    query, are 400.
+4. A fuzz run of raw request bytes on a socket (hypothesis).
 """
 
 import asyncio
+import gzip
+import http.client
 import json
+import re
+import socket
 import time
+import urllib.parse
 
 import aiohttp
 import grpc
 import pytest
 from google.protobuf import descriptor
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateway import app as gateway_app
 from gateway import http_server, main as gateway_main
@@ -391,6 +398,35 @@ async def test_a_content_type_that_is_not_ascii_is_400(port, backend):
     assert not seen.upload_messages
 
 
+FUZZ_FINDINGS = [
+    # (label, raw request, status, words in the message)
+    ('CONNECT to a path (a plain-text 404)', request(b'CONNECT', b'/instances'), 405, 'CONNECT'),
+    ('OPTIONS * (a plain-text 404)', request(b'OPTIONS', b'*'), 404, 'no route'),
+    ('a gzip body that is not gzip (a 500)',
+     request(b'POST', b'/instances/i-1/poweroff', [(b'Content-Encoding', b'gzip')], b'{"x": 1}'), 400,
+     'cannot be read: Can not decode content-encoding: gzip'),
+    ('a gzip upload that is not gzip (the connection dropped)',
+     request(b'POST', b'/upload/u-1', [(b'Content-Encoding', b'gzip')], b'not gzip'), 400,
+     'cannot be read: Can not decode content-encoding: gzip'),
+    ('a deflate body the parser refuses (its message was "deflate")',
+     request(b'POST', b'/upload/u-1', [(b'Content-Encoding', b'deflate')], b'abc'), 400,
+     'cannot be read: Can not decode content-encoding: deflate'),
+    ('an HTTP/2.0 request line (answered as HTTP/2.0)', request(b'GET', b'/', version=b'HTTP/2.0'), 400,
+     'HTTP/2.0 is not supported'),
+    ('an HTTP/0.9 request line (answered as HTTP/0.9)', request(b'GET', b'/', version=b'HTTP/0.9'), 400,
+     'HTTP/0.9 is not supported'),
+]
+
+
+@pytest.mark.parametrize('data,status,words', [case[1:] for case in FUZZ_FINDINGS],
+                         ids=[case[0] for case in FUZZ_FINDINGS])
+async def test_findings_of_the_fuzz_run(port, data, status, words):
+    raw = await Raw.open(port, data)
+    assert_json_error(*await raw.response(), status, words)
+    assert raw.version in ('HTTP/1.1', 'HTTP/1.0')  # never another in the status line
+    raw.close()
+
+
 # ============================================================ 3. not Unicode
 
 LONE = '\ud800'  # json.dumps writes it as the escape "\ud800", which json.loads accepts
@@ -515,6 +551,181 @@ async def test_query_parameters_still_decode_as_before(port, backend):
     assert status == 200
     got = seen.requests['ListInstances']
     assert got.namespace == 'a b/c\u00e9' and got.all is True
+
+
+# ================================================================= 4. fuzzing
+
+PATHS = [b'/', b'/instances', b'/instances/i-1', b'/instances/i-1/poweroff', b'/upload/u-1',
+         b'/auth', b'/events:watch', b'/openapi.json', b'/nowhere', b'//instances/', b'*',
+         b'http://x/instances', b'x:443']
+HEADER_NAMES = [b'Host', b'Content-Length', b'Transfer-Encoding', b'Content-Type', b'Authorization',
+                b'X-Request-ID', b'Expect', b'Connection', b'Content-Encoding', b'Upgrade',
+                b'Accept', b'Cookie']
+HEADER_VALUES = [b'', b'0', b'5', b'-1', b'99999999999999999999', b'chunked', b'gzip', b'deflate',
+                 b'br', b'identity, chunked', b'100-continue', b'close', b'keep-alive', b'websocket',
+                 b'application/json', b'application/octet-stream', b'Bearer x', b'text/html']
+
+
+def often(common, rare):
+    """common about three times in four, rare the rest."""
+    return st.sampled_from([True, True, True, False]).flatmap(lambda c: common if c else rare)
+
+
+# Names the schema uses, so that fuzzed JSON and queries reach the codec.
+FIELD_NAMES = ['namespace', 'key', 'request_id', 'name', 'cpus', 'memory', 'disk', 'network',
+               'metadata', 'value', 'all', 'page_size', 'page_token', 'cursor', 'object_ref',
+               'event_types', 'size', 'base', 'bus', 'type', 'video', 'uefi', 'ssh_key']
+
+
+def json_values():
+    text = st.text(max_size=8) | st.sampled_from(['\ud800', '\udfff x', '1', 'true', 'audit'])
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | text
+    keys = often(st.sampled_from(FIELD_NAMES), text)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(keys, inner, max_size=4), max_leaves=10)
+
+
+def fuzz_requests():
+    """Raw requests: half plausible (valid HTTP aimed at the gateway's routes
+    with fuzzed fields, queries, encodings and headers), half garbage."""
+    octets = often(st.text(max_size=24).map(str.encode), st.binary(max_size=24))
+    json_body = json_values().map(lambda v: json.dumps(v).encode())
+    body = st.one_of(json_body, json_body, octets, st.just(b''))
+
+    def query(pairs):
+        return urllib.parse.urlencode(pairs).encode()
+    paths = st.sampled_from(PATHS)
+    target = st.one_of(  # percent-encoded
+        paths,
+        st.tuples(paths, octets).map(lambda t: t[0] + b'/' + urllib.parse.quote_from_bytes(t[1]).encode()),
+        st.tuples(paths, st.lists(st.tuples(
+            often(st.sampled_from(FIELD_NAMES), st.text(max_size=6)),
+            st.text(max_size=8) | st.sampled_from(['%FF', '1', 'true', 'audit'])), max_size=4)).map(
+            lambda t: t[0] + b'?' + query(t[1]).replace(b'%25FF', b'%FF')),
+    )
+    raw_target = target | st.tuples(paths, octets).map(lambda t: t[0] + t[1])
+    plausible_header = st.one_of(
+        st.tuples(st.just(b'Content-Type'), st.sampled_from(
+            [b'application/json', b'application/octet-stream', b'text/\xff', b'', b'a' * 300])),
+        st.tuples(st.just(b'Content-Encoding'), st.sampled_from([b'gzip', b'deflate', b'identity', b'x'])),
+        st.tuples(st.just(b'Authorization'), often(
+            st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=12),
+            st.text(max_size=12)).map(lambda t: b'Bearer ' + t.encode())),
+        st.tuples(st.just(b'X-Request-ID'), octets),
+        st.tuples(st.just(b'Expect'), often(st.just(b'100-continue'), st.just(b'x'))),
+        st.tuples(st.sampled_from([b'Accept', b'Cookie', b'Upgrade', b'Connection']),
+                  st.sampled_from(HEADER_VALUES)),
+    )
+    garbage_header = st.tuples(often(st.sampled_from(HEADER_NAMES), st.binary(min_size=1, max_size=10)),
+                               often(st.sampled_from(HEADER_VALUES), st.binary(max_size=16)))
+    methods = st.sampled_from([b'GET', b'POST', b'PUT', b'DELETE', b'PATCH', b'HEAD', b'OPTIONS',
+                               b'TRACE', b'CONNECT'])
+    # Every binding, its variables filled: plausible requests reach the codec.
+    gateway = gateway_app.Gateway('unused:1')
+    routes = sorted({(e.binding.http_method.encode(), re.sub(r'\{[^}]*\}', 'x', e.binding.template).encode())
+                     for e in gateway.endpoints})
+    route = st.tuples(st.sampled_from(routes), st.sampled_from([b'', b'', b'/', b'/x']),
+                      st.lists(st.tuples(often(st.sampled_from(FIELD_NAMES), st.text(max_size=6)),
+                                         st.text(max_size=8) | st.sampled_from(['%FF', '1', 'true', 'audit'])),
+                               max_size=4)).map(
+        lambda t: (t[0][0], t[0][1] + t[1] + (b'?' + query(t[2]).replace(b'%25FF', b'%FF') if t[2] else b'')))
+
+    @st.composite
+    def one(draw):
+        if draw(st.sampled_from([True, True, False])):  # plausible
+            (method, path), version = draw(route | st.tuples(methods, target)), b'HTTP/1.1'
+            headers = draw(st.lists(plausible_header, max_size=4))
+        else:
+            method = draw(often(methods, st.binary(min_size=1, max_size=8)))
+            path = draw(raw_target)
+            version = draw(st.sampled_from([b'HTTP/1.1'] * 6 + [b'HTTP/1.0', b'HTTP/2.0', b'HTTP/0.9', b'']))
+            headers = draw(st.lists(garbage_header, max_size=6))
+        lines = [method + b' ' + path + b' ' + version, b'Host: x',
+                 *(name + b': ' + value for name, value in headers)]
+        data = draw(body)
+        if (b'Content-Encoding', b'gzip') in headers and draw(st.booleans()):
+            data = gzip.compress(data)
+        kind = draw(st.sampled_from(['none', 'length', 'length', 'chunked', 'raw', 'short']))
+        if kind in ('length', 'short'):  # 'short': a body that stops early (408)
+            lines.append(b'Content-Length: %d' % (len(data) + 5 * (kind == 'short')))
+        elif kind == 'chunked':
+            lines.append(b'Transfer-Encoding: chunked')
+            data = (b'%x\r\n%s\r\n' % (len(data), data) if data else b'') + b'0\r\n\r\n'
+        lines.append(b'Connection: close')
+        return b'\r\n'.join(lines) + b'\r\n\r\n' + (data if kind != 'none' else b'')
+    return one()
+
+
+def fuzz_exchange(port, data):
+    """(status, headers, body) of the first answer, or None if the connection
+    closed without one. Blocking: hypothesis runs in a worker thread."""
+    with socket.create_connection(('127.0.0.1', port), timeout=HEADER_TIMEOUT + BODY_TIMEOUT + MARGIN) as sock:
+        try:
+            sock.sendall(data)
+        except ConnectionError:
+            pass  # refused early; the answer may still be there to read
+        method = data.split(b' ', 1)[0].decode('latin-1')
+        response = http.client.HTTPResponse(sock, method=method)
+        try:
+            response.begin()
+            headers = {k.lower(): v for k, v in response.getheaders()}
+            if headers.get('content-type') == 'application/x-ndjson':
+                return response.status, headers, b''  # a watch: it does not end
+            return response.status, headers, response.read()
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            return None
+        except TimeoutError:
+            return 'no answer'
+
+
+def fuzz_problems(answer, head=False):
+    if answer is None:
+        return []  # a closed connection is an answer to garbage too
+    if answer == 'no answer':
+        return [f'no answer within {HEADER_TIMEOUT + BODY_TIMEOUT + MARGIN}s']
+    status, headers, body = answer
+    text = body.decode('utf-8', 'replace')
+    out = []
+    if 'Traceback' in text or 'File "' in text:
+        out.append(f'a traceback: {text[:200]}')
+    # 501: the servicers of this test implement few methods (gRPC's own "Method not implemented!").
+    if status >= 500 and status != 501:
+        out.append(f'status {status}: {text[:200]}')
+    if status >= 400:
+        if not headers.get('content-type', '').startswith('application/json'):
+            out.append(f'{status} is {headers.get("content-type")}: {text[:200]}')
+        elif not head:  # a HEAD answer has no body
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            if not (isinstance(data, dict) and set(data) == {'error', 'status'}
+                    and data['status'] == status and isinstance(data['error'], str)):
+                out.append(f'{status} body is not the error model: {text[:200]}')
+    return out
+
+
+async def test_fuzzed_raw_requests_get_json_errors_and_never_a_5xx(port, caplog):
+    found = []
+
+    @settings(max_examples=1000, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck), print_blob=False)
+    @given(data=fuzz_requests())
+    def run(data):
+        problems = fuzz_problems(fuzz_exchange(port, data), head=data.startswith(b'HEAD '))
+        if problems:
+            found.append(f'{data[:300]!r}: {problems}')
+        assert not problems
+
+    try:
+        await asyncio.to_thread(run)
+    except AssertionError:
+        pass  # reported below with every failing example
+    assert not found, '\n'.join(found[-10:])
+    errors = [r.getMessage() for r in caplog.records if r.levelname in ('ERROR', 'CRITICAL')
+              and r.name.startswith(('gateway', 'aiohttp'))]
+    assert not errors, errors[:10]
+    assert (await exchange(port, request(b'GET', b'/instances/i-1')))[0] == 200  # still serving
 
 
 # ============================================================ settings, flags
