@@ -295,11 +295,12 @@ class Blobs:
             sha512, size = await asyncio.to_thread(_file_digest, path)
             blob = await self._adopt(path, sha512, size, 'artifact', artifact_uuid, ns)
         else:
-            blob = self.get(req.blob_uuid)
-            await self.core.mutate(lambda: (Txn().put(
-                ref_key(blob.uuid, 'artifact', artifact_uuid), records_pb2.BlobRef(
+            def hold():
+                blob = self.get(req.blob_uuid)      # read in the build: it guards the reference
+                return Txn().put(ref_key(blob.uuid, 'artifact', artifact_uuid), records_pb2.BlobRef(
                     blob_uuid=blob.uuid, holder_type='artifact', holder_uuid=artifact_uuid,
-                    namespace=ns).SerializeToString()), blob))
+                    namespace=ns).SerializeToString()), blob
+            blob = await self.core.mutate(hold)
 
         def build():
             entry = self.core.cache.get(artifact_key(ns, artifact_uuid))

@@ -2,13 +2,21 @@
 
 Reads (get, list, lookups by uuid, name or field) are served from memory, so an
 idle plane makes no etcd requests and a page of a list costs the same with 100
-or 10,000 objects stored. Writes go to etcd as transactions that check the
-mod_revision read here; after a write, wait_for(revision) makes the writer's
-next read see it. On compaction the cache re-lists.
+or 10,000 objects stored. Writes go to etcd as transactions; after a write,
+wait_for(revision) makes the writer's next read see it. On compaction the
+cache re-lists.
+
+While a change is built (Core.mutate), every read is recorded in a ReadSet, as
+etcd's STM does, and the commit is guarded by all of them: a key read must not
+have changed (or appeared, if it was absent), and no key of a range read may
+have been written since. A builder cannot forget a read. Reads that only rank
+choices (the scheduler's) opt out explicitly with untracked().
 """
 
 import asyncio
 import bisect
+import contextlib
+import contextvars
 import dataclasses
 import logging
 from typing import Callable
@@ -34,6 +42,52 @@ class Entry:
     key: str
     value: Message
     mod_revision: int
+
+
+# Keys of a range read that are also checked one by one (so that their deletion is
+# seen); past this many, the range's guard alone holds (a deletion there goes unseen).
+POINTS_PER_RANGE = 32
+
+
+@dataclasses.dataclass
+class ReadSet:
+    """What a change was built from: the cache revision, each key read with the
+    mod_revision seen (0: absent), and each prefix read as a range."""
+    revision: int
+    points: dict[str, int] = dataclasses.field(default_factory=dict)
+    ranges: set[str] = dataclasses.field(default_factory=set)
+
+    def point(self, key: str, entry: 'Entry | None'):
+        self.points.setdefault(key, entry.mod_revision if entry else 0)
+
+    def span(self, prefix: str, entries: list['Entry']):
+        self.ranges.add(prefix)
+        for entry in entries[:POINTS_PER_RANGE]:
+            self.point(entry.key, entry)
+
+    def guard(self, txn):
+        """Add a check of every read to txn (a Txn of sfcontrol.store)."""
+        for key, mod_revision in self.points.items():
+            if mod_revision:
+                txn.check_revision(key, mod_revision)
+            else:
+                txn.check_absent(key)
+        for prefix in sorted(self.ranges):
+            txn.check_range_unchanged(prefix, self.revision)
+
+
+_reads: contextvars.ContextVar[ReadSet | None] = contextvars.ContextVar('reads', default=None)
+
+
+@contextlib.contextmanager
+def untracked():
+    """Reads in this block do not guard the change being built (they only rank choices,
+    and what is chosen is read again, tracked)."""
+    token = _reads.set(None)
+    try:
+        yield
+    finally:
+        _reads.reset(token)
 
 
 class ObjectCache:
@@ -169,18 +223,40 @@ class ObjectCache:
         """Call callback(key, entry or None when deleted) on every change under prefix."""
         self._listeners.append((prefix, callback))
 
+    @contextlib.contextmanager
+    def tracking(self):
+        """Record every read made in the block; yields the ReadSet."""
+        reads = ReadSet(self.revision)
+        token = _reads.set(reads)
+        try:
+            yield reads
+        finally:
+            _reads.reset(token)
+
     def get(self, key: str) -> Entry | None:
-        return self._entries.get(key)
+        entry = self._entries.get(key)
+        if (reads := _reads.get()) is not None:
+            reads.point(key, entry)
+        return entry
 
     def by_uuid(self, prefix: str, uuid: str) -> Entry | None:
         """The entry of the kind at prefix whose key ends with /uuid."""
         key = self._by_uuid.get((prefix, uuid))
-        return self._entries.get(key) if key else None
+        entry = self._entries.get(key) if key else None
+        if (reads := _reads.get()) is not None:
+            if entry is not None:
+                reads.point(entry.key, entry)
+            else:
+                reads.span(prefix, [])      # one with that uuid must not appear meanwhile
+        return entry
 
     def where(self, prefix: str, field: str, value) -> list[Entry]:
         """Entries of the kind at prefix whose field equals value, in key order."""
         keys = sorted(self._index.get((prefix, field, value), ()))
-        return [self._entries[k] for k in keys]
+        out = [self._entries[k] for k in keys]
+        if (reads := _reads.get()) is not None:
+            reads.span(prefix, out)
+        return out
 
     def range(self, prefix: str, *, start_after: str | None = None, limit: int = 0,
               filter: Callable[[Message], bool] | None = None) -> tuple[list[Entry], bool]:
@@ -196,6 +272,13 @@ class ObjectCache:
             i += 1
             if filter is None or filter(entry.value):
                 if limit and len(out) == limit:
+                    self._track_range(prefix, out)
                     return out, True
                 out.append(entry)
+        self._track_range(prefix, out)
         return out, False
+
+    @staticmethod
+    def _track_range(prefix: str, entries: list[Entry]):
+        if (reads := _reads.get()) is not None:
+            reads.span(prefix, entries)

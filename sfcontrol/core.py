@@ -1,7 +1,8 @@
 """The controller's shared state and the one way to change it.
 
 Every change is one etcd transaction built by a function that reads the cache:
-mutate() commits it, retries it when a checked revision moved, records the
+mutate() commits it guarded by everything the function read, retries it when
+any of that moved, records the
 response of a request that carries a request_id (AIP-155) in the same
 transaction, and waits until the cache shows the change before returning.
 """
@@ -67,9 +68,9 @@ class Core:
                      request: Message | None = None, method: str | None = None) -> Message:
         """Commit the transaction build() returns and return its response.
 
-        build() reads the cache and checks the revisions it relied on; it is called
-        again when they moved. With a request_id, a repeat of the same request gets
-        the first response and changes nothing."""
+        build() reads the cache; every read guards the commit (ObjectCache.tracking),
+        and build() is called again when one of them moved. With a request_id, a
+        repeat of the same request gets the first response and changes nothing."""
         request_id = getattr(request, 'request_id', '') if request is not None else ''
         ns = caller.current().namespace if request_id else ''
         method = method or caller.current_method.get()
@@ -80,7 +81,9 @@ class Core:
                 return prior[0]
 
         async def attempt() -> tuple[Message] | None:
-            txn, response = build()
+            with self.cache.tracking() as reads:
+                txn, response = build()
+            reads.guard(txn)            # everything build() read must be as it was
             if request_id:
                 record = records_pb2.RequestRecord(
                     method=method, request_hash=digest, created_at=time.time(),

@@ -112,6 +112,8 @@ class Instances:
         size = scheduler.size_of_instance(req.cpus, req.memory, req.disk)
 
         def build():
+            if self.core.cache.get(keys.namespace(ns)) is None:    # read here: it guards the create
+                raise errors.not_found('namespace not found')
             txn = Txn()
             inst = pb.Instance(
                 uuid=str(uuidlib.uuid4()), state=states.INITIAL, version=1, name=req.name,

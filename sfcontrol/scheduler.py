@@ -11,7 +11,7 @@ record's revision: two controllers cannot both spend the same capacity.
 from sfcommon import errors
 from sfcommon.disks import UNSIZED_DISK_GIB
 from sfcontrol import keys
-from sfcontrol.cache import Entry, ObjectCache
+from sfcontrol.cache import Entry, ObjectCache, untracked
 from sfcontrol.store import Txn
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.store.v1alpha1 import records_pb2
@@ -53,7 +53,17 @@ def affinity_score(cache: ObjectCache, node_name: str, namespace: str, affinity:
 
 def choose(cache: ObjectCache, size, namespace: str, affinity: dict,
            placed_on: str | None = None) -> Entry:
-    """The node to place an instance on; NOT_FOUND or RESOURCE_EXHAUSTED otherwise."""
+    """The node to place an instance on; NOT_FOUND or RESOURCE_EXHAUSTED otherwise.
+
+    Only the chosen node's record guards the create (it is read again, tracked, and
+    allocate() writes it): the others only ranked it, and a create must not conflict
+    with every change to any node."""
+    with untracked():
+        best = _choose(cache, size, namespace, affinity, placed_on)
+    return cache.get(best.key)
+
+
+def _choose(cache: ObjectCache, size, namespace: str, affinity: dict, placed_on: str | None) -> Entry:
     if placed_on:
         entry = cache.get(keys.node(placed_on))
         if entry is None:

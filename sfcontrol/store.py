@@ -118,12 +118,27 @@ class Txn:
         self.checks.append(("version", key, 0))
         return self
 
+    def check_range_unchanged(self, prefix: str, revision: int) -> Txn:
+        """No key under prefix was created or changed after revision (a deleted one is
+        not seen: check the keys read one by one for that)."""
+        self.checks.append(("range", prefix, revision))
+        return self
+
     def build(self, k) -> tuple[list[rpc.Compare], list[rpc.RequestOp]]:
         """The etcd messages, with keys mapped through k (relative -> absolute bytes)."""
-        compares = [rpc.Compare(key=k(key), result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
-                                mod_revision=n) if what == "mod" else
-                    rpc.Compare(key=k(key), result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION,
-                                version=n) for what, key, n in self.checks]
+        compares = []
+        for what, key, n in dict.fromkeys(self.checks):     # each check once, in order
+            if what == "mod":
+                compares.append(rpc.Compare(key=k(key), result=rpc.Compare.EQUAL,
+                                            target=rpc.Compare.MOD, mod_revision=n))
+            elif what == "version":
+                compares.append(rpc.Compare(key=k(key), result=rpc.Compare.EQUAL,
+                                            target=rpc.Compare.VERSION, version=n))
+            else:
+                full = k(key)
+                compares.append(rpc.Compare(key=full, range_end=_prefix_end(full),
+                                            result=rpc.Compare.LESS, target=rpc.Compare.MOD,
+                                            mod_revision=n + 1))
         ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=k(op[1]), value=op[2], lease=op[3]))
                if op[0] == "put" else
                rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k(op[1])))
