@@ -7,6 +7,8 @@ a trie lookup, a JSON parse, one gRPC call and a render.
 """
 
 import asyncio
+import pathlib
+import ssl
 import json
 import logging
 import re
@@ -18,6 +20,7 @@ from aiohttp import web
 
 from gateway import codec, http_server, openapi, routes, schema
 from sfcommon import errors
+from sfcommon.listen import refuse_plaintext
 from shakenfist.v1 import wire_pb2
 
 log = logging.getLogger('gateway')
@@ -124,8 +127,12 @@ class Gateway:
                  header_timeout=http_server.DEFAULT_HEADER_TIMEOUT,
                  body_timeout=DEFAULT_BODY_TIMEOUT,
                  idle_timeout=http_server.DEFAULT_IDLE_TIMEOUT,
-                 max_connections=http_server.DEFAULT_MAX_CONNECTIONS):
+                 max_connections=http_server.DEFAULT_MAX_CONNECTIONS,
+                 grpc_ca=None, grpc_server_name=None):
         self.grpc_target = grpc_target
+        # TLS to the controller: its CA (PEM file) and, if its certificate does not
+        # name grpc_target's host, the name it carries.
+        self.grpc_ca, self.grpc_server_name = grpc_ca, grpc_server_name
         self.max_body = max_body
         self.timeout = timeout
         self.stream_timeout = stream_timeout
@@ -155,7 +162,14 @@ class Gateway:
 
     async def on_startup(self, app):
         # grpc.aio channels bind to the running loop, so this cannot happen earlier.
-        self.channel = grpc.aio.insecure_channel(self.grpc_target, options=self.channel_options)
+        if self.grpc_ca:
+            credentials = grpc.ssl_channel_credentials(pathlib.Path(self.grpc_ca).read_bytes())
+            override = [('grpc.ssl_target_name_override', self.grpc_server_name)] \
+                if self.grpc_server_name else []
+            self.channel = grpc.aio.secure_channel(self.grpc_target, credentials,
+                                                   options=[*self.channel_options, *override])
+        else:
+            self.channel = grpc.aio.insecure_channel(self.grpc_target, options=self.channel_options)
         for e in self.endpoints:
             e.connect(self.channel)
 
@@ -203,7 +217,9 @@ class Gateway:
                             headers={'X-Request-ID': rid})
 
     def _metadata(self, request, rid):
-        metadata = [('x-request-id', rid)]
+        # The client's address as the gateway sees it (never a header the client sent):
+        # the controller limits failed logins per client by it.
+        metadata = [('x-request-id', rid), ('x-forwarded-for', request.remote or '')]
         auth = request.headers.get('Authorization')
         if auth is not None:
             # 400 rather than 401: the gateway cannot forward this header at all, so
@@ -489,15 +505,23 @@ def create_app(grpc_target, **options) -> web.Application:
     return app
 
 
-async def start_gateway(grpc_target, host='127.0.0.1', port=0, **options):
+async def start_gateway(grpc_target, host='127.0.0.1', port=0, *, tls_cert=None, tls_key=None,
+                        **options):
     """Starts the gateway; returns (runner, the port it listens on). Stop it
-    with `await runner.cleanup()`. options: see create_app."""
+    with `await runner.cleanup()`. HTTPS with tls_cert and tls_key (PEM files);
+    plaintext only on loopback. options: see create_app."""
+    context = None
+    if tls_cert and tls_key:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls_cert, tls_key)
+    else:
+        refuse_plaintext('the REST gateway', host)
     app = create_app(grpc_target, **options)
     gateway = app[GATEWAY]
     runner = web.AppRunner(app)
     await runner.setup()
     site = http_server.Site(runner, host, port, header_timeout=gateway.header_timeout,
                             idle_timeout=gateway.idle_timeout,
-                            max_connections=gateway.max_connections)
+                            max_connections=gateway.max_connections, ssl_context=context)
     await site.start()
     return runner, runner.addresses[0][1]

@@ -192,8 +192,8 @@ class Site(web.BaseSite):
 
     def __init__(self, runner, host, port, *, header_timeout=DEFAULT_HEADER_TIMEOUT,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 backlog=128):
-        super().__init__(runner, backlog=backlog)
+                 backlog=128, ssl_context=None):
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._host, self._port = host, port
         self._web_server = runner.server  # aiohttp's Server: the app's handler, and the connections to shut down
         self.header_timeout, self.max_connections = header_timeout, max_connections
@@ -204,11 +204,12 @@ class Site(web.BaseSite):
 
     @property
     def name(self):
-        return str(yarl.URL.build(scheme='http', host=self._host or '0.0.0.0', port=self._port))
+        scheme = 'https' if self._ssl_context else 'http'
+        return str(yarl.URL.build(scheme=scheme, host=self._host or '0.0.0.0', port=self._port))
 
     async def start(self):
         await super().start()
         # BaseSite.stop() closes self._server, and runner.addresses reads it.
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _Connection(self, self._web_server, **self._options), self._host, self._port,
-            backlog=self._backlog)
+            backlog=self._backlog, ssl=self._ssl_context)

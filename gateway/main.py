@@ -18,7 +18,6 @@ import time
 from gateway import app as gateway_app
 from gateway import envoy, http_server, openapi
 
-DEFAULT_LISTEN = '0.0.0.0:13000'
 DEFAULT_GRPC_TARGET = '127.0.0.1:13001'
 
 start_gateway = gateway_app.start_gateway  # for the sf-up launcher and tests
@@ -74,9 +73,17 @@ async def serve(grpc_target, host, port, **options):
 def serve_arguments(argv):
     """sf-gateway's arguments: (the argparse namespace, start_gateway's options)."""
     parser = argparse.ArgumentParser(prog='sf-gateway', description='Shaken Fist REST gateway')
-    parser.add_argument('--listen', type=_host_port,
-                        default=os.environ.get('SF_GATEWAY_LISTEN', DEFAULT_LISTEN),
-                        help='HOST:PORT to listen on (env SF_GATEWAY_LISTEN, default %(default)s)')
+    parser.add_argument('--listen', type=_host_port, default=os.environ.get('SF_GATEWAY_LISTEN'),
+                        help='HOST:PORT to listen on (env SF_GATEWAY_LISTEN); default 0.0.0.0:13000 '
+                             'with --tls-cert, else 127.0.0.1:13000 (plaintext is refused off loopback)')
+    parser.add_argument('--tls-cert', default=os.environ.get('SF_GATEWAY_TLS_CERT'),
+                        help='serve HTTPS with this certificate, PEM (env SF_GATEWAY_TLS_CERT)')
+    parser.add_argument('--tls-key', default=os.environ.get('SF_GATEWAY_TLS_KEY'),
+                        help='... and this key, PEM (env SF_GATEWAY_TLS_KEY)')
+    parser.add_argument('--grpc-ca', default=os.environ.get('SF_GRPC_CA'),
+                        help="reach the controller over TLS, trusting this CA's PEM (env SF_GRPC_CA)")
+    parser.add_argument('--grpc-server-name', default=os.environ.get('SF_GRPC_SERVER_NAME'),
+                        help="the name in the controller's certificate, if not the target's host")
     parser.add_argument('--grpc-target', default=os.environ.get('SF_GRPC_TARGET', DEFAULT_GRPC_TARGET),
                         help='the controller, HOST:PORT (env SF_GRPC_TARGET, default %(default)s)')
     parser.add_argument('--max-body', type=int, default=gateway_app.DEFAULT_MAX_BODY,
@@ -104,7 +111,11 @@ def serve_arguments(argv):
                              '(env SF_GATEWAY_MAX_CONNECTIONS, default %(default)s)')
     parser.add_argument('--log-level', default=os.environ.get('SF_LOG_LEVEL', 'INFO'))
     args = parser.parse_args(argv)
+    if args.listen is None:
+        args.listen = _host_port('0.0.0.0:13000' if args.tls_cert else '127.0.0.1:13000')
     options = dict(max_body=args.max_body, timeout=args.timeout, stream_timeout=args.stream_timeout,
+                   tls_cert=args.tls_cert, tls_key=args.tls_key, grpc_ca=args.grpc_ca,
+                   grpc_server_name=args.grpc_server_name,
                    header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                    idle_timeout=args.idle_timeout, max_connections=args.max_connections)
     return args, options

@@ -1,7 +1,6 @@
 """Assemble and run the controller: one grpc.aio server with reflection and health."""
 
 import dataclasses
-import ipaddress
 import logging
 import os
 import pathlib
@@ -12,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sfcommon.listen import refuse_plaintext
 from sfcommon.pki import Bundle, EtcdTls
 from sfcommon.urlpolicy import ImagePolicy
 from sfcontrol import blobs as blobs_module, services
@@ -81,24 +81,12 @@ class Controller:
         await self.core.store.close()
 
 
-def is_loopback(listen: str) -> bool:
-    host = listen.rsplit(':', 1)[0].strip('[]')
-    if host == 'localhost':
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _public_port(server: grpc.aio.Server, config: Config) -> int:
     if config.tls_cert and config.tls_key:
         credentials = grpc.ssl_server_credentials(
             [(pathlib.Path(config.tls_key).read_bytes(), pathlib.Path(config.tls_cert).read_bytes())])
         return server.add_secure_port(config.listen, credentials)
-    if not is_loopback(config.listen):
-        raise ValueError(f'the public API would listen on {config.listen} in plaintext: give '
-                         '--tls-cert and --tls-key, or listen on a loopback address')
+    refuse_plaintext('the public API', config.listen)
     return server.add_insecure_port(config.listen)
 
 

@@ -336,3 +336,58 @@ async def test_scrypt_runs_off_the_event_loop(system, controller, monkeypatch):
         release.set()
         await asyncio.gather(login, return_exceptions=True)
         await other.close()
+
+
+# -- TLS for the public API and the gateway ---------------------------------------------------
+
+def _server_bundle(pki, tmp_path):
+    return pki.cluster.write_bundle(tmp_path / 'api', 'server', 'server:api', dns=['api.test'],
+                                    ips=['127.0.0.1'])
+
+
+async def test_the_public_api_and_gateway_speak_tls_and_plaintext_stays_on_loopback(etcd, pki, tmp_path):
+    import dataclasses
+    import aiohttp
+    from gateway.app import start_gateway
+    from sfcontrol import server
+    from tests.conftest import controller_config, system_key
+    bundle = _server_bundle(pki, tmp_path)
+    config = controller_config(etcd, tmp_path, tls_cert=bundle.cert, tls_key=bundle.key)
+    with pytest.raises(ValueError, match='plaintext'):
+        await server.start(dataclasses.replace(config, tls_cert=None, tls_key=None, listen='0.0.0.0:0'))
+    with pytest.raises(ValueError, match='plaintext'):
+        await start_gateway('127.0.0.1:1', '0.0.0.0', 0)
+    ctl = await server.start(config)
+    try:
+        target = f'127.0.0.1:{ctl.port}'
+        tls = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(bundle.ca.read_bytes()))
+        plain = grpc.aio.insecure_channel(target)
+        try:
+            health = tls.unary_unary('/grpc.health.v1.Health/Check',
+                                     request_serializer=lambda m: m.SerializeToString(),
+                                     response_deserializer=lambda b: b)
+            from grpc_health.v1 import health_pb2
+            await health(health_pb2.HealthCheckRequest(), timeout=5)
+            async with raises(C.UNAVAILABLE):
+                await plain.unary_unary('/grpc.health.v1.Health/Check',
+                                        request_serializer=lambda m: m.SerializeToString(),
+                                        response_deserializer=lambda b: b)(
+                    health_pb2.HealthCheckRequest(), timeout=3)
+        finally:
+            await tls.close()
+            await plain.close()
+        runner, port = await start_gateway(target, '127.0.0.1', 0, tls_cert=str(bundle.cert),
+                                           tls_key=str(bundle.key), grpc_ca=str(bundle.ca))
+        try:
+            context = ssl.create_default_context(cafile=str(bundle.ca))
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f'https://127.0.0.1:{port}/auth', ssl=context, json={
+                        'namespace': 'system', 'key': system_key(tmp_path)}) as r:
+                    assert r.status == 200 and (await r.json())['access_token']
+                with pytest.raises(aiohttp.ClientError):
+                    async with http.get(f'http://127.0.0.1:{port}/') as r:
+                        await r.read()
+        finally:
+            await runner.cleanup()
+    finally:
+        await ctl.stop(None)
