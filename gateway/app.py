@@ -34,6 +34,7 @@ UPLOAD_CHUNK = MiB  # bytes per message when streaming a request body
 CLIENT_CHECK_INTERVAL = 1.0  # seconds between checks that a streaming client is still there
 
 JSON = 'application/json'
+BODY_LENGTH = 'x-body-length'   # metadata: the bytes a streamed body must carry
 OCTET_STREAM = 'application/octet-stream'
 NDJSON = 'application/x-ndjson'
 NULL = b'null'
@@ -247,6 +248,10 @@ class Gateway:
 
         if e.chunked:
             messages = _chunks(body, message, e.raw_body_field, content_type)
+            if request.content_length is not None:
+                # A stream cut short (the client stalled or left, and the call is
+                # cancelled) ends like a whole one on the server: this tells them apart.
+                metadata.append((BODY_LENGTH, str(request.content_length)))
         elif e.binding.client_streaming:
             messages = _one(message)
         else:

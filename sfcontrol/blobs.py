@@ -241,7 +241,9 @@ class Blobs:
             return Txn().create(upload_key(upload.uuid), upload.SerializeToString()), upload
         return await self.core.mutate(build, request=request)
 
-    async def write_upload(self, upload_uuid: str, chunks) -> int:
+    async def write_upload(self, upload_uuid: str, chunks, expected: int | None = None) -> int:
+        """Append chunks to an upload; with expected (the bytes the write declared), a
+        write that carried fewer or more changes nothing."""
         upload = self._upload(upload_uuid).value
         path = self.dir / 'uploads' / upload_uuid
         with self._counted(upload.namespace) as held:
@@ -249,6 +251,9 @@ class Blobs:
                 before = f.tell()
                 try:
                     size, _ = await self._append(chunks, f, upload.namespace, before, held)
+                    if expected is not None and size - before != expected:
+                        raise errors.invalid(f'the write carried {size - before} of the {expected} '
+                                             'bytes it declared: nothing was kept')
                 except BaseException:
                     f.truncate(before)      # a refused (or broken) write leaves the upload as it was
                     raise

@@ -205,7 +205,10 @@ class UploadService(blob_service_pb2_grpc.UploadServiceServicer):
                 if message.upload_uuid and message.upload_uuid != first.upload_uuid:
                     raise errors.invalid('every message of an upload write names the same upload')
                 yield message.data.data
-        return blob.WriteUploadResponse(size=await self.b.write_upload(first.upload_uuid, chunks()))
+        declared = dict(context.invocation_metadata() or ()).get('x-body-length')   # from the gateway
+        expected = int(declared) if declared and declared.isdigit() and len(declared) < 20 else None
+        return blob.WriteUploadResponse(size=await self.b.write_upload(
+            first.upload_uuid, chunks(), expected))
 
     async def TruncateUpload(self, request, context):
         await self.b.truncate_upload(request.upload_uuid, request.offset)

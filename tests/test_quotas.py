@@ -130,3 +130,18 @@ async def test_rest_callers_see_413_with_the_error_model(small):
                 assert r.status == 400 and (await r.json())['status'] == 400
     finally:
         await runner.cleanup()
+
+
+async def test_a_write_that_ends_before_its_declared_length_keeps_nothing(small):
+    """The gateway declares a body's length (a cancelled stream looks complete to the server)."""
+    _, _, tenant, blob_dir = small
+    up = await new_upload(tenant)
+    await write(tenant, up, b'k' * 10)
+
+    async def messages():
+        m = b.WriteUploadRequest(upload_uuid=up)
+        m.data.data = b'x' * 50
+        yield m
+    async with raises(C.INVALID_ARGUMENT, 'INVALID_ARGUMENT', 'carried 50 of the 100 bytes'):
+        await tenant.uploads.WriteUpload(messages(), metadata=(('x-body-length', '100'),))
+    assert upload_file(blob_dir, up).stat().st_size == 10
