@@ -21,7 +21,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sfcontrol.etcd_process import EtcdServer  # noqa: E402
+from sfup.etcd import EtcdServer  # noqa: E402
 from tests.grpc_client import Client  # noqa: E402
 from tests.node_double import NodeDouble  # noqa: E402
 

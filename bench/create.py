@@ -9,9 +9,10 @@ import tempfile
 import time
 
 from bench.common import PY, ROOT, Node, Plane, login, now, p50
-from sfcontrol import keys, server, states
+from sfcontrol import server, states
+from sfcontrol.store import keys
 from sfnode import configdrive, images
-from sfnode.hypervisor import Hypervisor
+from sfnode.libvirt.hypervisor import Hypervisor
 from shakenfist.v1 import instance_pb2, instance_service_pb2 as api
 from tests.helpers import create_created, create_request
 

@@ -15,8 +15,8 @@ import uuid as uuidlib
 
 from bench.common import ROOT, free_port, now
 from sfnode import domain, images
-from sfnode.agentwire import split_commands
-from sfnode.hypervisor import Hypervisor
+from sfnode.agent.v2 import split_commands
+from sfnode.libvirt.hypervisor import Hypervisor
 from shakenfist.agent.v2 import agent_pb2 as apb
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import instance_pb2 as ipb, instance_service_pb2 as api, specs_pb2

@@ -10,8 +10,8 @@ from google.protobuf import struct_pb2
 
 from bench.common import Node, Plane, interleaved, login, now, p50, timed
 from sfcommon.events import make_event
-from sfcontrol import keys
-from sfcontrol.store import Store, Txn
+from sfcontrol.store import keys
+from sfcontrol.store.etcd import Store, Txn
 from shakenfist.v1 import event_pb2, event_service_pb2 as ev, instance_pb2, instance_service_pb2 as api
 from tests.grpc_client import Client
 from tests.helpers import create_created, network

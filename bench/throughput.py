@@ -7,7 +7,7 @@ import aiohttp
 import grpc
 
 from bench.common import Node, Plane, login, now
-from sfcontrol.store import Store, Txn
+from sfcontrol.store.etcd import Store, Txn
 from tests.helpers import create_request
 
 CLIENTS = 16

@@ -12,11 +12,12 @@ import time
 import uuid as uuidlib
 
 from sfcommon import errors
-from sfcontrol import caller, keys, states, validation
+from sfcontrol import caller, states, validation
+from sfcontrol.store import keys
 from sfcontrol.core import Core
 from sfcontrol.instances import Instances
 from sfcontrol.nodeclient import NodeClients
-from sfcontrol.store import Txn
+from sfcontrol.store.etcd import Txn
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import agent_operation_pb2 as pb, agent_operation_service_pb2 as api
 from shakenfist.v1 import event_pb2, instance_pb2
@@ -53,7 +54,7 @@ class AgentOperations:
 
     def start(self):
         """Arm deadline timers for unfinished operations (after a restart)."""
-        for entry in self.core.cache.range('agentops/')[0]:
+        for entry in self.core.cache.range(keys.AGENTOPS)[0]:
             if entry.value.state not in FINAL:
                 self._arm(entry.value)
 
@@ -71,7 +72,7 @@ class AgentOperations:
 
     def list(self, req: api.ListInstanceAgentOperationsRequest):
         inst = self.instances.resolve(req.instance_ref).value
-        ops = [e.value for e in self.core.cache.where('agentops/', 'instance_uuid', inst.uuid)]
+        ops = [e.value for e in self.core.cache.where(keys.AGENTOPS, 'instance_uuid', inst.uuid)]
         if not req.all:
             ops = [o for o in ops if o.state in (INITIAL, PREFLIGHT, QUEUED)]
         ops.sort(key=lambda o: o.deadline)

@@ -27,10 +27,11 @@ from typing import Callable
 import jwt
 
 from sfcommon import errors
-from sfcontrol import keys, states, validation
+from sfcontrol import states, validation
+from sfcontrol.store import keys
 from sfcontrol.caller import SYSTEM, Caller
 from sfcontrol.core import Core
-from sfcontrol.store import Txn
+from sfcontrol.store.etcd import Txn
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import auth_service_pb2 as api, namespace_pb2 as pb, network_pb2
 
@@ -257,7 +258,7 @@ class Auth:
         return out
 
     def list_namespaces(self, req: api.ListNamespacesRequest) -> api.ListNamespacesResponse:
-        page, more = self.core.cache.range('namespaces/', start_after=req.page_token or None,
+        page, more = self.core.cache.range(keys.NAMESPACES, start_after=req.page_token or None,
                                            limit=req.page_size or 1000)
         return api.ListNamespacesResponse(namespaces=[self.view(e.value.name) for e in page],
                                           next_page_token=page[-1].key if more else '')
@@ -282,10 +283,10 @@ class Auth:
         self.view(req.namespace)
 
         def build():
-            live = self.core.cache.range(f'instances/{req.namespace}/',
+            live = self.core.cache.range(keys.instances(req.namespace),
                                          filter=lambda i: states.is_active(i.state), limit=1)[0]
             nets = self.core.cache.range(
-                f'networks/{req.namespace}/', limit=1,
+                keys.networks(req.namespace), limit=1,
                 filter=lambda n: n.state != network_pb2.NETWORK_STATE_DELETED)[0]
             if live or nets:
                 raise errors.conflict(f'namespace {req.namespace} still has instances or networks')

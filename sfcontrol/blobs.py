@@ -26,8 +26,9 @@ import uuid as uuidlib
 
 from sfcommon import errors
 from sfcontrol import caller
+from sfcontrol.store import keys
 from sfcontrol.core import Core
-from sfcontrol.store import Txn
+from sfcontrol.store.etcd import Txn
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import blob_pb2 as pb
 
@@ -41,10 +42,6 @@ UPLOAD_CREATED = pb.UploadState.Value('UPLOAD_STATE_CREATED')
 UPLOAD_DELETED = pb.UploadState.Value('UPLOAD_STATE_DELETED')
 
 
-def blob_key(uuid): return f'blobs/{uuid}'
-def ref_key(blob, holder_type, holder): return f'blob-refs/{blob}/{holder_type}/{holder}'
-def upload_key(uuid): return f'uploads/{uuid}'
-def artifact_key(ns, uuid): return f'artifacts/{ns}/{uuid}'
 
 
 class Blobs:
@@ -63,11 +60,11 @@ class Blobs:
 
     # -- reading -------------------------------------------------------------------
     def _refs(self, uuid):
-        return [e.value for e in self.core.cache.range(f'blob-refs/{uuid}/')[0]]
+        return [e.value for e in self.core.cache.range(keys.blob_refs(uuid))[0]]
 
     def get(self, uuid: str) -> pb.Blob:
         """A blob the caller may see (a holder in its namespace), with its references."""
-        entry = self.core.cache.get(blob_key(uuid))
+        entry = self.core.cache.get(keys.blob(uuid))
         me = caller.current()
         refs = self._refs(uuid)
         if entry is None or entry.value.state == DELETED or not (
@@ -80,7 +77,7 @@ class Blobs:
         return out
 
     def by_sha512(self, digest: str) -> pb.Blob | None:
-        for entry in self.core.cache.where('blobs/', 'sha512', digest.lower()):
+        for entry in self.core.cache.where(keys.BLOBS, 'sha512', digest.lower()):
             try:
                 return self.get(entry.value.uuid)
             except errors.ApiError:
@@ -97,7 +94,7 @@ class Blobs:
         """Yield a blob's bytes, for a caller whose right to them was checked already."""
         if offset < 0 or limit < 0:
             raise errors.invalid('offset and limit must not be negative')
-        entry = self.core.cache.get(blob_key(uuid))
+        entry = self.core.cache.get(keys.blob(uuid))
         if entry is None or entry.value.state == DELETED:
             raise errors.not_found('blob not found')
         path = self.dir / 'blobs' / uuid
@@ -116,13 +113,13 @@ class Blobs:
     def usage(self, namespace: str) -> int:
         """Bytes the namespace holds: its blobs (each once), open uploads, and what this
         controller is receiving for it now."""
-        held = {e.value.blob_uuid for e in self.core.cache.where('blob-refs/', 'namespace', namespace)}
+        held = {e.value.blob_uuid for e in self.core.cache.where(keys.BLOB_REFS, 'namespace', namespace)}
         stored = 0
         for uuid in held:
-            entry = self.core.cache.get(blob_key(uuid))
+            entry = self.core.cache.get(keys.blob(uuid))
             if entry is not None and entry.value.state == CREATED:
                 stored += entry.value.size
-        uploading = sum(e.value.size for e in self.core.cache.where('uploads/', 'namespace', namespace)
+        uploading = sum(e.value.size for e in self.core.cache.where(keys.UPLOADS, 'namespace', namespace)
                         if e.value.state == UPLOAD_CREATED)
         return stored + uploading + self._receiving[namespace]
 
@@ -178,7 +175,7 @@ class Blobs:
         os.link(partial, self.dir / 'blobs' / new_uuid)
 
         def build():
-            same = [e for e in self.core.cache.where('blobs/', 'sha512', sha512)
+            same = [e for e in self.core.cache.where(keys.BLOBS, 'sha512', sha512)
                     if e.value.state == CREATED]
             blob = same[0].value if same else pb.Blob(
                 uuid=new_uuid, state=CREATED, size=size, modified=time.time(),
@@ -189,10 +186,10 @@ class Blobs:
                 txn.check_revision(same[0].key, same[0].mod_revision)
             else:
                 blob.metadata.SetInParent()
-                txn.create(blob_key(blob.uuid), blob.SerializeToString())
+                txn.create(keys.blob(blob.uuid), blob.SerializeToString())
             ref = records_pb2.BlobRef(blob_uuid=blob.uuid, holder_type=holder_type,
                                       holder_uuid=holder_uuid, namespace=namespace)
-            txn.put(ref_key(blob.uuid, holder_type, holder_uuid), ref.SerializeToString())
+            txn.put(keys.blob_ref(blob.uuid, holder_type, holder_uuid), ref.SerializeToString())
             return txn, blob
         blob = await self.core.mutate(build)
         if blob.uuid != new_uuid:
@@ -203,11 +200,11 @@ class Blobs:
         """Drop holder's references in txn; the blobs this leaves unreferenced are
         marked deleted (and their bytes go when the cache sees that)."""
         gone = []
-        for entry in self.core.cache.where('blob-refs/', 'holder_uuid', holder_uuid):
+        for entry in self.core.cache.where(keys.BLOB_REFS, 'holder_uuid', holder_uuid):
             txn.delete(entry.key)
             blob_uuid = entry.value.blob_uuid
             others = [r for r in self._refs(blob_uuid) if r.holder_uuid != holder_uuid]
-            blob = self.core.cache.get(blob_key(blob_uuid))
+            blob = self.core.cache.get(keys.blob(blob_uuid))
             if not others and blob is not None:
                 dead = pb.Blob()
                 dead.CopyFrom(blob.value)
@@ -221,11 +218,11 @@ class Blobs:
         def on_change(key, entry):
             if entry is not None and entry.value.state == DELETED:
                 (self.dir / 'blobs' / entry.value.uuid).unlink(missing_ok=True)
-        self.core.cache.listen('blobs/', on_change)
+        self.core.cache.listen(keys.BLOBS, on_change)
 
     # -- uploads and artifacts ------------------------------------------------------------
     def _upload(self, uuid: str):
-        entry = self.core.cache.get(upload_key(uuid))
+        entry = self.core.cache.get(keys.upload(uuid))
         if entry is None or entry.value.state != UPLOAD_CREATED or not caller.current().can_see(
                 entry.value.namespace):
             raise errors.not_found('upload not found')
@@ -238,7 +235,7 @@ class Blobs:
                                namespace=caller.current().namespace)
             upload.metadata.SetInParent()
             _private(self.dir / 'uploads' / upload.uuid, 'wb').close()
-            return Txn().create(upload_key(upload.uuid), upload.SerializeToString()), upload
+            return Txn().create(keys.upload(upload.uuid), upload.SerializeToString()), upload
         return await self.core.mutate(build, request=request)
 
     async def write_upload(self, upload_uuid: str, chunks, expected: int | None = None) -> int:
@@ -302,13 +299,13 @@ class Blobs:
         else:
             def hold():
                 blob = self.get(req.blob_uuid)      # read in the build: it guards the reference
-                return Txn().put(ref_key(blob.uuid, 'artifact', artifact_uuid), records_pb2.BlobRef(
+                return Txn().put(keys.blob_ref(blob.uuid, 'artifact', artifact_uuid), records_pb2.BlobRef(
                     blob_uuid=blob.uuid, holder_type='artifact', holder_uuid=artifact_uuid,
                     namespace=ns).SerializeToString()), blob
             blob = await self.core.mutate(hold)
 
         def build():
-            entry = self.core.cache.get(artifact_key(ns, artifact_uuid))
+            entry = self.core.cache.get(keys.artifact(ns, artifact_uuid))
             art = pb.Artifact()
             if entry is not None:
                 art.CopyFrom(entry.value)
@@ -325,9 +322,9 @@ class Blobs:
             txn = Txn()
             if entry is not None:
                 txn.check_revision(entry.key, entry.mod_revision)
-            txn.put(artifact_key(ns, artifact_uuid), art.SerializeToString())
+            txn.put(keys.artifact(ns, artifact_uuid), art.SerializeToString())
             if req.HasField('upload_uuid'):
-                up = self.core.cache.get(upload_key(req.upload_uuid))
+                up = self.core.cache.get(keys.upload(req.upload_uuid))
                 done = pb.Upload()
                 done.CopyFrom(up.value)
                 done.state = UPLOAD_DELETED
@@ -339,7 +336,7 @@ class Blobs:
         return art
 
     def _artifact_uuid(self, ns: str, name: str) -> str:
-        found = self.core.cache.range(f'artifacts/{ns}/', filter=lambda a: a.name == name)[0]
+        found = self.core.cache.range(keys.artifacts(ns), filter=lambda a: a.name == name)[0]
         return found[0].value.uuid if found else str(uuidlib.uuid4())
 
 

@@ -19,9 +19,10 @@ from google.protobuf.message import Message
 
 from sfcommon import errors
 from sfcommon.events import make_event
-from sfcontrol import caller, keys
-from sfcontrol.cache import Kind, ObjectCache
-from sfcontrol.store import Store, Txn
+from sfcontrol import caller
+from sfcontrol.store import keys
+from sfcontrol.store.cache import Kind, ObjectCache
+from sfcontrol.store.etcd import Store, Txn
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import (agent_operation_pb2, blob_pb2, event_pb2, instance_pb2, namespace_pb2,
                            network_pb2)
@@ -29,19 +30,19 @@ from shakenfist.v1 import (agent_operation_pb2, blob_pb2, event_pb2, instance_pb
 log = logging.getLogger(__name__)
 
 KINDS = [
-    Kind('namespaces/', namespace_pb2.Namespace),
-    Kind('namespace-keys/', records_pb2.NamespaceKeyRecord),
-    Kind('instances/', instance_pb2.Instance),
-    Kind('networks/', network_pb2.Network),
-    Kind('interfaces/', network_pb2.NetworkInterface, index=('instance_uuid', 'network_uuid')),
-    Kind('agentops/', agent_operation_pb2.AgentOperation, index=('instance_uuid',)),
-    Kind('nodes/', records_pb2.NodeRecord),
-    Kind('placements/', records_pb2.Placement),
-    Kind('blobs/', blob_pb2.Blob, index=('sha512',)),
-    Kind('blob-refs/', records_pb2.BlobRef, index=('holder_uuid', 'namespace')),
-    Kind('uploads/', blob_pb2.Upload, index=('namespace',)),
-    Kind('artifacts/', blob_pb2.Artifact),
-    Kind('token-keys/', records_pb2.TokenKeyRecord),
+    Kind(keys.NAMESPACES, namespace_pb2.Namespace),
+    Kind(keys.NAMESPACE_KEYS, records_pb2.NamespaceKeyRecord),
+    Kind(keys.INSTANCES, instance_pb2.Instance),
+    Kind(keys.NETWORKS, network_pb2.Network),
+    Kind(keys.INTERFACES, network_pb2.NetworkInterface, index=('instance_uuid', 'network_uuid')),
+    Kind(keys.AGENTOPS, agent_operation_pb2.AgentOperation, index=('instance_uuid',)),
+    Kind(keys.NODES, records_pb2.NodeRecord),
+    Kind(keys.PLACEMENTS, records_pb2.Placement),
+    Kind(keys.BLOBS, blob_pb2.Blob, index=('sha512',)),
+    Kind(keys.BLOB_REFS, records_pb2.BlobRef, index=('holder_uuid', 'namespace')),
+    Kind(keys.UPLOADS, blob_pb2.Upload, index=('namespace',)),
+    Kind(keys.ARTIFACTS, blob_pb2.Artifact),
+    Kind(keys.TOKEN_KEYS, records_pb2.TokenKeyRecord),
 ]
 
 MAX_ATTEMPTS = 20

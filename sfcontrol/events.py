@@ -9,9 +9,9 @@ cursor misses nothing and sees nothing twice.
 import re
 
 from sfcommon import errors
-from sfcontrol import keys
+from sfcontrol.store import keys
 from sfcontrol.core import Core, object_type_name
-from sfcontrol.store import StoreCompacted
+from sfcontrol.store.etcd import StoreCompacted
 from shakenfist.v1 import event_pb2, event_service_pb2
 
 _CURSOR = re.compile(r'[0-9]{1,18}')

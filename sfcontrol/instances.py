@@ -14,12 +14,13 @@ from google.protobuf import json_format
 
 from sfcommon import errors
 from sfcommon.urlpolicy import ImagePolicy
-from sfcontrol import caller, keys, limits, scheduler, states, validation
+from sfcontrol import caller, limits, scheduler, states, validation
+from sfcontrol.store import keys
 from sfcontrol.core import Core, object_type_name
 from sfcontrol.events import Events
 from sfcontrol.networks import Networks
 from sfcontrol.nodeclient import NodeClients
-from sfcontrol.store import Txn
+from sfcontrol.store.etcd import Txn
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import event_pb2, instance_pb2 as pb, instance_service_pb2 as api
@@ -65,14 +66,14 @@ class Instances:
                 raise errors.not_found('namespace not found')
             if self.core.cache.get(keys.namespace(namespace)) is None:
                 raise errors.not_found('namespace not found')
-        entry = self.core.cache.by_uuid('instances/', ref)
+        entry = self.core.cache.by_uuid(keys.INSTANCES, ref)
         if entry is not None:
             if not me.can_see(entry.value.namespace) or (
                     namespace is not None and entry.value.namespace != namespace):
                 raise errors.not_found('instance not found')
             return entry
         scope = namespace or (None if me.is_system else me.namespace)
-        prefix = f'instances/{scope}/' if scope else 'instances/'
+        prefix = keys.instances(scope)
         matches, _ = self.core.cache.range(
             prefix, filter=lambda i: i.name == ref and states.is_active(i.state))
         if not matches:
@@ -177,7 +178,7 @@ class Instances:
                                            vsock_cid=vsock_cid, console_password=password)
         desired.instance.interfaces.extend(interfaces)
         for net_uuid in dict.fromkeys(i.network_uuid for i in interfaces):
-            desired.networks.append(self.core.cache.by_uuid('networks/', net_uuid).value)
+            desired.networks.append(self.core.cache.by_uuid(keys.NETWORKS, net_uuid).value)
         # The node has no use for the user metadata of networks and interfaces, and
         # 16 of each at their limit would make the placement too big for etcd.
         for item in (*desired.networks, *desired.instance.interfaces):
@@ -213,7 +214,7 @@ class Instances:
         if ns is not None and not me.can_see(ns):
             raise errors.not_found('namespace not found')
         page, more = self.core.cache.range(
-            f'instances/{ns}/' if ns else 'instances/', start_after=req.page_token or None,
+            keys.instances(ns), start_after=req.page_token or None,
             limit=req.page_size or DEFAULT_PAGE,
             filter=None if req.all else (lambda i: states.is_active(i.state)))
         return api.ListInstancesResponse(instances=[self.view(e.value) for e in page],
@@ -277,7 +278,7 @@ class Instances:
         def build():
             txn, uuids = Txn(), []
             live, _ = self.core.cache.range(
-                f'instances/{ns}/', filter=lambda i: i.state not in (states.DELETED, states.DELETE_WAIT_ERROR))
+                keys.instances(ns), filter=lambda i: i.state not in (states.DELETED, states.DELETE_WAIT_ERROR))
             for entry in live:
                 self._delete(txn, entry)
                 uuids.append(entry.value.uuid)
@@ -524,5 +525,5 @@ class Instances:
             inst = self.resolve(req.object_ref).value
             return keys.events(inst.namespace, object_type, inst.uuid), ''
         if me.is_system:
-            return 'events/', object_type
+            return keys.EVENTS, object_type
         return keys.events(me.namespace, object_type), ''

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from sfcommon import errors
 from sfcontrol import caller, limits
 from sfcontrol.caller import Caller
-from sfcontrol.store import StoreError
+from sfcontrol.store.etcd import StoreError
 from shakenfist.v1 import wire_pb2
 
 log = logging.getLogger(__name__)

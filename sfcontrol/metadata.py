@@ -8,7 +8,7 @@ from google.protobuf import json_format
 from sfcommon import errors
 from sfcontrol import limits
 from sfcontrol.core import Core
-from sfcontrol.store import Txn
+from sfcontrol.store.etcd import Txn
 
 
 class Metadata:

@@ -5,9 +5,11 @@ import random
 import uuid as uuidlib
 
 from sfcommon import errors
-from sfcontrol import caller, keys
+from sfcontrol import caller
+from sfcontrol.store import keys
 from sfcontrol.core import Core
-from sfcontrol.store import Txn
+from sfcontrol.store.cache import untracked
+from sfcontrol.store.etcd import Txn
 from shakenfist.v1 import event_pb2, network_pb2 as pb, network_service_pb2 as api, specs_pb2
 
 NET = pb.NetworkState
@@ -51,9 +53,9 @@ class Networks:
         ns = namespace or me.namespace
         if namespace and not me.can_see(namespace):
             raise errors.not_found('network not found')
-        entry = self.core.cache.by_uuid('networks/', ref)
+        entry = self.core.cache.by_uuid(keys.NETWORKS, ref)
         if entry is None:
-            matches, _ = self.core.cache.range(f'networks/{ns}/', filter=lambda n: n.name == ref
+            matches, _ = self.core.cache.range(keys.networks(ns), filter=lambda n: n.name == ref
                                                and n.state != NET.Value('NETWORK_STATE_DELETED'))
             entry = matches[0] if len(matches) == 1 else None
         if entry is None or not me.can_see(entry.value.namespace):
@@ -67,19 +69,19 @@ class Networks:
         return entry
 
     def _visible(self, iface) -> bool:
-        inst = self.core.cache.by_uuid('instances/', iface.instance_uuid)
+        inst = self.core.cache.by_uuid(keys.INSTANCES, iface.instance_uuid)
         return inst is not None and caller.current().can_see(inst.value.namespace)
 
     def interfaces_of(self, instance_uuid: str):
         """The instance's interfaces that still exist, in order."""
         deleted = IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')
-        entries = self.core.cache.where('interfaces/', 'instance_uuid', instance_uuid)
+        entries = self.core.cache.where(keys.INTERFACES, 'instance_uuid', instance_uuid)
         return sorted((e.value for e in entries if e.value.state != deleted), key=lambda i: i.order)
 
     def interfaces_on(self, network_uuid: str):
         """The interfaces that still exist on a network."""
         deleted = IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')
-        return [e.value for e in self.core.cache.where('interfaces/', 'network_uuid', network_uuid)
+        return [e.value for e in self.core.cache.where(keys.INTERFACES, 'network_uuid', network_uuid)
                 if e.value.state != deleted]
 
     # -- networks --------------------------------------------------------------
@@ -98,7 +100,7 @@ class Networks:
             # Checked in build, so that a create that lost a race for the name guard
             # sees the winner when it is retried (rather than retrying until UNAVAILABLE).
             name_taken = self.core.cache.range(
-                f'networks/{ns}/', filter=lambda n: n.name == req.name
+                keys.networks(ns), filter=lambda n: n.name == req.name
                 and n.state != NET.Value('NETWORK_STATE_DELETED'))[0]
             if name_taken:
                 raise errors.already_exists(f'a network named {req.name} already exists')
@@ -118,7 +120,7 @@ class Networks:
 
     def list(self, req: api.ListNetworksRequest) -> api.ListNetworksResponse:
         me = caller.current()
-        prefix = 'networks/' if me.is_system else f'networks/{me.namespace}/'
+        prefix = keys.networks('' if me.is_system else me.namespace)
         deleted = NET.Value('NETWORK_STATE_DELETED')
         page, more = self.core.cache.range(
             prefix, start_after=req.page_token or None, limit=req.page_size or DEFAULT_PAGE,
@@ -159,7 +161,7 @@ class Networks:
         def build():
             txn, uuids = Txn(), []
             live, _ = self.core.cache.range(
-                f'networks/{ns}/', filter=lambda n: n.state != NET.Value('NETWORK_STATE_DELETED'))
+                keys.networks(ns), filter=lambda n: n.state != NET.Value('NETWORK_STATE_DELETED'))
             for entry in live:
                 txn.check_revision(entry.key, entry.mod_revision)
                 self._delete_network(txn, entry.value)
@@ -168,9 +170,12 @@ class Networks:
         return await self.core.mutate(build, request=req)
 
     # -- interfaces and addresses ----------------------------------------------
+    # The address, MAC and floating address in use are read untracked: they only pick a
+    # free value, and the guard keys (create-if-absent) make the pick safe.
     def _used(self, network_uuid: str) -> set[str]:
-        return {e.value.ipv4 for e in self.core.cache.where('interfaces/', 'network_uuid', network_uuid)
-                if e.value.HasField('ipv4')
+        with untracked():
+            found = self.core.cache.where(keys.INTERFACES, 'network_uuid', network_uuid)
+        return {e.value.ipv4 for e in found if e.value.HasField('ipv4')
                 and e.value.state != IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')}
 
     def new_interface(self, txn: Txn, spec: specs_pb2.NetworkSpec, instance_uuid: str,
@@ -221,9 +226,10 @@ class Networks:
         return iface
 
     def _mac_in_use(self, macaddr: str) -> bool:
+        with untracked():
+            found = self.core.cache.range(keys.INTERFACES)[0]
         return any(e.value.macaddr == macaddr
-                   and e.value.state != IFACE.Value('NETWORK_INTERFACE_STATE_DELETED')
-                   for e in self.core.cache.range('interfaces/')[0])
+                   and e.value.state != IFACE.Value('NETWORK_INTERFACE_STATE_DELETED') for e in found)
 
     def release_interface(self, txn: Txn, iface: pb.NetworkInterface):
         """Delete an interface and free its address, MAC and floating address."""
@@ -252,10 +258,11 @@ class Networks:
         raise errors.insufficient(f'network {net} has no free addresses')
 
     def _floating_used(self, txn: Txn) -> set[str]:
-        used = {e.value.floating for e in self.core.cache.range('interfaces/')[0]
-                if e.value.HasField('floating')}
-        used |= {e.value.floating_gateway for e in self.core.cache.range('networks/')[0]
-                 if e.value.HasField('floating_gateway')}
+        with untracked():
+            interfaces, networks = (self.core.cache.range(keys.INTERFACES)[0],
+                                    self.core.cache.range(keys.NETWORKS)[0])
+        used = {e.value.floating for e in interfaces if e.value.HasField('floating')}
+        used |= {e.value.floating_gateway for e in networks if e.value.HasField('floating_gateway')}
         return used | _pending(txn, keys.floating(''))
 
     def _float_into(self, txn: Txn, iface: pb.NetworkInterface):
@@ -278,7 +285,7 @@ class Networks:
                 txn.delete(keys.floating(iface.floating))
                 iface.ClearField('floating')
             txn.put(current.key, iface.SerializeToString())
-            inst = self.core.cache.by_uuid('instances/', iface.instance_uuid).value
+            inst = self.core.cache.by_uuid(keys.INSTANCES, iface.instance_uuid).value
             self.core.event(txn, inst.namespace, OBJ_IFACE, iface.uuid, AUDIT,
                             'float request from API' if floating else 'defloat request from API')
             response = api.FloatInterfaceResponse() if floating else api.DefloatInterfaceResponse()

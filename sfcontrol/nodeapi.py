@@ -14,11 +14,12 @@ import logging
 import time
 
 from sfcommon import errors
-from sfcontrol import caller, keys, states
+from sfcontrol import caller, states
+from sfcontrol.store import keys
 from sfcontrol.agentops import FINAL as OPERATION_FINAL, AgentOperations
 from sfcontrol.core import Core
 from sfcontrol.instances import Instances
-from sfcontrol.store import Txn
+from sfcontrol.store.etcd import Txn
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import event_pb2, instance_pb2
@@ -43,7 +44,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
     def start(self):
         """Nodes registered before this controller started get one timeout to heartbeat
         to it; otherwise a node that died while no controller ran would go unnoticed."""
-        for entry in self.core.cache.range('nodes/')[0]:
+        for entry in self.core.cache.range(keys.NODES)[0]:
             if not entry.value.unreachable:
                 self._arm(entry.value.name)
 
@@ -62,7 +63,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
 
     def _my_instance(self, node: str, instance_uuid: str):
         """An instance placed on node (NOT_FOUND for any other, as for a foreign namespace)."""
-        entry = self.core.cache.by_uuid('instances/', instance_uuid)
+        entry = self.core.cache.by_uuid(keys.INSTANCES, instance_uuid)
         if entry is None or entry.value.node != node:
             raise errors.not_found(f'instance {instance_uuid} is not placed on node {node}')
         return entry
@@ -167,7 +168,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
     def _current(self, desired: pb.DesiredInstance) -> pb.DesiredInstance:
         """The desired instance with its lifecycle state as it is now: a node that
         restarts must resume from there, not from the state at placement."""
-        entry = self.core.cache.by_uuid('instances/', desired.instance.uuid)
+        entry = self.core.cache.by_uuid(keys.INSTANCES, desired.instance.uuid)
         if entry is not None:
             desired.instance.state = entry.value.state
         return desired
@@ -232,7 +233,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
             ev.fqdn = node          # who observed it is not the node's to say
             ns = caller.SYSTEM
             if ev.object_type == OBJ_INSTANCE:
-                inst = self.core.cache.by_uuid('instances/', ev.object_uuid)
+                inst = self.core.cache.by_uuid(keys.INSTANCES, ev.object_uuid)
                 if inst is None:
                     continue        # deleted since: its events go with it
                 if inst.value.node != node:
@@ -252,7 +253,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         op = self.core.cache.get(keys.agentop(request.uuid))
         if op is None:
             raise errors.not_found('agent operation not found')
-        inst = self.core.cache.by_uuid('instances/', op.value.instance_uuid)
+        inst = self.core.cache.by_uuid(keys.INSTANCES, op.value.instance_uuid)
         if inst is None or inst.value.node != node:
             raise errors.conflict(f'agent operation {request.uuid} is not for an instance '
                                   f'placed on {request.node}')
@@ -288,7 +289,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         """Whether an unfinished agent operation of an instance on node puts the blob."""
         for placement in self.core.cache.range(keys.placements(node))[0]:
             uuid = placement.value.desired.instance.uuid
-            for op in self.core.cache.where('agentops/', 'instance_uuid', uuid):
+            for op in self.core.cache.where(keys.AGENTOPS, 'instance_uuid', uuid):
                 if op.value.state not in OPERATION_FINAL and any(
                         c.blob_uuid == blob_uuid for c in op.value.commands):
                     return True

@@ -8,8 +8,8 @@ name <name>.node.shakenfist, whatever address it registered).
 import grpc
 
 from sfcommon import errors, pki
-from sfcontrol import keys
-from sfcontrol.cache import ObjectCache
+from sfcontrol.store import keys
+from sfcontrol.store.cache import ObjectCache
 from shakenfist.node.v1alpha1 import node_pb2_grpc
 
 DEFAULT_TIMEOUT = 30.0

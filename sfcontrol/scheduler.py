@@ -10,9 +10,9 @@ record's revision: two controllers cannot both spend the same capacity.
 
 from sfcommon import errors
 from sfcommon.disks import UNSIZED_DISK_GIB
-from sfcontrol import keys
-from sfcontrol.cache import Entry, ObjectCache, untracked
-from sfcontrol.store import Txn
+from sfcontrol.store import keys
+from sfcontrol.store.cache import Entry, ObjectCache, untracked
+from sfcontrol.store.etcd import Txn
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import specs_pb2
@@ -71,7 +71,7 @@ def _choose(cache: ObjectCache, size, namespace: str, affinity: dict, placed_on:
         if entry.value.unreachable or not _fits(entry.value, size):
             raise errors.insufficient(f'node {placed_on} does not have the capacity for this instance')
         return entry
-    nodes = [e for e in cache.range('nodes/')[0] if not e.value.unreachable and _fits(e.value, size)]
+    nodes = [e for e in cache.range(keys.NODES)[0] if not e.value.unreachable and _fits(e.value, size)]
     if not nodes:
         raise errors.insufficient('no node has the capacity for this instance')
     if affinity:

@@ -26,7 +26,7 @@ from sfcontrol.networks import Networks
 from sfcontrol.nodeapi import NodeControl
 from sfcontrol.nodeclient import NodeClients
 from sfcontrol.instances import Instances
-from sfcontrol.store import Store
+from sfcontrol.store.etcd import Store
 from shakenfist.node.v1alpha1 import node_pb2, node_pb2_grpc
 from shakenfist.v1 import (agent_operation_service_pb2, agent_operation_service_pb2_grpc,
                            blob_service_pb2, blob_service_pb2_grpc,

@@ -14,7 +14,7 @@ import socket
 from sfcommon import errors
 from sfcommon.events import make_event
 from sfnode import configdrive, domain, images
-from sfnode.agent import AgentSession
+from sfnode.agent.session import AgentSession
 from sfnode.console import SerialConsole
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import event_pb2, instance_pb2 as ipb, network_pb2, specs_pb2

@@ -62,7 +62,7 @@ def parser():
 
 async def run(args):
     from shakenfist.node.v1alpha1 import node_pb2
-    from sfnode.hypervisor import Hypervisor
+    from sfnode.libvirt.hypervisor import Hypervisor
     capacity = None
     if args.capacity:
         cpus, mem, disk = (int(x) for x in args.capacity.split(','))

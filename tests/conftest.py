@@ -16,7 +16,7 @@ import pytest_asyncio  # noqa: E402
 
 from sfcommon.pki import LocalPki  # noqa: E402
 from sfcontrol import server  # noqa: E402
-from sfcontrol.etcd_process import EtcdServer  # noqa: E402
+from sfup.etcd import EtcdServer  # noqa: E402
 from tests.grpc_client import Client  # noqa: E402
 
 

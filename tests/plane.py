@@ -30,7 +30,7 @@ class Plane:
                'SF_NODE_USAGE_INTERVAL': '5'}
         self.log = open(self.state / 'sf-up.log', 'wb')
         self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'sfcontrol.up', '--state-dir', str(self.state), '--nodes',
+            [sys.executable, '-m', 'sfup.main', '--state-dir', str(self.state), '--nodes',
              str(self.nodes), '--grpc-port', '0', '--rest-port', '0',
              *(f'--image-allow={prefix}' for prefix in self.image_allow)],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

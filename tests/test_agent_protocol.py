@@ -10,7 +10,7 @@ import stat
 
 import pytest_asyncio
 
-from sfnode.agent import AgentSession
+from sfnode.agent.session import AgentSession
 from shakenfist.v1 import agent_operation_pb2 as opb, instance_pb2 as ipb
 from tests.waiting import eventually
 
@@ -159,7 +159,7 @@ async def test_an_agent_sending_garbage_ends_the_operation_in_error(tmp_path):
     s = AgentSession(lambda: asyncio.open_unix_connection(str(sock)), rec)
     s._ready.set()      # skip the welcome: send the operation straight into the garbage
     s.channel = None
-    from sfnode.agentwire import AgentChannel
+    from sfnode.agent.v2 import AgentChannel
     s.channel = AgentChannel(*await asyncio.open_unix_connection(str(sock)))
     await s.run_operation(op('g', opb.AgentCommand(command=opb.AGENT_COMMAND_TYPE_EXECUTE,
                                                    commandline='true'), deadline=10.0))

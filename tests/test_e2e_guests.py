@@ -282,7 +282,7 @@ async def test_delete_leaves_nothing_behind(plane, client, guest):
     assert qemus.stdout.strip() == ''
     links = subprocess.run(['ip', '-o', 'link'], capture_output=True, text=True).stdout
     assert not any(t in links for t in taps)
-    from sfcontrol.nodes_launcher import bridge_prefix
+    from sfup.nodes import bridge_prefix
     assert bridge_prefix(plane.state, 0) not in links     # no instance left on its networks
     # The base image stays in the content cache: it is shared by whatever uses it next.
     assert list((node_dir / 'images' / 'content').iterdir())

@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from sfcommon.pki import LocalPki
-from sfcontrol.nodes_launcher import node_command
+from sfup.nodes import node_command
 from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api, specs_pb2
 from tests.plane import Plane
 from tests.waiting import eventually

@@ -17,8 +17,8 @@ import pytest
 import pytest_asyncio
 
 from sfcontrol import server
-from sfcontrol.etcd_process import EtcdServer, start_all_async
-from sfcontrol.store import Store
+from sfup.etcd import EtcdServer, start_all_async
+from sfcontrol.store.etcd import Store
 from shakenfist.node.v1alpha1 import node_pb2 as npb
 from shakenfist.node.v1alpha1 import node_pb2_grpc
 from shakenfist.store.v1alpha1 import records_pb2

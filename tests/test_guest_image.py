@@ -175,7 +175,7 @@ class Guest:
         """Ping the agent (protocol v2) on the sf-agent2 port until it replies; returns
         the command_id the reply echoes."""
         from shakenfist.agent.v2 import agent_pb2
-        from sfnode.agentwire import split_commands
+        from sfnode.agent.v2 import split_commands
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(self.agent_path))
         s.settimeout(0.25)

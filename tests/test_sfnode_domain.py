@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from sfnode import domain
-from sfnode.hypervisor import Hypervisor
+from sfnode.libvirt.hypervisor import Hypervisor
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import instance_pb2 as ipb, network_pb2 as npb, specs_pb2 as spb
 

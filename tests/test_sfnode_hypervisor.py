@@ -1,4 +1,4 @@
-"""sfnode's Hypervisor (sfnode/hypervisor.py).
+"""sfnode's Hypervisor (sfnode/libvirt/).
 
 The real_vm tests boot a real guest: libvirt's QEMU driver embedded in this
 process (qemu:///embed), QEMU under TCG, and the sftest image that
@@ -28,8 +28,11 @@ from google.protobuf.message import DecodeError
 
 from sfnode import domain
 from sfnode.console import SerialConsole
-from sfnode.hypervisor import (PNG_SIGNATURE, DeviceNotFound, DomainNotFound, Hypervisor,
-                               InvalidConfig, InvalidDomainState, Unsupported, ppm_to_png)
+from sfnode.libvirt import embed
+from sfnode.libvirt.errors import (DeviceNotFound, DomainNotFound, HypervisorUnavailable,
+                                   InvalidConfig, InvalidDomainState, Unsupported)
+from sfnode.libvirt.hypervisor import Hypervisor
+from sfnode.libvirt.png import PNG_SIGNATURE, ppm_to_png
 from shakenfist.agent.v2 import agent_pb2 as apb
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import errors_pb2, instance_pb2 as ipb, network_pb2 as npb, specs_pb2 as spb
@@ -390,7 +393,6 @@ async def test_kvm_probe_decides_by_booting_and_is_cached(real_hv, guest_image, 
 NODE_SCRIPT = r"""
 import asyncio, json, subprocess, sys, xml.etree.ElementTree as ET
 from sfnode import domain
-from sfnode.hypervisor import Hypervisor
 from tests.test_sfnode_hypervisor import free_port, sftest_instance
 
 async def main(state, caps_cache):
@@ -560,20 +562,18 @@ def test_ppm_screenshots_become_png():
 
 
 async def test_a_second_embed_root_in_one_process_is_refused():
-    from sfnode import hypervisor
-    if hypervisor._embed_root_in_process is None:
+    if embed.claimed_root() is None:
         pytest.skip('no embedded driver opened in this process yet')
     other = short_tmpdir()
     try:
-        with pytest.raises(hypervisor.HypervisorUnavailable, match='one per process'):
+        with pytest.raises(HypervisorUnavailable, match='one per process'):
             await Hypervisor(str(other)).open()
     finally:
         shutil.rmtree(other)
 
 
 async def test_an_embed_root_too_long_for_unix_sockets_is_refused():
-    from sfnode import hypervisor
-    root = '/tmp/' + 'x' * hypervisor.MAX_EMBED_ROOT
-    with pytest.raises(hypervisor.HypervisorUnavailable) as err:
+    root = '/tmp/' + 'x' * embed.MAX_EMBED_ROOT
+    with pytest.raises(HypervisorUnavailable) as err:
         Hypervisor(root, f'qemu:///embed?root={root}')._prepare_embed_root(root)
     assert 'too long' in err.value.message and '107 bytes' in err.value.detail

@@ -11,8 +11,8 @@ import uuid
 import pytest
 import pytest_asyncio
 
-from sfcontrol.etcd_process import _free_ports
-from sfcontrol.store import Store, StoreCompacted, StoreUnavailable, Txn
+from sfup.etcd import _free_ports
+from sfcontrol.store.etcd import Store, StoreCompacted, StoreUnavailable, Txn
 
 
 @pytest_asyncio.fixture

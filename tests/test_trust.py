@@ -15,9 +15,9 @@ import jwt
 import pytest
 
 from sfcommon import pki as pkilib
-from sfcontrol import keys
+from sfcontrol.store import keys
 from sfcontrol.auth import MAX_TOKEN_TTL
-from sfcontrol.store import Store, StoreError
+from sfcontrol.store.etcd import Store, StoreError
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
 from shakenfist.v1 import auth_service_pb2 as auth, event_pb2, instance_pb2
 from shakenfist.v1 import instance_service_pb2 as api

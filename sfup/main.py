@@ -15,10 +15,13 @@ import pathlib
 import signal
 import sys
 
+from gateway.app import start_gateway
 from sfcommon import logs
 from sfcommon.pki import LocalPki
-from sfcontrol import keys, server
-from sfcontrol.etcd_process import EtcdServer
+from sfcontrol import server
+from sfcontrol.store import keys
+from sfup.etcd import EtcdServer
+from sfup.nodes import start_nodes
 
 log = logging.getLogger('sf-up')
 
@@ -77,12 +80,10 @@ async def run(args):
         node_target = f'{args.host}:{controller.node_port}'
         key = (state / 'system.key').read_text().strip()
 
-        from gateway.app import start_gateway
         runner, rest_port = await start_gateway(grpc_target, args.host, args.rest_port)
         stack.append(('gateway', runner.cleanup))
         rest = f'http://{args.host}:{rest_port}'
 
-        from sfcontrol.nodes_launcher import start_nodes
         nodes = await start_nodes(state, pki, args.nodes, node_target, args.host, args.image_allow,
                                   lambda name: _registered(controller, name))
         stack.append(('nodes', nodes.stop))

@@ -13,431 +13,43 @@ each runs its blocking libvirt calls in a worker thread (libvirt connections
 are thread-safe), since some take a while: starting a guest about 0.3-1 s,
 destroying one 1-2 s, the first open of a new embed root 4-9 s. Failures raise
 HypervisorError subclasses chosen by libvirt's error code, never by its
-message text.
-"""
+message text."""
 
 import asyncio
 import contextlib
-import dataclasses
-import fcntl
 import functools
 import inspect
 import json
 import logging
 import os
-import pwd
-import shutil
-import struct
-import tempfile
-import threading
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-import zlib
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import libvirt
 
-from sfcommon import errors
-from shakenfist.v1 import errors_pb2, instance_pb2
+from sfnode import domain as domainxml
+from sfnode.libvirt import embed
+from sfnode.libvirt.embed import (MAX_EMBED_ROOT, claim_root, copy_new_files, default_start_lock,
+                                  embed_qemu_conf, host_lock, on_one_cpu, user_exists,
+                                  write_if_changed)
+from sfnode.libvirt.errors import (DeviceNotFound, DomainNotFound, HypervisorError,
+                                   HypervisorUnavailable, libvirt_errors, translate_error)
+from sfnode.libvirt.events import (EVENT_DETAILS, EVENT_NAMES, DomainEvent, DomainInfo, Listener,
+                                   ensure_event_loop, power_state_of, power_state_of_event)
+from sfnode.libvirt.png import PNG_SIGNATURE, ppm_to_png
+from sfnode.libvirt.probe import probe_xml, xml_name
+from sfnode.libvirt.usage import usage_event
 
-from . import domain as domainxml
+
+
 
 LOG = logging.getLogger(__name__)
-
-# Power states are the node API's enum, ready to report.
-POWER_ON = instance_pb2.POWER_STATE_ON
-POWER_OFF = instance_pb2.POWER_STATE_OFF
-POWER_PAUSED = instance_pb2.POWER_STATE_PAUSED
-POWER_CRASHED = instance_pb2.POWER_STATE_CRASHED
-PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 DEFAULT_EMULATOR = '/usr/bin/qemu-system-x86_64'
 KVM_PROBE_FILE = 'kvm-probe.json'
 KVM_PROBE_MARKER = 'SFTEST init: ready'
-# The longest embed root whose guests' monitor sockets fit in a unix socket
-# path (107 bytes): <root>/lib/qemu/domain-<id>-<20 chars of name>/monitor.sock
-# takes 56 more characters with a five-digit domain id.
-MAX_EMBED_ROOT = 107 - len('/lib/qemu/domain-99999-') - 20 - len('/monitor.sock')
-
-
-# -- errors ------------------------------------------------------------------------------
-
-class HypervisorError(errors.ApiError):
-    """A libvirt call failed. The message is for users; detail is libvirt's text."""
-    reason = errors_pb2.ERROR_REASON_INTERNAL
-    summary = 'hypervisor error'
-
-    def __init__(self, message: str, libvirt_code: int | None = None, detail: str = ''):
-        super().__init__(self.reason, message)
-        self.libvirt_code = libvirt_code
-        self.detail = detail
-
-    def __str__(self):
-        return f'{self.message} ({self.detail})' if self.detail else self.message
-
-
-class DomainNotFound(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_NOT_FOUND
-    summary = 'no such domain'
-
-
-class DeviceNotFound(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_NOT_FOUND
-    summary = 'no such device'
-
-
-class DomainExists(HypervisorError):
-    """VIR_ERR_DOM_EXIST. (A define whose name or UUID clashes with another
-    domain's is VIR_ERR_OPERATION_FAILED in libvirt 9.0, a plain HypervisorError:
-    sf-<uuid> names make that clash impossible here.)"""
-    reason = errors_pb2.ERROR_REASON_ALREADY_EXISTS
-    summary = 'a conflicting domain exists'
-
-
-class InvalidDomainState(HypervisorError):
-    """The operation is not valid in the domain's state (for example destroying a stopped one)."""
-    reason = errors_pb2.ERROR_REASON_STATE_CONFLICT
-    summary = "not valid in the domain's current state"
-
-
-class Unsupported(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_INVALID_ARGUMENT
-    summary = 'not supported by this hypervisor'
-
-
-class InvalidConfig(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_INVALID_ARGUMENT
-    summary = 'invalid domain configuration'
-
-
-class HypervisorUnavailable(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_UNAVAILABLE
-    summary = 'the hypervisor did not answer'
-
-
-def _codes(*names):
-    return {getattr(libvirt, n) for n in names if hasattr(libvirt, n)}
-
-
-_ERROR_CLASSES = [
-    (_codes('VIR_ERR_NO_DOMAIN'), DomainNotFound),
-    (_codes('VIR_ERR_DEVICE_MISSING'), DeviceNotFound),
-    (_codes('VIR_ERR_DOM_EXIST'), DomainExists),
-    (_codes('VIR_ERR_OPERATION_INVALID'), InvalidDomainState),
-    (_codes('VIR_ERR_NO_SUPPORT', 'VIR_ERR_CONFIG_UNSUPPORTED', 'VIR_ERR_ARGUMENT_UNSUPPORTED',
-            'VIR_ERR_OPERATION_UNSUPPORTED'), Unsupported),
-    (_codes('VIR_ERR_XML_ERROR', 'VIR_ERR_XML_DETAIL', 'VIR_ERR_XML_INVALID_SCHEMA',
-            'VIR_ERR_INVALID_ARG'), InvalidConfig),
-    (_codes('VIR_ERR_OPERATION_TIMEOUT', 'VIR_ERR_AGENT_UNRESPONSIVE', 'VIR_ERR_NO_CONNECT',
-            'VIR_ERR_RPC', 'VIR_ERR_INVALID_CONN'), HypervisorUnavailable),
-]
-
-
-def translate_error(err: libvirt.libvirtError, action: str, ref: str = '') -> HypervisorError:
-    """The HypervisorError for a libvirtError, chosen by its error code."""
-    code = err.get_error_code()
-    cls = next((c for codes, c in _ERROR_CLASSES if code in codes), HypervisorError)
-    what = f'{action} {ref}'.strip()
-    return cls(f'{what}: {cls.summary}', libvirt_code=code, detail=err.get_error_message() or '')
-
-
-@contextlib.contextmanager
-def _libvirt_errors(action: str, ref: str = ''):
-    try:
-        yield
-    except libvirt.libvirtError as e:
-        raise translate_error(e, action, ref) from e
-
-
-# -- events ------------------------------------------------------------------------------
-
-def _constant_names(prefix: str) -> dict[int, str]:
-    return {getattr(libvirt, n): n[len(prefix):].lower() for n in dir(libvirt)
-            if n.startswith(prefix) and not n.endswith('_LAST')}
-
-
-_EVENTS = {getattr(libvirt, 'VIR_DOMAIN_EVENT_' + n): n.lower() for n in (
-    'DEFINED', 'UNDEFINED', 'STARTED', 'SUSPENDED', 'RESUMED', 'STOPPED', 'SHUTDOWN',
-    'PMSUSPENDED', 'CRASHED')}
-_DETAILS = {event: _constant_names(f'VIR_DOMAIN_EVENT_{name.upper()}_')
-            for event, name in _EVENTS.items()}
-
-
-def power_state_of_event(event: str, detail: str) -> int | None:
-    """The power state a lifecycle event leaves the domain in; None if it does not say."""
-    if event in ('started', 'resumed'):
-        return POWER_ON
-    if event in ('suspended', 'pmsuspended'):
-        return POWER_PAUSED
-    if event == 'stopped':
-        return POWER_CRASHED if detail == 'crashed' else POWER_OFF
-    if event == 'crashed':
-        return POWER_CRASHED
-    # defined/undefined change no power state; 'shutdown' means the guest has
-    # shut down and the domain is about to stop, which a 'stopped' event says.
-    return None
-
-
-def power_state_of(state: int) -> int:
-    """The power state of a virDomainState."""
-    if state == libvirt.VIR_DOMAIN_SHUTOFF:
-        return POWER_OFF
-    if state == libvirt.VIR_DOMAIN_CRASHED:
-        return POWER_CRASHED
-    if state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
-        return POWER_PAUSED
-    return POWER_ON
-
-
-@dataclasses.dataclass(frozen=True)
-class DomainEvent:
-    """Something libvirt reported about a domain."""
-    name: str
-    uuid: str
-    # 'lifecycle', 'reboot' (the guest rebooted or was reset) or 'device-removed'.
-    kind: str
-    # For lifecycle events: defined, undefined, started, suspended, resumed,
-    # stopped, shutdown, pmsuspended or crashed; and libvirt's detail, for
-    # example booted, destroyed, shutdown, crashed, paused.
-    event: str = ''
-    detail: str = ''
-    # The power state (instance_pb2.PowerState) the event leaves the domain
-    # in, when it says.
-    power_state: int | None = None
-    # For device-removed: the device's alias (net1, ua-...).
-    device: str | None = None
-    timestamp: float = dataclasses.field(default_factory=time.time)
-
-
-@dataclasses.dataclass(frozen=True)
-class DomainInfo:
-    name: str
-    uuid: str
-    power_state: int            # instance_pb2.PowerState
-    active: bool
-    persistent: bool
-
-    @property
-    def instance_uuid(self) -> str | None:
-        """The instance UUID, for domains named sf-<uuid>."""
-        if self.name.startswith(domainxml.DOMAIN_PREFIX):
-            return self.name[len(domainxml.DOMAIN_PREFIX):]
-        return None
-
-
-Listener = Callable[[DomainEvent], object]
-
-_event_loop_lock = threading.Lock()
-_event_loop_thread: threading.Thread | None = None
-# libvirt allows one embedded driver root per process, for the process's life
-# (closing every connection does not release it).
-_embed_root_in_process: str | None = None
-
-
-def ensure_event_loop():
-    """Register libvirt's default event loop and run it in a daemon thread.
-
-    Once per process, and before the first connection is opened: the embedded
-    QEMU driver runs its QEMU monitor I/O and timers on this loop (without it,
-    opening qemu:///embed fails), and events and keepalives need it for every
-    driver."""
-    global _event_loop_thread
-    with _event_loop_lock:
-        if _event_loop_thread is not None:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-        # Errors are raised as exceptions; don't also print each one on stderr.
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-        def run():
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        _event_loop_thread = threading.Thread(target=run, name='libvirt-events', daemon=True)
-        _event_loop_thread.start()
-
-
-def _user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def _claim_embed_root(root: str):
-    global _embed_root_in_process
-    _embed_root_in_process = os.path.abspath(root)
-
-
-def has_vsock() -> bool:
-    """Whether guests can have a vsock device (the host has vhost-vsock)."""
-    return os.path.exists('/dev/vhost-vsock')
-
-
-# -- the embedded driver's configuration -------------------------------------------------
-
-def embed_qemu_conf(display_ports: tuple[int, int] | None = None,
-                    listen: str = '127.0.0.1') -> str:
-    """qemu.conf for an embedded driver: QEMU runs as the node's user, with no
-    cgroups, namespaces, security labels or virtlogd, so that it works in a
-    container without systemd. display_ports limits the VNC/SPICE autoports
-    to a range (nodes sharing a host may each have their own)."""
-    lines = [
-        '# Written by sfnode (sfnode/hypervisor.py); rewritten at every start.',
-        'dynamic_ownership = 0',
-        'remember_owner = 0',
-        'security_driver = "none"',
-        'cgroup_controllers = [ ]',
-        'namespaces = [ ]',
-        # QEMU writes the console log itself: no virtlogd daemon to run.
-        'stdio_handler = "file"',
-        'set_process_name = 1',
-        f'vnc_listen = "{listen}"',
-        f'spice_listen = "{listen}"',
-    ]
-    if os.geteuid() == 0:
-        # libvirt would otherwise run QEMU as libvirt-qemu, which then could not
-        # open the node's files or tap devices.
-        lines[1:1] = ['user = "root"', 'group = "root"']
-    if display_ports:
-        lines += [f'remote_display_port_min = {display_ports[0]}',
-                  f'remote_display_port_max = {display_ports[1]}']
-    return '\n'.join(lines) + '\n'
-
-
-@contextlib.contextmanager
-def _on_one_cpu():
-    """Run the block with the calling thread on one CPU (the lowest it may use).
-
-    libvirt's QEMU capabilities cache holds host CPUID data, and on some hosts
-    (Firecracker VMs, for one) a leaf differs from CPU to CPU (it carries the
-    APIC ID): a cache written on one CPU was thrown away, and QEMU probed again
-    (4-9 s), by every open that ran on another. Opening on one CPU keeps it
-    valid. Threads libvirt starts meanwhile stay on that CPU; they only handle
-    monitor events. QEMU processes are started by API callers, not pinned."""
-    try:
-        before = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        yield
-        return
-    os.sched_setaffinity(0, {min(before)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
-def default_start_lock() -> str:
-    return os.path.join('/run/lock' if os.access('/run/lock', os.W_OK) else tempfile.gettempdir(),
-                        'sfnode-domain-start.lock')
-
-
-@contextlib.contextmanager
-def _host_lock(path: str | None):
-    """An exclusive lock shared by every process on the host that uses path."""
-    if not path:
-        yield
-        return
-    fd = os.open(path, os.O_CREAT | os.O_RDONLY, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _write_if_changed(path: str, content: str):
-    try:
-        with open(path) as f:
-            if f.read() == content:
-                return
-    except FileNotFoundError:
-        pass
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-        f.write(content)
-    os.replace(tmp, path)
-
-
-def _copy_new_files(src: str, dst: str):
-    """Copy the files of src missing from dst or older there (atomically, by rename)."""
-    if not os.path.isdir(src):
-        return
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src):
-        s, d = os.path.join(src, name), os.path.join(dst, name)
-        if not os.path.isfile(s) or name.endswith('.tmp'):
-            continue
-        if os.path.exists(d) and os.path.getmtime(d) >= os.path.getmtime(s):
-            continue
-        tmp = f'{d}.{os.getpid()}.tmp'
-        shutil.copy2(s, tmp)
-        os.replace(tmp, d)
-
-
-# -- screenshots -----------------------------------------------------------------------
-
-def ppm_to_png(ppm: bytes) -> bytes:
-    """A binary PPM (P6, 8 bit) as PNG: QEMU before 7.1 only makes PPM screenshots."""
-    fields, pos = [], 2
-    if not ppm.startswith(b'P6'):
-        raise ValueError('not a binary PPM')
-    while len(fields) < 3:       # width, height, maxval; '#' starts a comment
-        while ppm[pos:pos + 1].isspace():
-            pos += 1
-        if ppm[pos:pos + 1] == b'#':
-            pos = ppm.index(b'\n', pos)
-            continue
-        end = pos
-        while not ppm[end:end + 1].isspace():
-            end += 1
-        fields.append(int(ppm[pos:end]))
-        pos = end
-    width, height, maxval = fields
-    if maxval != 255:
-        raise ValueError('only 8-bit PPM is supported')
-    pixels = ppm[pos + 1:pos + 1 + width * height * 3]
-    stride = width * 3
-    raw = b''.join(b'\0' + pixels[y * stride:(y + 1) * stride] for y in range(height))
-
-    def chunk(kind, data):
-        return (struct.pack('>I', len(data)) + kind + data
-                + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
-
-    return (PNG_SIGNATURE + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
-            + chunk(b'IDAT', zlib.compress(raw, 6)) + chunk(b'IEND', b''))
-
-
-# -- the hypervisor ----------------------------------------------------------------------
-
-def _usage_event(dom, cpu, disks, interfaces) -> dict:
-    """Statistics in the shape of Shaken Fist's usage events (the seed shows one)."""
-    try:
-        times = dom.getCPUStats(True)[0]
-    except libvirt.libvirtError:
-        times = {}
-    out = {'cpu usage': {'cpu time ns': cpu['cpu_time_ns'],
-                         'system time ns': times.get('system_time', 0),
-                         'user time ns': times.get('user_time', 0)},
-           'disk usage': {}, 'network usage': {}}
-    for dev, d in disks.items():
-        try:
-            actual = dom.blockInfo(dev)[1]
-        except libvirt.libvirtError:
-            actual = 0
-        out['disk usage'][dev] = {'actual bytes on disk': actual, 'errors': d['errs'],
-                                  'read bytes': d['rd_bytes'], 'read requests': d['rd_req'],
-                                  'write bytes': d['wr_bytes'], 'write requests': d['wr_req']}
-    for mac, n in interfaces.items():
-        out['network usage'][mac] = {
-            'read bytes': n['rx_bytes'], 'read drops': n['rx_drop'], 'read errors': n['rx_errs'],
-            'read packets': n['rx_packets'], 'write bytes': n['tx_bytes'],
-            'write drops': n['tx_drop'], 'write errors': n['tx_errs'], 'write packets': n['tx_packets']}
-    return out
-
 
 def _in_thread(method):
     """Make a blocking method a coroutine that runs it in a worker thread."""
@@ -521,19 +133,19 @@ class Hypervisor:
         if root:
             self._prepare_embed_root(root)
         start = time.monotonic()
-        with _on_one_cpu():
+        with on_one_cpu():
             try:
-                with _libvirt_errors('connect to', self.uri):
+                with libvirt_errors('connect to', self.uri):
                     self._conn = libvirt.open(self.uri)
             except HypervisorError as e:
-                if root and os.geteuid() == 0 and not _user_exists('libvirt-qemu'):
+                if root and os.geteuid() == 0 and not user_exists('libvirt-qemu'):
                     # Debian's libvirt looks its default QEMU user up before it
                     # reads qemu.conf (which says root).
                     e.detail += ('; the user libvirt-qemu does not exist: '
                                  'tools/install-system.sh creates it')
                 raise
             if root:
-                _claim_embed_root(root)
+                claim_root(root)
             try:
                 self._subscribe()
                 if not self.uri.startswith('test:'):
@@ -544,10 +156,10 @@ class Hypervisor:
                 if self.uri.startswith('qemu:'):
                     self._await_reconnects()
                 if warm and not self.uri.startswith('test:'):
-                    with _libvirt_errors('probe', self.emulator):
+                    with libvirt_errors('probe', self.emulator):
                         self._conn.getDomainCapabilities(self.emulator, 'x86_64', 'pc', 'qemu')
                     if root and self.caps_cache:
-                        _copy_new_files(self._caps_dir(root), self.caps_cache)
+                        copy_new_files(self._caps_dir(root), self.caps_cache)
             except BaseException:
                 self.close()
                 raise
@@ -560,14 +172,14 @@ class Hypervisor:
                     f'libvirt puts each guest\'s QEMU monitor socket at '
                     f'<root>/lib/qemu/domain-<id>-<name>/monitor.sock, and a socket path '
                     f'must fit in 107 bytes: keep the root within {MAX_EMBED_ROOT} characters'))
-        claimed = _embed_root_in_process
+        claimed = embed.claimed_root()
         if claimed not in (None, os.path.abspath(root)):
             raise HypervisorUnavailable(
                 f'connect to {self.uri}: this process already runs the embedded driver '
                 f'of {claimed}, and libvirt allows one per process')
-        _write_if_changed(os.path.join(root, 'etc', 'qemu.conf'), embed_qemu_conf(self.display_ports))
+        write_if_changed(os.path.join(root, 'etc', 'qemu.conf'), embed_qemu_conf(self.display_ports))
         if self.caps_cache:
-            _copy_new_files(self.caps_cache, self._caps_dir(root))
+            copy_new_files(self.caps_cache, self._caps_dir(root))
 
     def _await_reconnects(self):
         """Wait until libvirt has reconnected to the guests that were running.
@@ -635,8 +247,8 @@ class Hypervisor:
     # These run on the libvirt event thread: build the event there (the domain
     # object is only valid during the callback) and hand it to the loop.
     def _on_lifecycle(self, _conn, dom, event, detail, _opaque):
-        name = _EVENTS.get(event, str(event))
-        detail_name = _DETAILS.get(event, {}).get(detail, str(detail))
+        name = EVENT_NAMES.get(event, str(event))
+        detail_name = EVENT_DETAILS.get(event, {}).get(detail, str(detail))
         self._post(DomainEvent(dom.name(), dom.UUIDString(), 'lifecycle', name, detail_name,
                                power_state_of_event(name, detail_name)))
 
@@ -666,7 +278,7 @@ class Hypervisor:
     # -- lookups -----------------------------------------------------------------------
 
     def _domain(self, ref: str, action: str) -> libvirt.virDomain:
-        with _libvirt_errors(action, ref):
+        with libvirt_errors(action, ref):
             try:
                 uuidlib.UUID(ref)
             except ValueError:
@@ -683,7 +295,7 @@ class Hypervisor:
         """The domains, running or not, whose names start with prefix (None: all).
         A restarted node adopts its guests from this."""
         out = []
-        with _libvirt_errors('list domains'):
+        with libvirt_errors('list domains'):
             for dom in self.conn.listAllDomains(0):
                 try:
                     if prefix is None or dom.name().startswith(prefix):
@@ -705,7 +317,7 @@ class Hypervisor:
     @_in_thread
     def domain_info(self, ref: str) -> DomainInfo:
         dom = self._domain(ref, 'look up')
-        with _libvirt_errors('look up', ref):
+        with libvirt_errors('look up', ref):
             return self._info(dom)
 
     async def power_state(self, ref: str) -> int:
@@ -715,7 +327,7 @@ class Hypervisor:
     @_in_thread
     def domain_xml(self, ref: str, inactive: bool = False) -> str:
         dom = self._domain(ref, 'read')
-        with _libvirt_errors('read', ref):
+        with libvirt_errors('read', ref):
             return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -724,15 +336,15 @@ class Hypervisor:
     def define(self, xml: str, start: bool = False) -> DomainInfo:
         """Define (or redefine) a persistent domain, and start it unless running when start.
         A running domain keeps running; its new definition applies from its next start."""
-        name = _xml_name(xml)
-        with _libvirt_errors('define', name):
+        name = xml_name(xml)
+        with libvirt_errors('define', name):
             dom = self.conn.defineXML(xml)
         if start:
-            with _libvirt_errors('start', name):
+            with libvirt_errors('start', name):
                 if not dom.isActive():
-                    with _host_lock(self.start_lock):
+                    with host_lock(self.start_lock):
                         dom.create()
-        with _libvirt_errors('define', name):
+        with libvirt_errors('define', name):
             return self._info(dom)
 
     async def define_and_start(self, xml: str) -> DomainInfo:
@@ -741,14 +353,14 @@ class Hypervisor:
     @_in_thread
     def start(self, ref: str):
         dom = self._domain(ref, 'start')
-        with _libvirt_errors('start', ref), _host_lock(self.start_lock):
+        with libvirt_errors('start', ref), host_lock(self.start_lock):
             dom.create()
 
     @_in_thread
     def destroy(self, ref: str) -> bool:
         """Power off at once. False if the domain was not running."""
         dom = self._domain(ref, 'destroy')
-        with _libvirt_errors('destroy', ref):
+        with libvirt_errors('destroy', ref):
             if not dom.isActive():
                 return False
             try:
@@ -764,7 +376,7 @@ class Hypervisor:
     def undefine(self, ref: str, remove_nvram: bool = True):
         """Forget the domain (a running one becomes transient: destroy it first)."""
         dom = self._domain(ref, 'undefine')
-        with _libvirt_errors('undefine', ref):
+        with libvirt_errors('undefine', ref):
             flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                      | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
             # The NVRAM flags only where there is NVRAM: drivers without UEFI
@@ -778,33 +390,33 @@ class Hypervisor:
     def shutdown(self, ref: str):
         """Press the ACPI power button (the guest decides what happens)."""
         dom = self._domain(ref, 'shut down')
-        with _libvirt_errors('shut down', ref):
+        with libvirt_errors('shut down', ref):
             dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
 
     @_in_thread
     def reboot(self, ref: str):
         """An ACPI reboot: the power button, then libvirt restarts the guest when it powers off."""
         dom = self._domain(ref, 'reboot')
-        with _libvirt_errors('reboot', ref):
+        with libvirt_errors('reboot', ref):
             dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
 
     @_in_thread
     def reset(self, ref: str):
         """A hard reset, like the reset button."""
         dom = self._domain(ref, 'reset')
-        with _libvirt_errors('reset', ref):
+        with libvirt_errors('reset', ref):
             dom.reset(0)
 
     @_in_thread
     def suspend(self, ref: str):
         dom = self._domain(ref, 'pause')
-        with _libvirt_errors('pause', ref):
+        with libvirt_errors('pause', ref):
             dom.suspend()
 
     @_in_thread
     def resume(self, ref: str):
         dom = self._domain(ref, 'resume')
-        with _libvirt_errors('resume', ref):
+        with libvirt_errors('resume', ref):
             dom.resume()
 
     # -- hot-plug ----------------------------------------------------------------------
@@ -820,7 +432,7 @@ class Hypervisor:
     def attach_interface(self, ref: str, xml: str):
         """Plug a NIC (domain.interface_xml()) into the running guest and its definition."""
         dom = self._domain(ref, 'attach an interface to')
-        with _libvirt_errors('attach an interface to', ref):
+        with libvirt_errors('attach an interface to', ref):
             dom.attachDeviceFlags(xml, self._affect(dom))
 
     @_in_thread
@@ -828,7 +440,7 @@ class Hypervisor:
         """Unplug the NIC with this MAC. The guest acknowledges the unplug
         asynchronously: a 'device-removed' event says when it is gone."""
         dom = self._domain(ref, 'detach an interface from')
-        with _libvirt_errors('detach an interface from', ref):
+        with libvirt_errors('detach an interface from', ref):
             flags = self._affect(dom)
             for iface in self._devices(dom).findall('interface'):
                 found = iface.find('mac')
@@ -847,7 +459,7 @@ class Hypervisor:
     def interface_macs(self, ref: str) -> list[str]:
         """The MACs of the domain's NICs (the running guest's, or the definition's)."""
         dom = self._domain(ref, 'read')
-        with _libvirt_errors('read', ref):
+        with libvirt_errors('read', ref):
             return [m.get('address') for m in self._devices(dom).findall('interface/mac')]
 
     # -- screen ------------------------------------------------------------------------
@@ -856,7 +468,7 @@ class Hypervisor:
     def screenshot(self, ref: str) -> bytes:
         """The guest's first screen as PNG."""
         dom = self._domain(ref, 'take a screenshot of')
-        with _libvirt_errors('take a screenshot of', ref):
+        with libvirt_errors('take a screenshot of', ref):
             stream = self.conn.newStream(0)
             try:
                 mime = dom.screenshot(stream, 0, 0)
@@ -911,32 +523,32 @@ class Hypervisor:
         """Counters by guest disk (vda...): rd_req, rd_bytes, wr_req, wr_bytes, errs.
         NVMe disks (QEMU command line devices) are not listed."""
         dom = self._domain(ref, 'read statistics of')
-        with _libvirt_errors('read disk statistics of', ref):
+        with libvirt_errors('read disk statistics of', ref):
             return self._block_stats(dom, self._devices(dom))
 
     @_in_thread
     def interface_stats(self, ref: str) -> dict[str, dict[str, int | str]]:
         """Counters by MAC address (and the host device): rx/tx bytes, packets, errs, drop."""
         dom = self._domain(ref, 'read statistics of')
-        with _libvirt_errors('read interface statistics of', ref):
+        with libvirt_errors('read interface statistics of', ref):
             return self._interface_stats(dom, self._devices(dom))
 
     @_in_thread
     def cpu_stats(self, ref: str) -> dict[str, int]:
         """cpu_time_ns (all vCPUs together), vcpus, memory_kib."""
         dom = self._domain(ref, 'read statistics of')
-        with _libvirt_errors('read cpu statistics of', ref):
+        with libvirt_errors('read cpu statistics of', ref):
             return self._cpu_stats(dom)
 
     @_in_thread
     def usage(self, ref: str) -> dict | None:
         """All three, for a usage event; None when the domain is not running."""
         dom = self._domain(ref, 'read statistics of')
-        with _libvirt_errors('read statistics of', ref):
+        with libvirt_errors('read statistics of', ref):
             if not dom.isActive():
                 return None
             devices = self._devices(dom)
-            return _usage_event(dom, self._cpu_stats(dom), self._block_stats(dom, devices),
+            return usage_event(dom, self._cpu_stats(dom), self._block_stats(dom, devices),
                                 self._interface_stats(dom, devices))
 
     # -- KVM or TCG --------------------------------------------------------------------
@@ -976,7 +588,7 @@ class Hypervisor:
         record = {'key': key, 'domain_type': result, 'why': why,
                   'seconds': round(time.monotonic() - started, 2), 'time': time.time()}
         LOG.info('KVM probe: %s (%s) in %.1fs', result, why, record['seconds'])
-        _write_if_changed(cache_path, json.dumps(record, indent=2) + '\n')
+        write_if_changed(cache_path, json.dumps(record, indent=2) + '\n')
         return result
 
     def _boot_probe(self, image: str, marker: str, timeout: float) -> tuple[str, str]:
@@ -986,9 +598,9 @@ class Hypervisor:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(log_path)
         name = f'sfprobe-kvm-{os.getpid()}'
-        xml = _probe_xml(name, image, log_path, self.emulator)
+        xml = probe_xml(name, image, log_path, self.emulator)
         try:
-            with _libvirt_errors('start', name):
+            with libvirt_errors('start', name):
                 dom = self.conn.createXML(xml, 0)      # transient: gone once destroyed
         except HypervisorError as e:
             return 'qemu', f'start failed: {e}'
@@ -1011,38 +623,3 @@ class Hypervisor:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.destroy()
 
-
-def _xml_name(xml: str) -> str:
-    try:
-        return ET.fromstring(xml).findtext('name') or ''
-    except ET.ParseError:
-        return ''
-
-
-def _probe_xml(name: str, image: str, log_path: str, emulator: str) -> str:
-    dom = ET.Element('domain', type='kvm')
-    ET.SubElement(dom, 'name').text = name
-    ET.SubElement(dom, 'memory', unit='MiB').text = '128'
-    ET.SubElement(dom, 'vcpu').text = '1'
-    os_el = ET.SubElement(dom, 'os')
-    ET.SubElement(os_el, 'type', arch='x86_64', machine='pc').text = 'hvm'
-    ET.SubElement(os_el, 'boot', dev='hd')
-    features = ET.SubElement(dom, 'features')
-    ET.SubElement(features, 'acpi')
-    ET.SubElement(features, 'apic')
-    # The CPU real guests will get: host-passthrough is what fails on some hosts.
-    ET.SubElement(dom, 'cpu', mode='host-passthrough')
-    ET.SubElement(dom, 'on_crash').text = 'destroy'
-    devices = ET.SubElement(dom, 'devices')
-    ET.SubElement(devices, 'emulator').text = emulator
-    disk = ET.SubElement(devices, 'disk', type='file', device='disk')
-    fmt = 'qcow2' if image.endswith('.qcow2') else 'raw'
-    ET.SubElement(disk, 'driver', name='qemu', type=fmt)
-    ET.SubElement(disk, 'source', file=image)
-    ET.SubElement(disk, 'target', dev='vda', bus='virtio')
-    ET.SubElement(disk, 'readonly')       # the image is shared: never written
-    serial = ET.SubElement(devices, 'serial', type='file')
-    ET.SubElement(serial, 'source', path=log_path)
-    ET.SubElement(serial, 'target', port='0')
-    ET.SubElement(devices, 'memballoon', model='none')
-    return ET.tostring(dom, encoding='unicode')

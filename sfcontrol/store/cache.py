@@ -23,7 +23,7 @@ from typing import Callable
 
 from google.protobuf.message import Message
 
-from sfcontrol.store import Store, StoreCompacted
+from sfcontrol.store.etcd import Store, StoreCompacted
 
 log = logging.getLogger(__name__)
 

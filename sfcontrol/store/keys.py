@@ -36,11 +36,30 @@ import os
 import time
 
 
+# The prefix of each kind of object.
+NAMESPACES = 'namespaces/'
+NAMESPACE_KEYS = 'namespace-keys/'
+INSTANCES = 'instances/'
+NETWORKS = 'networks/'
+INTERFACES = 'interfaces/'
+AGENTOPS = 'agentops/'
+NODES = 'nodes/'
+PLACEMENTS = 'placements/'
+BLOBS = 'blobs/'
+BLOB_REFS = 'blob-refs/'
+UPLOADS = 'uploads/'
+ARTIFACTS = 'artifacts/'
+TOKEN_KEYS = 'token-keys/'
+EVENTS = 'events/'
+
+
 def namespace(ns): return f'namespaces/{ns}'
 def namespace_key(ns, name): return f'namespace-keys/{ns}/{name}'
 def namespace_keys(ns): return f'namespace-keys/{ns}/'
 def instance(ns, uuid): return f'instances/{ns}/{uuid}'
+def instances(ns=''): return f'instances/{ns}/' if ns else INSTANCES
 def network(ns, uuid): return f'networks/{ns}/{uuid}'
+def networks(ns=''): return f'networks/{ns}/' if ns else NETWORKS
 def network_name(ns, name): return f'network-names/{ns}/{name}'
 def interface(uuid): return f'interfaces/{uuid}'
 def agentop(uuid): return f'agentops/{uuid}'
@@ -53,7 +72,12 @@ def floating(ipv4): return f'floating/{ipv4}'
 def request(ns, request_id): return f'requests/{ns}/{request_id}'
 def vsock_cid(cid): return f'vsock-cids/{cid}'
 def token_key(kid): return f'token-keys/{kid}'
-TOKEN_KEYS = 'token-keys/'
+def blob(uuid): return f'blobs/{uuid}'
+def blob_refs(blob_uuid): return f'blob-refs/{blob_uuid}/'
+def blob_ref(blob_uuid, holder_type, holder): return f'blob-refs/{blob_uuid}/{holder_type}/{holder}'
+def upload(uuid): return f'uploads/{uuid}'
+def artifact(ns, uuid): return f'artifacts/{ns}/{uuid}'
+def artifacts(ns): return f'artifacts/{ns}/'
 LEGACY_TOKEN_SECRET = 'config/token-secret'     # before signing keys had ids; removed at start
 
 

@@ -12,7 +12,7 @@ import base64
 import logging
 import time
 
-from sfnode.agentwire import AgentChannel, ProtocolError
+from sfnode.agent.v2 import AgentChannel, ProtocolError
 from shakenfist.agent.v2 import agent_pb2 as apb
 from shakenfist.v1 import agent_operation_pb2 as opb, instance_pb2 as ipb
 

@@ -1,0 +1,1 @@
+"""The host side of the in-guest agent: its wire protocols and one session per instance."""

@@ -1,0 +1,1 @@
+"""The node's hypervisor: libvirt (the embedded QEMU driver by default) and what it needs."""
