@@ -9,7 +9,8 @@ import tempfile
 import time
 
 from bench.common import PY, ROOT, Node, Plane, login, now, p50
-from sfcontrol import server, states
+from sfcontrol import server
+from sfcommon import states
 from sfcontrol.store import keys
 from sfnode import configdrive, images
 from sfnode.libvirt.hypervisor import Hypervisor

@@ -12,7 +12,8 @@ import time
 import uuid as uuidlib
 
 from sfcommon import errors
-from sfcontrol import caller, states, validation
+from sfcontrol import caller, validation
+from sfcommon import states
 from sfcontrol.store import keys
 from sfcontrol.core import Core
 from sfcontrol.instances import Instances

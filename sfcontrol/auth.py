@@ -27,7 +27,8 @@ from typing import Callable
 import jwt
 
 from sfcommon import errors
-from sfcontrol import states, validation
+from sfcontrol import validation
+from sfcommon import states
 from sfcontrol.store import keys
 from sfcontrol.caller import SYSTEM, Caller
 from sfcontrol.core import Core

@@ -14,7 +14,8 @@ from google.protobuf import json_format
 
 from sfcommon import errors
 from sfcommon.urlpolicy import ImagePolicy
-from sfcontrol import caller, limits, scheduler, states, validation
+from sfcontrol import caller, limits, scheduler, validation
+from sfcommon import states
 from sfcontrol.store import keys
 from sfcontrol.core import Core, object_type_name
 from sfcontrol.events import Events

@@ -14,7 +14,8 @@ import logging
 import time
 
 from sfcommon import errors
-from sfcontrol import caller, states
+from sfcontrol import caller
+from sfcommon import states
 from sfcontrol.store import keys
 from sfcontrol.agentops import FINAL as OPERATION_FINAL, AgentOperations
 from sfcontrol.core import Core

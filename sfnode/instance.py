@@ -11,7 +11,8 @@ import logging
 import pathlib
 import socket
 
-from sfcommon import errors
+from sfcommon import errors, states
+from sfcommon.backoff import Backoff
 from sfcommon.events import make_event
 from sfnode import configdrive, domain, images
 from sfnode.agent.session import AgentSession
@@ -22,12 +23,8 @@ from shakenfist.v1 import event_pb2, instance_pb2 as ipb, network_pb2, specs_pb2
 log = logging.getLogger(__name__)
 S = ipb.InstanceState
 P = ipb.PowerState
-_ORDER = [S.Value('INSTANCE_STATE_INITIAL'), S.Value('INSTANCE_STATE_PREFLIGHT'),
-          S.Value('INSTANCE_STATE_CREATING'), S.Value('INSTANCE_STATE_CREATED')]
-_ERROR_OF = {S.Value('INSTANCE_STATE_INITIAL'): S.Value('INSTANCE_STATE_INITIAL_ERROR'),
-             S.Value('INSTANCE_STATE_PREFLIGHT'): S.Value('INSTANCE_STATE_PREFLIGHT_ERROR'),
-             S.Value('INSTANCE_STATE_CREATING'): S.Value('INSTANCE_STATE_CREATING_ERROR'),
-             S.Value('INSTANCE_STATE_CREATED'): S.Value('INSTANCE_STATE_CREATED_ERROR')}
+_ORDER = states.BUILD_ORDER
+RETRY_FIRST, RETRY_CAP = 0.5, 60.0     # seconds between retries of a failed step
 
 
 async def _vsock_connection(cid: int, port: int = 1025):
@@ -75,6 +72,11 @@ class InstanceWorker:
 
     # -- the loop ------------------------------------------------------------------
     async def _run(self):
+        """Converge (or tear down) until done, on the latest desired state. A build that
+        fails is an error (the instance never existed here); any later step that fails
+        (power, hot-plug, console, teardown) is reported as an event and retried with
+        backoff, as the kubelet's pod workers do: it never destroys the instance."""
+        retry = Backoff(RETRY_FIRST, RETRY_CAP)
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -83,18 +85,24 @@ class InstanceWorker:
                     await self._teardown()
                     return
                 await self._converge(self.desired)
+                retry.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as e:   # noqa: BLE001 -- report it, never die silently
-                log.exception('instance %s failed', self.uuid)
-                await self._fail(e)
+                message = e.message if isinstance(e, errors.ApiError) else str(e) or type(e).__name__
+                if self.state in _ORDER[:-1] and not self.removed:
+                    log.exception('instance %s failed to build', self.uuid)
+                    await self._fail(message)
+                    continue
+                delay = retry.next()
+                log.warning('instance %s: %s; retrying in %.1f s', self.uuid, message, delay)
+                await self._event('step failed, retrying', {'error': message, 'retry_in': round(delay, 2)})
+                asyncio.get_running_loop().call_later(delay, self._wake.set)
 
-    async def _fail(self, e: Exception):
-        message = e.message if isinstance(e, errors.ApiError) else str(e) or type(e).__name__
-        if self.state in _ERROR_OF:
-            error_state = _ERROR_OF[self.state]
-            self.state = error_state
-            await self.node.link.report(self.uuid, state=error_state, error_message=message)
+    async def _fail(self, message: str):
+        error_state = states.ERROR_OF[self.state]
+        self.state = error_state
+        await self.node.link.report(self.uuid, state=error_state, error_message=message)
 
     async def _advance(self, state, **fields):
         """Report each state from where the instance is up to state (the controller

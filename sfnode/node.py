@@ -40,37 +40,44 @@ class NodeConfig:
 
 
 class Bridges:
-    """A Linux bridge per network on this node, named <prefix><vxlan id in hex>."""
+    """A Linux bridge per network on this node, named <prefix><vxlan id in hex>.
+
+    Made and removed one change at a time (a lock): two teardowns at once must not
+    both remove one bridge, nor a teardown remove the bridge a build has just made."""
 
     def __init__(self, prefix: str, in_use):
         self.prefix = prefix
         self._in_use = in_use      # () -> set of network uuids used by instances here
         self._made: dict[str, str] = {}
+        self._lock = asyncio.Lock()
 
     def name(self, network) -> str:
         return f'{self.prefix}{network.vxlan_id:06x}'[:15]
 
     async def ensure(self, network) -> str:
         name = self.name(network)
-        if network.uuid in self._made:
-            return name
-        if not pathlib.Path(f'/sys/class/net/{name}').exists():
-            await _ip('link', 'add', 'name', name, 'type', 'bridge')
-        await _ip('link', 'set', name, 'up')
-        self._made[network.uuid] = name
+        async with self._lock:
+            if network.uuid in self._made:
+                return name
+            if not pathlib.Path(f'/sys/class/net/{name}').exists():
+                await _ip('link', 'add', 'name', name, 'type', 'bridge')
+            await _ip('link', 'set', name, 'up')
+            self._made[network.uuid] = name
         return name
 
     async def release_unused(self):
-        used = self._in_use()
-        for uuid, name in list(self._made.items()):
-            if uuid not in used:
-                await _ip('link', 'del', name, check=False)
-                del self._made[uuid]
+        async with self._lock:
+            used = self._in_use()
+            for uuid, name in list(self._made.items()):
+                if uuid not in used:
+                    await _ip('link', 'del', name, check=False)
+                    self._made.pop(uuid, None)
 
     async def release_all(self):
-        for name in self._made.values():
-            await _ip('link', 'del', name, check=False)
-        self._made.clear()
+        async with self._lock:
+            for name in self._made.values():
+                await _ip('link', 'del', name, check=False)
+            self._made.clear()
 
 
 async def _ip(*args, check=True):

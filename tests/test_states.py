@@ -3,7 +3,7 @@
 import grpc
 import pytest
 
-from sfcontrol import states
+from sfcommon import states
 from shakenfist.v1 import instance_pb2 as pb
 from tests.helpers import create, get, raises
 from tests.waiting import eventually

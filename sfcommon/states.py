@@ -1,4 +1,5 @@
-"""The instance state machine (Shaken Fist's, wire reference §D.1)."""
+"""The instance state machine (Shaken Fist's, wire reference §D.1), for the controller
+and the nodes alike."""
 
 from sfcommon import errors
 from shakenfist.v1 import instance_pb2 as pb, wire_pb2
@@ -14,6 +15,8 @@ CREATING_ERROR, CREATED_ERROR = S.Value('INSTANCE_STATE_CREATING_ERROR'), S.Valu
     'INSTANCE_STATE_CREATED_ERROR')
 DELETE_WAIT_ERROR = S.Value('INSTANCE_STATE_DELETE_WAIT_ERROR')
 
+# The states a node takes an instance through as it builds it, in order.
+BUILD_ORDER = [INITIAL, PREFLIGHT, CREATING, CREATED]
 ERROR_OF = {INITIAL: INITIAL_ERROR, PREFLIGHT: PREFLIGHT_ERROR, CREATING: CREATING_ERROR,
             CREATED: CREATED_ERROR, DELETE_WAIT: DELETE_WAIT_ERROR}
 _PHASE_ERRORS = (INITIAL_ERROR, PREFLIGHT_ERROR, CREATING_ERROR, CREATED_ERROR)
