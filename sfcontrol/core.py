@@ -84,6 +84,8 @@ class Core:
         async def attempt() -> tuple[Message] | None:
             with self.cache.tracking() as reads:
                 txn, response = build()
+            if not txn.ops and not request_id:
+                return (response,)      # nothing to change (build() checked what it needed)
             reads.guard(txn)            # everything build() read must be as it was
             if request_id:
                 record = records_pb2.RequestRecord(

@@ -153,7 +153,7 @@ class Instances:
                 # The agent's vsock address, unique in the cluster (the guard makes it so).
                 cid = random.randint(3, 2**32 - 2)
                 txn.create(keys.vsock_cid(cid), inst.uuid.encode())
-            self._place(txn, inst, interfaces, ON, size, vsock_cid=cid)
+            self._place(txn, inst, ON, size, cid)
             self.core.event(txn, ns, OBJ, inst.uuid, AUDIT, 'create request from API',
                             {'caller': me.namespace})
             for iface in interfaces:
@@ -168,41 +168,30 @@ class Instances:
         async with self._creating:
             return await self.core.mutate(build, request=req)
 
-    def _place(self, txn: Txn, inst: pb.Instance, interfaces, desired_power, size, vsock_cid=None):
-        """Write what the instance's node should make true."""
-        old = self.core.cache.get(keys.placement(inst.node, inst.uuid))
-        if vsock_cid is None:
-            vsock_cid = old.value.desired.vsock_cid if old else 0
-        # The graphical console's password, made once per instance (VNC reads 8 characters).
-        password = old.value.desired.console_password if old else secrets.token_urlsafe(6)
-        desired = node_pb2.DesiredInstance(instance=inst, desired_power_state=desired_power,
-                                           vsock_cid=vsock_cid, console_password=password)
-        desired.instance.interfaces.extend(interfaces)
-        for net_uuid in dict.fromkeys(i.network_uuid for i in interfaces):
-            desired.networks.append(self.core.cache.by_uuid(keys.NETWORKS, net_uuid).value)
-        # The node has no use for the user metadata of networks and interfaces, and
-        # 16 of each at their limit would make the placement too big for etcd.
-        for item in (*desired.networks, *desired.instance.interfaces):
-            item.ClearField('metadata')
-        placement = records_pb2.Placement(desired=desired, size=size)
+    @staticmethod
+    def _place(txn: Txn, inst: pb.Instance, desired_power, size, vsock_cid: int):
+        """Place the instance on its node (sfcontrol/feeds.py tells the node)."""
+        placement = records_pb2.Placement(
+            instance_uuid=inst.uuid, desired_power_state=desired_power, size=size, vsock_cid=vsock_cid,
+            # The graphical console's password, made once per instance (VNC reads 8 characters).
+            console_password=secrets.token_urlsafe(6))
         txn.put(keys.placement(inst.node, inst.uuid), placement.SerializeToString())
 
     @staticmethod
     def drop_placement(txn: Txn, placement):
         """Take an instance off its node (the node then removes it), freeing its vsock CID."""
         txn.delete(placement.key)
-        if placement.value.desired.vsock_cid:
-            txn.delete(keys.vsock_cid(placement.value.desired.vsock_cid))
+        if placement.value.vsock_cid:
+            txn.delete(keys.vsock_cid(placement.value.vsock_cid))
 
-    def _update_placement(self, txn: Txn, inst: pb.Instance, desired_power=None, interfaces=None):
+    def _set_desired_power(self, txn: Txn, inst: pb.Instance, power):
         entry = self.core.cache.get(keys.placement(inst.node, inst.uuid))
-        if entry is None:
+        if entry is None or entry.value.desired_power_state == power:
             return
-        placement = entry.value
-        if interfaces is None:
-            interfaces = self.networks.interfaces_of(inst.uuid)
-        self._place(txn, inst, interfaces, desired_power or placement.desired.desired_power_state,
-                    placement.size)
+        placement = records_pb2.Placement()
+        placement.CopyFrom(entry.value)
+        placement.desired_power_state = power
+        txn.put(entry.key, placement.SerializeToString())
 
     # -- read ----------------------------------------------------------------------
     def get(self, req: api.GetInstanceRequest):
@@ -314,8 +303,6 @@ class Instances:
                                      f'interfaces (it has {len(existing)})')
             order = max((i.order for i in existing), default=-1) + 1
             iface = self.networks.new_interface(txn, req.network, inst.uuid, order, inst.namespace)
-            txn.put(current.key, inst.SerializeToString())      # bumps its revision
-            self._update_placement(txn, inst, interfaces=existing + [iface])
             self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT, 'hot plug interface request',
                             {'interface': iface.uuid, 'network': iface.network_uuid})
             return txn, api.AddInstanceInterfaceResponse(network_interface=iface)
@@ -335,8 +322,6 @@ class Instances:
                 raise errors.not_found('interface not found')
             txn = Txn().check_revision(current.key, current.mod_revision)
             self.networks.release_interface(txn, gone[0])
-            txn.put(current.key, inst.SerializeToString())      # bumps its revision
-            self._update_placement(txn, inst, interfaces=[i for i in remaining if i.uuid != req.interface_uuid])
             self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT, 'hot unplug interface request',
                             {'interface': req.interface_uuid})
             return txn, api.RemoveInstanceInterfaceResponse()
@@ -384,7 +369,7 @@ class Instances:
             txn = Txn().check_revision(current.key, current.mod_revision)
             txn.put(current.key, inst.SerializeToString())
             if desired_power is not None:
-                self._update_placement(txn, inst, desired_power=desired_power)
+                self._set_desired_power(txn, inst, desired_power)
             self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT, what)
             return txn, response
         return await self.core.mutate(build, request=req)
@@ -482,8 +467,8 @@ class Instances:
         placement = self.core.cache.get(keys.placement(inst.node, inst.uuid))
         lines = ['[virt-viewer]', f'type={vdi}', f'host={node.value.console_host if node else ""}',
                  f'port={inst.vdi_port}']
-        if placement is not None and placement.value.desired.console_password:
-            lines.append(f'password={placement.value.desired.console_password}')
+        if placement is not None and placement.value.console_password:
+            lines.append(f'password={placement.value.console_password}')
         if inst.HasField('vdi_tls_port'):
             lines.append(f'tls-port={inst.vdi_tls_port}')
         lines += [f'title={inst.name}', 'delete-this-file=1']

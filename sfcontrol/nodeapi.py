@@ -19,6 +19,7 @@ from sfcommon import states
 from sfcontrol.store import keys
 from sfcontrol.agentops import FINAL as OPERATION_FINAL, AgentOperations
 from sfcontrol.core import Core
+from sfcontrol.feeds import NodeFeed
 from sfcontrol.instances import Instances
 from sfcontrol.store.etcd import Txn
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
@@ -149,30 +150,8 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         self._me(request.name)
         if self.core.cache.get(keys.node(request.name)) is None:
             raise errors.not_found(f'node {request.name} is not registered')
-        prefix = keys.placements(request.name)
-        listing = await self.core.store.get_prefix(prefix)
-        # Tell the node only what this controller's cache already shows, so that the
-        # node's reports about an instance always find it here.
-        await self.core.cache.wait_for(listing.revision)
-        for _, value, _ in listing:
-            placement = records_pb2.Placement.FromString(value)
-            yield pb.WatchDesiredInstancesResponse(upsert=self._current(placement.desired))
-        yield pb.WatchDesiredInstancesResponse(sync_complete=pb.SyncComplete())
-        async for change in self.core.store.watch_prefix(prefix, start_revision=listing.revision + 1):
-            await self.core.cache.wait_for(change.mod_revision)
-            if change.type == 'put':
-                placement = records_pb2.Placement.FromString(change.value)
-                yield pb.WatchDesiredInstancesResponse(upsert=self._current(placement.desired))
-            else:
-                yield pb.WatchDesiredInstancesResponse(remove_uuid=change.key.rsplit('/', 1)[-1])
-
-    def _current(self, desired: pb.DesiredInstance) -> pb.DesiredInstance:
-        """The desired instance with its lifecycle state as it is now: a node that
-        restarts must resume from there, not from the state at placement."""
-        entry = self.core.cache.by_uuid(keys.INSTANCES, desired.instance.uuid)
-        if entry is not None:
-            desired.instance.state = entry.value.state
-        return desired
+        async for message in NodeFeed(self.core.cache, request.name).stream():
+            yield message
 
     # -- reports -------------------------------------------------------------------
     async def ReportInstanceStatus(self, request: pb.ReportInstanceStatusRequest, context):
@@ -201,7 +180,8 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
                     updated.CopyFrom(iface.value)
                     updated.state = iface_state
                     txn.check_revision(iface.key, iface.mod_revision).put(iface.key, updated.SerializeToString())
-            txn.put(current.key, inst.SerializeToString())
+            if inst != current.value:
+                txn.put(current.key, inst.SerializeToString())
             return txn, pb.ReportInstanceStatusResponse()
         return await self.core.mutate(build)
 
@@ -289,7 +269,7 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
     def _blob_is_given_to(self, node: str, blob_uuid: str) -> bool:
         """Whether an unfinished agent operation of an instance on node puts the blob."""
         for placement in self.core.cache.range(keys.placements(node))[0]:
-            uuid = placement.value.desired.instance.uuid
+            uuid = placement.value.instance_uuid
             for op in self.core.cache.where(keys.AGENTOPS, 'instance_uuid', uuid):
                 if op.value.state not in OPERATION_FINAL and any(
                         c.blob_uuid == blob_uuid for c in op.value.commands):

@@ -43,7 +43,10 @@ def _fits(node, size) -> bool:
 def affinity_score(cache: ObjectCache, node_name: str, namespace: str, affinity: dict) -> float:
     score = 0.0
     for entry in cache.range(keys.placements(node_name))[0]:
-        inst = entry.value.desired.instance
+        found = cache.by_uuid(keys.INSTANCES, entry.value.instance_uuid)
+        if found is None:
+            continue
+        inst = found.value
         if inst.namespace != namespace or not inst.HasField('metadata'):
             continue
         tags = inst.metadata['tags'] if 'tags' in inst.metadata else []

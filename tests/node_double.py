@@ -8,6 +8,7 @@ libvirt/QEMU, is the node that does.
 """
 
 import asyncio
+import collections
 import dataclasses
 
 import grpc
@@ -47,6 +48,7 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
         self.name = name
         self.capacity = pb.NodeCapacity(cpus=cpus, memory_mib=memory_mib, disk_gib=disk_gib)
         self.desired: dict[str, pb.DesiredInstance] = {}
+        self.upserts: collections.Counter[str] = collections.Counter()   # upserts received, by uuid
         self.synced = asyncio.Event()
         self.changed = asyncio.Condition()
         self.calls: list[tuple[str, object]] = []
@@ -87,6 +89,7 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
             kind = change.WhichOneof('change')
             if kind == 'upsert':
                 uuid = change.upsert.instance.uuid
+                self.upserts[uuid] += 1
                 new = uuid not in self.desired
                 self.desired[uuid] = change.upsert
                 if new and self.auto_create:

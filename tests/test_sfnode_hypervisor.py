@@ -393,6 +393,7 @@ async def test_kvm_probe_decides_by_booting_and_is_cached(real_hv, guest_image, 
 NODE_SCRIPT = r"""
 import asyncio, json, subprocess, sys, xml.etree.ElementTree as ET
 from sfnode import domain
+from sfnode.libvirt.hypervisor import Hypervisor
 from tests.test_sfnode_hypervisor import free_port, sftest_instance
 
 async def main(state, caps_cache):

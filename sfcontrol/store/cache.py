@@ -193,7 +193,7 @@ class ObjectCache:
             self._index.get((kind.prefix, field, getattr(entry.value, field)), set()).discard(entry.key)
 
     def _notify(self, key, entry):
-        for prefix, callback in self._listeners:
+        for prefix, callback in list(self._listeners):
             if key.startswith(prefix):
                 callback(key, entry)
 
@@ -222,6 +222,9 @@ class ObjectCache:
     def listen(self, prefix: str, callback: Callable[[str, Entry | None], None]):
         """Call callback(key, entry or None when deleted) on every change under prefix."""
         self._listeners.append((prefix, callback))
+
+    def unlisten(self, prefix: str, callback: Callable[[str, Entry | None], None]):
+        self._listeners.remove((prefix, callback))
 
     @contextlib.contextmanager
     def tracking(self):
