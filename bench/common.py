@@ -21,9 +21,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sfcommon.pki import LocalPki  # noqa: E402
 from sfup.etcd import EtcdServer  # noqa: E402
 from tests.grpc_client import Client  # noqa: E402
-from tests.node_double import NodeDouble  # noqa: E402
+from tests.node_double import NodeApi, NodeDouble  # noqa: E402
 
 PY = sys.executable
 now = time.perf_counter
@@ -85,7 +86,8 @@ class Plane:
 
     def __init__(self):
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix='sfb', dir='/tmp'))
-        self.etcd = EtcdServer(self.dir / 'etcd').start()
+        self.pki = LocalPki(self.dir / 'pki').ensure()
+        self.etcd = EtcdServer(self.dir / 'etcd', pki=self.pki).start()
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -95,14 +97,18 @@ class Plane:
         self.procs.append(proc)
         return proc
 
-    def controller(self, prefix: str = '/sf') -> tuple[str, str]:
-        """A controller (sfcontrol) on its own prefix: (target, system key)."""
-        port, state = free_port(), self.dir / f'ctl{len(self.procs)}'
+    def controller(self, prefix: str = '/sf') -> tuple[str, str, NodeApi]:
+        """A controller (sfcontrol) on its own prefix: (target, system key, its node API)."""
+        port, node_port, state = free_port(), free_port(), self.dir / f'ctl{len(self.procs)}'
         proc = self.spawn('sfcontrol', [PY, '-m', 'sfcontrol.main', '--etcd', self.etcd.endpoint,
                                         '--listen', f'127.0.0.1:{port}', '--state-dir', str(state),
+                                        '--node-listen', f'127.0.0.1:{node_port}',
+                                        '--pki-dir', str(self.pki.controller().directory),
                                         '--prefix', prefix, '--log-level', 'warning'])
         wait_port(port, proc)
-        return f'127.0.0.1:{port}', (state / 'system.key').read_text().strip()
+        wait_port(node_port, proc)
+        return (f'127.0.0.1:{port}', (state / 'system.key').read_text().strip(),
+                NodeApi(f'127.0.0.1:{node_port}', self.pki))
 
     def gateway(self, target: str) -> str:
         port = free_port()
@@ -138,11 +144,11 @@ class Node(NodeDouble):
     """tests/node_double.py's scripted node, heartbeating as a real node does (every
     5 s), so that the controller never marks it unreachable."""
 
-    def __init__(self, client, name='node1', beat=5.0, **capacity):
+    def __init__(self, api: NodeApi, name='node1', beat=5.0, **capacity):
         capacity.setdefault('cpus', 2**30)
         capacity.setdefault('memory_mib', 2**40)
         capacity.setdefault('disk_gib', 2**40)
-        super().__init__(client, name, **capacity)
+        super().__init__(api, name, **capacity)
         self.beat, self._beat = beat, None
 
     async def start(self, auto_create=True):

@@ -8,6 +8,7 @@ import statistics
 import tempfile
 import time
 
+from tests.node_double import NodeApi
 from bench.common import PY, ROOT, Node, Plane, login, now, p50
 from sfcontrol import server
 from sfcommon import states
@@ -23,10 +24,11 @@ STAGES = {states.PREFLIGHT: 'preflight', states.CREATING: 'creating', states.CRE
 
 async def _controller(plane: Plane, prefix: str):
     state = plane.dir / prefix.strip('/')
-    ctl = await server.start(server.Config(etcd_endpoints=[plane.etcd.endpoint], state_dir=state,
-                                           store_prefix=prefix))
+    ctl = await server.start(server.Config(
+        etcd_endpoints=[plane.etcd.endpoint], etcd_tls=plane.etcd.client_tls,
+        pki=plane.pki.controller(), state_dir=state, store_prefix=prefix))
     client = await login(f'127.0.0.1:{ctl.port}', (state / 'system.key').read_text().strip())
-    return ctl, client, state / 'system.key'
+    return ctl, client, NodeApi.of(ctl, plane.pki)
 
 
 class StateClock:
@@ -35,7 +37,7 @@ class StateClock:
     def __init__(self, cache):
         self.seen: dict[str, dict[int, float]] = {}
         self.done: dict[str, asyncio.Future] = {}
-        cache.listen('instances/', self._changed)
+        cache.listen(keys.INSTANCES, self._changed)
 
     def expect(self, uuid):
         self.seen[uuid] = {}
@@ -50,12 +52,12 @@ class StateClock:
             self.done[inst.uuid].set_result(t)
 
 
-async def _sfnode(plane: Plane, ctl, key_file) -> None:
+async def _sfnode(plane: Plane, ctl) -> None:
     """A real sfnode process on libvirt's test driver (test:///default): it builds the
     disks and config drive, defines and starts domains, and reports, as on QEMU."""
     plane.spawn('sfnode', [
-        PY, '-m', 'sfnode.main', '--name', 'sfnode', '--controller', f'127.0.0.1:{ctl.port}',
-        '--key-file', str(key_file), '--state-dir', str(plane.dir / 'node'),
+        PY, '-m', 'sfnode.main', '--name', 'sfnode', '--controller', f'127.0.0.1:{ctl.node_port}',
+        '--pki-dir', str(plane.pki.node('sfnode').directory), '--state-dir', str(plane.dir / 'node'),
         '--libvirt-uri', 'test:///default', '--domain-type', 'qemu', '--capacity', '4096,4194304,100000',
         '--images', json.dumps({'sftest': IMAGE.as_uri()}), '--usage-interval', '0',
         '--log-level', 'warning'])
@@ -106,10 +108,10 @@ async def _disk_prep(work: pathlib.Path, inst) -> float:
 
 
 async def p4(plane: Plane, rounds: int, n: int) -> dict:
-    ctl, client, key_file = await _controller(plane, '/p4')
+    ctl, client, node_api = await _controller(plane, '/p4')
     clock = StateClock(ctl.core.cache)
-    await _sfnode(plane, ctl, key_file)
-    double = await Node(client, name='double').start()
+    await _sfnode(plane, ctl)
+    double = await Node(node_api, name='double').start()
     hv = await Hypervisor.connect(str(plane.dir / 'hv'), 'test:///default')
     work = pathlib.Path(tempfile.mkdtemp(dir=plane.dir))
     for i in range(3):                        # warm up: the first fetches the image
@@ -148,8 +150,8 @@ async def p4(plane: Plane, rounds: int, n: int) -> dict:
 async def p6(plane: Plane, rounds: int, window: float) -> dict:
     """etcd requests made by the controller while 100 created instances sit on 3 healthy
     nodes (scripted, heartbeating every second) and nobody calls."""
-    ctl, client, _ = await _controller(plane, '/p6')
-    nodes = [await Node(client, name=f'node{i}', beat=1.0, memory_mib=65536).start() for i in range(3)]
+    ctl, client, node_api = await _controller(plane, '/p6')
+    nodes = [await Node(node_api, name=f'node{i}', beat=1.0, memory_mib=65536).start() for i in range(3)]
     for batch in range(0, 100, 10):
         await asyncio.gather(*(create_created(client, f'idle{i}', memory=64)
                                for i in range(batch, batch + 10)))

@@ -22,10 +22,10 @@ INSTANCE = event_pb2.OBJECT_TYPE_INSTANCE
 async def p1_p2(plane: Plane, rounds: int, n: int) -> dict:
     """Sequential unary calls from one client: echo, GetInstance, and REST GET through
     the gateway, interleaved in each round. P1 = GetInstance / echo, P2 = REST / gRPC."""
-    target, key = plane.controller('/p1')
+    target, key, node_api = plane.controller('/p1')
     rest = plane.gateway(target)
     client = await login(target, key)
-    node = await Node(client).start()
+    node = await Node(node_api).start()
     net = await network(client)
     inst = await create_created(client, 'bench1', networks=[net.uuid])
     request = api.GetInstanceRequest(instance_ref=inst.uuid)
@@ -91,13 +91,13 @@ async def p7(plane: Plane, rounds: int, n: int) -> dict:
     sides = {}
     for label, count in (('small', 100), ('large', 10_000)):
         prefix = f'/p7{label}'
-        target, key = plane.controller(prefix)
+        target, key, node_api = plane.controller(prefix)
         client = await login(target, key)
-        node = await Node(client).start()
+        node = await Node(node_api).start()
         template = await create_created(client, 'template')
         del template.interfaces[:]
         template.ClearField('node_unreachable')
-        store = await Store.connect([plane.etcd.endpoint], prefix=prefix)
+        store = await Store.connect([plane.etcd.endpoint], prefix=prefix, tls=plane.etcd.client_tls)
         last = await _seed(store, template, count - 1)
         await store.close()
         for _ in range(200):
@@ -131,11 +131,11 @@ async def p8(plane: Plane, rounds: int, n: int) -> dict:
     event's arrival. 'api': from SetInstanceMetadata's return to its event's arrival
     (negative when the event arrives before the reply)."""
     prefix = '/p8'
-    target, key = plane.controller(prefix)
+    target, key, node_api = plane.controller(prefix)
     client = await login(target, key)
-    node = await Node(client).start()
+    node = await Node(node_api).start()
     inst = await create_created(client, 'watched')
-    store = await Store.connect([plane.etcd.endpoint], prefix=prefix)
+    store = await Store.connect([plane.etcd.endpoint], prefix=prefix, tls=plane.etcd.client_tls)
     stream = client.events.WatchEvents(ev.WatchEventsRequest(object_type=INSTANCE, object_ref=inst.uuid))
     arrived: dict[str, asyncio.Future] = {}
 

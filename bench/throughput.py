@@ -2,6 +2,7 @@
 rate of small sequential etcd transactions from one Python client."""
 
 import asyncio
+import ssl
 
 import aiohttp
 import grpc
@@ -46,19 +47,22 @@ async def _creates(clients, seconds: float, tag: str) -> tuple[int, int, float]:
 
 async def etcd_txns(plane: Plane) -> int:
     """Txn RPCs etcd has answered (a transaction whose checks fail is answered too)."""
+    tls = plane.etcd.client_tls
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    context.load_cert_chain(str(tls.cert), str(tls.key))
     async with aiohttp.ClientSession() as s:
-        async with s.get(f'http://{plane.etcd.endpoint}/metrics') as r:
+        async with s.get(f'https://{plane.etcd.endpoint}/metrics', ssl=context) as r:
             text = await r.text()
     return sum(int(float(line.split()[-1])) for line in text.splitlines()
                if line.startswith('grpc_server_handled_total{') and 'grpc_method="Txn"' in line)
 
 
 async def p3(plane: Plane, rounds: int, seconds: float) -> dict:
-    target, key = plane.controller('/p3')
+    target, key, node_api = plane.controller('/p3')
     first = await login(target, key)
-    node = await Node(first, cpus=2**31 - 1).start(auto_create=False)    # follows, never builds
+    node = await Node(node_api, cpus=2**31 - 1).start(auto_create=False)    # follows, never builds
     clients = [first] + [await login(target, key) for _ in range(CLIENTS - 1)]
-    store = await Store.connect([plane.etcd.endpoint], prefix='/p3raw')
+    store = await Store.connect([plane.etcd.endpoint], prefix='/p3raw', tls=plane.etcd.client_tls)
     await _commits(store, 0.5, 10**9)                                       # warm up
     await _creates(clients, 0.5, 'warm')
     out = {'commits': [], 'creates': [], 'P3': [], 'failed': 0, 'retries': []}

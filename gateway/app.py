@@ -16,6 +16,7 @@ import urllib.parse
 import uuid
 
 import grpc
+import aiohttp
 from aiohttp import web
 
 from gateway import codec, http_server, openapi, routes, schema
@@ -185,6 +186,7 @@ class Gateway:
         if rid is None or not _REQUEST_ID.fullmatch(rid):
             rid = str(uuid.uuid4())
         try:
+            await _expect(request)
             target, params = self.router.match(request.method, request.rel_url.raw_path)
             if isinstance(target, Endpoint):
                 return await self._forward(request, target, params, rid)
@@ -351,6 +353,17 @@ class Gateway:
                 reading.exception()  # seen, so asyncio does not report it as lost
 
 
+async def _expect(request):
+    """The Expect header, as aiohttp's router would answer it (the gateway has its own)."""
+    expect = request.headers.get('Expect')
+    if expect is None or request.version != aiohttp.HttpVersion11:
+        return
+    if expect.lower() != '100-continue':
+        raise HttpError(417, f'unknown Expect: {expect}')
+    await request.writer.write(b'HTTP/1.1 100 Continue\r\n\r\n')
+    request.writer.output_size = 0     # the response proper has not started
+
+
 async def _next(request, reading):
     """The message reading gives; ConnectionResetError if the client leaves first
     (aiohttp does not cancel the handler then, and a quiet stream, such as a watch,
@@ -486,44 +499,40 @@ def _rpc_error(err, rid):
     return _error(status, message, rid)
 
 
-GATEWAY = web.AppKey('gateway', Gateway)
 
 
-def create_app(grpc_target, **options) -> web.Application:
-    """The aiohttp application. options: max_body, timeout, stream_timeout,
-    channel_options, header_timeout, body_timeout, idle_timeout and
-    max_connections (see Gateway)."""
-    gateway = Gateway(grpc_target, **options)
+class _Runner(web.ServerRunner):
+    """aiohttp's low-level server, straight to Gateway.handle: the gateway has its own
+    router (aiohttp's would first fail to match every request, then answer plain-text
+    404s for paths its patterns cannot hold, such as a decoded newline)."""
 
-    # Every request goes to the gateway's router. (aiohttp's would answer
-    # plain-text 404s for paths its pattern cannot match, such as a decoded
-    # newline.)
-    @web.middleware
-    async def everything(request, handler):
-        return await gateway.handle(request)
+    def __init__(self, gateway: Gateway):
+        super().__init__(web.Server(gateway.handle, client_max_size=gateway.max_body),
+                         handle_signals=False)
+        self.gateway = gateway
 
-    # client_max_size bounds request.read(); the gateway reads bodies itself.
-    app = web.Application(client_max_size=gateway.max_body, middlewares=[everything])
-    app[GATEWAY] = gateway
-    app.on_startup.append(gateway.on_startup)
-    app.on_cleanup.append(gateway.on_cleanup)
-    return app
+    async def _make_server(self):
+        await self.gateway.on_startup(None)
+        return await super()._make_server()
+
+    async def _cleanup_server(self):
+        await super()._cleanup_server()
+        await self.gateway.on_cleanup(None)
 
 
 async def start_gateway(grpc_target, host='127.0.0.1', port=0, *, tls_cert=None, tls_key=None,
                         **options):
     """Starts the gateway; returns (runner, the port it listens on). Stop it
     with `await runner.cleanup()`. HTTPS with tls_cert and tls_key (PEM files);
-    plaintext only on loopback. options: see create_app."""
+    plaintext only on loopback. options: see Gateway."""
     context = None
     if tls_cert and tls_key:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls_cert, tls_key)
     else:
         refuse_plaintext('the REST gateway', host)
-    app = create_app(grpc_target, **options)
-    gateway = app[GATEWAY]
-    runner = web.AppRunner(app)
+    gateway = Gateway(grpc_target, **options)
+    runner = _Runner(gateway)
     await runner.setup()
     site = http_server.Site(runner, host, port, header_timeout=gateway.header_timeout,
                             idle_timeout=gateway.idle_timeout,
