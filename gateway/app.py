@@ -7,16 +7,16 @@ a trie lookup, a JSON parse, one gRPC call and a render.
 """
 
 import asyncio
-import pathlib
-import ssl
 import json
 import logging
+import pathlib
 import re
+import ssl
 import urllib.parse
 import uuid
 
-import grpc
 import aiohttp
+import grpc
 from aiohttp import web
 
 from gateway import codec, http_server, openapi, routes, schema
@@ -40,14 +40,16 @@ OCTET_STREAM = 'application/octet-stream'
 NDJSON = 'application/x-ndjson'
 NULL = b'null'
 
-# gRPC code -> HTTP status, for errors that carry no ErrorInfo.
+# gRPC code -> HTTP status, for errors that carry no ErrorInfo: every code but OK.
 HTTP_STATUS = {
+    grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNKNOWN: 500,
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.ABORTED: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 507, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.DATA_LOSS: 500,
 }
 _METADATA_VALUE = re.compile(r'[\x20-\x7e]+')  # what gRPC accepts in ASCII metadata
 # Well below gRPC's 8 KiB for all metadata (our tokens are a few hundred bytes).
@@ -482,13 +484,10 @@ def _error(status, message, rid, headers=None):
 
 def _rpc_status(err):
     """(HTTP status, message) for a failed call."""
-    try:
-        api_error = errors.from_rpc_error(err)
-    except ValueError:  # an ErrorInfo reason this schema does not know
-        api_error = None
+    api_error = errors.from_rpc_error(err)
     if api_error is not None and api_error.http_status:
         return api_error.http_status, api_error.message
-    return HTTP_STATUS.get(err.code(), 500), err.details() or err.code().name.lower()
+    return HTTP_STATUS[err.code()], err.details() or err.code().name.lower()
 
 
 def _rpc_error(err, rid):

@@ -1,17 +1,20 @@
 """One error model for gRPC and REST.
 
-Business logic raises ApiError(reason, message). The gRPC code and the HTTP
-status both come from the ErrorReason value's options in the schema
-(protos/shakenfist/v1/errors.proto), and the status sent to the client carries
-a google.rpc.ErrorInfo with that reason, so the gateway needs no table of its
-own beyond the schema.
+Business logic raises an ApiError subclass, one per ErrorReason in the schema
+(protos/shakenfist/v1/errors.proto): `raise errors.NotFound('no such instance')`,
+`except errors.StateConflict:`. The gRPC code and the HTTP status both come from
+the reason's options in the schema, and the status sent to the client carries a
+google.rpc.ErrorInfo with that reason (packed and read with grpc_status), so the
+gateway needs no table of its own beyond the schema.
 """
 
 import functools
+import logging
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from shakenfist.v1 import errors_pb2, wire_pb2
 
@@ -30,10 +33,10 @@ def _reason_options(reason: int):
 
 class ApiError(Exception):
     """A failure to report to the caller. The message is for users: no internals."""
+    reason: int = errors_pb2.ERROR_REASON_INTERNAL
 
-    def __init__(self, reason: int, message: str, **metadata: str):
+    def __init__(self, message: str, **metadata: str):
         super().__init__(message)
-        self.reason = reason
         self.message = message
         self.metadata = metadata
 
@@ -57,53 +60,110 @@ class ApiError(Exception):
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=[detail])
 
     def trailing_metadata(self):
-        return (('grpc-status-details-bin', self.to_status().SerializeToString()),)
+        return rpc_status.to_status(self.to_status()).trailing_metadata
 
     def __repr__(self):
-        return f'ApiError({self.reason_name}, {self.message!r})'
+        return f'{type(self).__name__}({self.message!r})'
 
 
-def _factory(reason):
-    def make(message: str, **metadata: str) -> ApiError:
-        return ApiError(reason, message, **metadata)
-    return make
+class InvalidArgument(ApiError):
+    reason = errors_pb2.ERROR_REASON_INVALID_ARGUMENT
 
 
-invalid = _factory(errors_pb2.ERROR_REASON_INVALID_ARGUMENT)
-unauthenticated = _factory(errors_pb2.ERROR_REASON_UNAUTHENTICATED)
-permission_denied = _factory(errors_pb2.ERROR_REASON_PERMISSION_DENIED)
-not_found = _factory(errors_pb2.ERROR_REASON_NOT_FOUND)
-not_ready = _factory(errors_pb2.ERROR_REASON_NOT_READY)
-conflict = _factory(errors_pb2.ERROR_REASON_STATE_CONFLICT)
-already_exists = _factory(errors_pb2.ERROR_REASON_ALREADY_EXISTS)
-insufficient = _factory(errors_pb2.ERROR_REASON_INSUFFICIENT_RESOURCES)
-too_large = _factory(errors_pb2.ERROR_REASON_PAYLOAD_TOO_LARGE)
-too_many_requests = _factory(errors_pb2.ERROR_REASON_TOO_MANY_REQUESTS)
-cursor_expired = _factory(errors_pb2.ERROR_REASON_CURSOR_EXPIRED)
-agent_not_ready = _factory(errors_pb2.ERROR_REASON_AGENT_NOT_READY)
-unavailable = _factory(errors_pb2.ERROR_REASON_UNAVAILABLE)
-internal = _factory(errors_pb2.ERROR_REASON_INTERNAL)
+class Unauthenticated(ApiError):
+    reason = errors_pb2.ERROR_REASON_UNAUTHENTICATED
+
+
+class PermissionDenied(ApiError):
+    reason = errors_pb2.ERROR_REASON_PERMISSION_DENIED
+
+
+class NotFound(ApiError):
+    reason = errors_pb2.ERROR_REASON_NOT_FOUND
+
+
+class NotReady(ApiError):
+    reason = errors_pb2.ERROR_REASON_NOT_READY
+
+
+class StateConflict(ApiError):
+    reason = errors_pb2.ERROR_REASON_STATE_CONFLICT
+
+
+class AlreadyExists(ApiError):
+    reason = errors_pb2.ERROR_REASON_ALREADY_EXISTS
+
+
+class PayloadTooLarge(ApiError):
+    reason = errors_pb2.ERROR_REASON_PAYLOAD_TOO_LARGE
+
+
+class InsufficientResources(ApiError):
+    reason = errors_pb2.ERROR_REASON_INSUFFICIENT_RESOURCES
+
+
+class CursorExpired(ApiError):
+    reason = errors_pb2.ERROR_REASON_CURSOR_EXPIRED
+
+
+class AgentNotReady(ApiError):
+    reason = errors_pb2.ERROR_REASON_AGENT_NOT_READY
+
+
+class Unavailable(ApiError):
+    reason = errors_pb2.ERROR_REASON_UNAVAILABLE
+
+
+class Internal(ApiError):
+    reason = errors_pb2.ERROR_REASON_INTERNAL
+
+
+class TooManyRequests(ApiError):
+    reason = errors_pb2.ERROR_REASON_TOO_MANY_REQUESTS
+
+
+BY_REASON: dict[int, type[ApiError]] = {
+    cls.reason: cls for cls in (
+        InvalidArgument, Unauthenticated, PermissionDenied, NotFound, NotReady, StateConflict,
+        AlreadyExists, PayloadTooLarge, InsufficientResources, CursorExpired, AgentNotReady,
+        Unavailable, Internal, TooManyRequests)}
+
+# Transitional names, removed once every call site says the class (this session).
+invalid = InvalidArgument
+unauthenticated = Unauthenticated
+permission_denied = PermissionDenied
+not_found = NotFound
+not_ready = NotReady
+conflict = StateConflict
+already_exists = AlreadyExists
+insufficient = InsufficientResources
+too_large = PayloadTooLarge
+too_many_requests = TooManyRequests
+cursor_expired = CursorExpired
+agent_not_ready = AgentNotReady
+unavailable = Unavailable
+internal = Internal
 
 
 def from_rpc_error(err: grpc.RpcError) -> ApiError | None:
-    """The ApiError carried by a failed call, if it carries one (used by the gateway)."""
-    for key, value in (err.trailing_metadata() or ()):
-        if key == 'grpc-status-details-bin':
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info) and info.domain == DOMAIN:
-                    number = errors_pb2.ErrorReason.DESCRIPTOR.values_by_name.get(_PREFIX + info.reason)
-                    if number is None:      # a reason newer than this schema
-                        return None
-                    return ApiError(number.number, status.message, **dict(info.metadata))
+    """The ApiError a failed call carries in its ErrorInfo, if it carries one
+    this schema knows (and its rich status agrees with the call's own)."""
+    try:
+        status = rpc_status.from_call(err)
+    except ValueError:
+        return None
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == DOMAIN:
+            value = errors_pb2.ErrorReason.DESCRIPTOR.values_by_name.get(_PREFIX + info.reason)
+            cls = BY_REASON.get(value.number) if value else None
+            return cls(status.message, **dict(info.metadata)) if cls else None
     return None
 
 
 def reported(method):
     """Decorate a unary gRPC servicer method: an ApiError becomes its status with
     ErrorInfo; anything unexpected is logged and answered INTERNAL, no traceback."""
-    import logging
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
@@ -111,8 +171,8 @@ def reported(method):
             return await method(self, request, context)
         except ApiError as e:
             err = e
-        except Exception:   # noqa: BLE001 -- every failure becomes a status
+        except Exception:
             logging.getLogger(method.__module__).exception('%s failed', method.__name__)
-            err = internal('internal error')
+            err = Internal('internal error')
         await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
     return wrapper

@@ -18,10 +18,9 @@ from gateway.main import start_gateway
 from sfcommon import errors
 from shakenfist.v1 import blob_service_pb2 as blob_svc
 from shakenfist.v1 import blob_service_pb2_grpc as blob_grpc
-from shakenfist.v1 import event_pb2
+from shakenfist.v1 import event_pb2, instance_pb2
 from shakenfist.v1 import event_service_pb2 as event_svc
 from shakenfist.v1 import event_service_pb2_grpc as event_grpc
-from shakenfist.v1 import instance_pb2
 from shakenfist.v1 import instance_service_pb2 as inst_svc
 from shakenfist.v1 import instance_service_pb2_grpc as inst_grpc
 from shakenfist.v1 import server_service_pb2 as server_svc
@@ -65,6 +64,8 @@ class Instances(inst_grpc.InstanceServiceServicer):
             await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
         if ref == 'plain':
             await context.abort(grpc.StatusCode.NOT_FOUND, 'nothing called plain')
+        if ref.startswith('code-'):     # a bare status of any code
+            await context.abort(grpc.StatusCode[ref[len('code-'):]], f'failed with {ref}')
         if ref == 'strange':  # an ErrorInfo reason this schema does not define
             info = error_details_pb2.ErrorInfo(reason='MADE_UP', domain=errors.DOMAIN)
             detail = any_pb2.Any()
@@ -386,6 +387,18 @@ async def test_plain_grpc_not_found_is_404(rest):
     status, headers, body = await call(rest, 'GET', '/instances/plain')
     assert_error(status, headers, body, 404)
     assert body['error'] == 'nothing called plain'
+
+
+@pytest.mark.parametrize('code,http', [('CANCELLED', 499), ('UNKNOWN', 500), ('DATA_LOSS', 500),
+                                       ('INTERNAL', 500), ('OUT_OF_RANGE', 400), ('ABORTED', 409)])
+async def test_every_grpc_code_has_an_http_status(rest, code, http):
+    status, headers, body = await call(rest, 'GET', f'/instances/code-{code}')
+    assert_error(status, headers, body, http)
+    assert body['error'] == f'failed with code-{code}'
+
+
+def test_the_code_table_covers_every_code():
+    assert set(gateway_app.HTTP_STATUS) == set(grpc.StatusCode) - {grpc.StatusCode.OK}
 
 
 async def test_unknown_error_reason_falls_back_to_the_grpc_code(rest):

@@ -5,18 +5,15 @@ import contextlib
 import libvirt
 
 from sfcommon import errors
-from shakenfist.v1 import errors_pb2
-
-
 
 
 class HypervisorError(errors.ApiError):
-    """A libvirt call failed. The message is for users; detail is libvirt's text."""
-    reason = errors_pb2.ERROR_REASON_INTERNAL
+    """A libvirt call failed. The message is for users; detail is libvirt's text.
+    Subclasses take their reason from the ApiError class they also are."""
     summary = 'hypervisor error'
 
     def __init__(self, message: str, libvirt_code: int | None = None, detail: str = ''):
-        super().__init__(self.reason, message)
+        super().__init__(message)
         self.libvirt_code = libvirt_code
         self.detail = detail
 
@@ -24,42 +21,35 @@ class HypervisorError(errors.ApiError):
         return f'{self.message} ({self.detail})' if self.detail else self.message
 
 
-class DomainNotFound(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_NOT_FOUND
+class DomainNotFound(HypervisorError, errors.NotFound):
     summary = 'no such domain'
 
 
-class DeviceNotFound(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_NOT_FOUND
+class DeviceNotFound(HypervisorError, errors.NotFound):
     summary = 'no such device'
 
 
-class DomainExists(HypervisorError):
+class DomainExists(HypervisorError, errors.AlreadyExists):
     """VIR_ERR_DOM_EXIST. (A define whose name or UUID clashes with another
     domain's is VIR_ERR_OPERATION_FAILED in libvirt 9.0, a plain HypervisorError:
     sf-<uuid> names make that clash impossible here.)"""
-    reason = errors_pb2.ERROR_REASON_ALREADY_EXISTS
     summary = 'a conflicting domain exists'
 
 
-class InvalidDomainState(HypervisorError):
+class InvalidDomainState(HypervisorError, errors.StateConflict):
     """The operation is not valid in the domain's state (for example destroying a stopped one)."""
-    reason = errors_pb2.ERROR_REASON_STATE_CONFLICT
     summary = "not valid in the domain's current state"
 
 
-class Unsupported(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_INVALID_ARGUMENT
+class Unsupported(HypervisorError, errors.InvalidArgument):
     summary = 'not supported by this hypervisor'
 
 
-class InvalidConfig(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_INVALID_ARGUMENT
+class InvalidConfig(HypervisorError, errors.InvalidArgument):
     summary = 'invalid domain configuration'
 
 
-class HypervisorUnavailable(HypervisorError):
-    reason = errors_pb2.ERROR_REASON_UNAVAILABLE
+class HypervisorUnavailable(HypervisorError, errors.Unavailable):
     summary = 'the hypervisor did not answer'
 
 
