@@ -25,7 +25,7 @@ from sfcontrol.metadata import Metadata
 from sfcontrol.networks import Networks
 from sfcontrol.nodeapi import NodeControl
 from sfcontrol.nodeclient import NodeClients
-from sfcontrol.instances import Instances
+from sfcontrol.instances import Consoles, Instances, Power
 from sfcontrol.store.etcd import Store
 from shakenfist.node.v1alpha1 import node_pb2, node_pb2_grpc
 from shakenfist.v1 import (agent_operation_service_pb2, agent_operation_service_pb2_grpc,
@@ -122,7 +122,7 @@ async def start(config: Config) -> Controller:
     server = grpc.aio.server(interceptors=[ApiInterceptor(lambda: auth)], options=[
         ('grpc.max_receive_message_length', 16 * 1024 * 1024)])
     instance_service_pb2_grpc.add_InstanceServiceServicer_to_server(
-        services.InstanceService(instances), server)
+        services.InstanceService(instances, Power(instances), Consoles(instances)), server)
     network_service_pb2_grpc.add_NetworkServiceServicer_to_server(
         services.NetworkService(networks, metadata), server)
     network_service_pb2_grpc.add_InterfaceServiceServicer_to_server(

@@ -1,7 +1,7 @@
 """The public gRPC services: thin adapters from RPCs to the domain objects.
 
 Authentication, namespace scoping and error reporting happen in the
-interceptor; the logic lives in instances.py, networks.py, auth.py,
+interceptor; the logic lives in instances/, networks.py, auth.py,
 agentops.py and events.py.
 """
 
@@ -27,8 +27,8 @@ CAPABILITIES = [
 
 
 class InstanceService(instance_service_pb2_grpc.InstanceServiceServicer):
-    def __init__(self, instances):
-        self.i = instances
+    def __init__(self, instances, power, consoles):
+        self.i, self.power, self.consoles = instances, power, consoles
 
     async def ListInstances(self, request, context): return self.i.list(request)
     async def CreateInstance(self, request, context): return await self.i.create(request)
@@ -42,16 +42,16 @@ class InstanceService(instance_service_pb2_grpc.InstanceServiceServicer):
     async def SetInstanceMetadata(self, request, context): return await self.i.set_metadata(request)
     async def DeleteInstanceMetadata(self, request, context): return await self.i.delete_metadata(request)
     async def ListInstanceEvents(self, request, context): return await self.i.list_events(request)
-    async def SoftRebootInstance(self, request, context): return await self.i.reboot(request, hard=False)
-    async def HardRebootInstance(self, request, context): return await self.i.reboot(request, hard=True)
-    async def PowerOffInstance(self, request, context): return await self.i.power_off(request)
-    async def PowerOnInstance(self, request, context): return await self.i.power_on(request)
-    async def PauseInstance(self, request, context): return await self.i.pause(request)
-    async def UnpauseInstance(self, request, context): return await self.i.unpause(request)
-    async def GetConsoleData(self, request, context): return await self.i.console_data(request)
-    async def DeleteConsoleData(self, request, context): return await self.i.clear_console(request)
-    async def GetVdiConsoleHelper(self, request, context): return self.i.vdi_helper(request)
-    async def GetScreenshot(self, request, context): return await self.i.screenshot(request)
+    async def SoftRebootInstance(self, request, context): return await self.power.reboot(request, hard=False)
+    async def HardRebootInstance(self, request, context): return await self.power.reboot(request, hard=True)
+    async def PowerOffInstance(self, request, context): return await self.power.power_off(request)
+    async def PowerOnInstance(self, request, context): return await self.power.power_on(request)
+    async def PauseInstance(self, request, context): return await self.power.pause(request)
+    async def UnpauseInstance(self, request, context): return await self.power.unpause(request)
+    async def GetConsoleData(self, request, context): return await self.consoles.console_data(request)
+    async def DeleteConsoleData(self, request, context): return await self.consoles.clear_console(request)
+    async def GetVdiConsoleHelper(self, request, context): return self.consoles.vdi_helper(request)
+    async def GetScreenshot(self, request, context): return await self.consoles.screenshot(request)
 
 
 class NetworkService(network_service_pb2_grpc.NetworkServiceServicer):

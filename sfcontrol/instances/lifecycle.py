@@ -1,7 +1,6 @@
-"""Instances: the business logic behind InstanceService.
+"""An instance's life: create, read, delete, its interfaces and metadata, its events.
 
-The servicer only adapts calls to these methods. Every change is one
-transaction built from the cache (see Core.mutate).
+Every change is one transaction built from the cache (see Core.mutate).
 """
 
 import asyncio
@@ -12,20 +11,19 @@ import uuid as uuidlib
 
 from google.protobuf import json_format
 
-from sfcommon import errors
+from sfcommon import errors, states
 from sfcommon.urlpolicy import ImagePolicy
 from sfcontrol import caller, limits, scheduler, validation
-from sfcommon import states
-from sfcontrol.store import keys
 from sfcontrol.core import Core, object_type_name
 from sfcontrol.events import Events
 from sfcontrol.networks import Networks
 from sfcontrol.nodeclient import NodeClients
+from sfcontrol.store import keys
 from sfcontrol.store.etcd import Txn
-from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.store.v1alpha1 import records_pb2
-from shakenfist.v1 import event_pb2, instance_pb2 as pb, instance_service_pb2 as api
-from shakenfist.v1 import specs_pb2
+from shakenfist.v1 import event_pb2, specs_pb2
+from shakenfist.v1 import instance_pb2 as pb
+from shakenfist.v1 import instance_service_pb2 as api
 
 OBJ = event_pb2.OBJECT_TYPE_INSTANCE
 AUDIT, STATUS = event_pb2.EVENT_TYPE_AUDIT, event_pb2.EVENT_TYPE_STATUS
@@ -33,7 +31,6 @@ P = pb.PowerState
 ON, OFF, PAUSED = P.Value('POWER_STATE_ON'), P.Value('POWER_STATE_OFF'), P.Value('POWER_STATE_PAUSED')
 A = pb.AgentState
 DEFAULT_PAGE = 1000
-CONSOLE_DEFAULT_LENGTH = 10240
 # Interfaces per instance, hot-plugged ones included: the schema's limit on
 # Instance.interfaces (and on CreateInstanceRequest.network).
 MAX_INTERFACES = limits.max_items(pb.Instance.DESCRIPTOR.fields_by_name['interfaces'])
@@ -93,7 +90,7 @@ class Instances:
             out.node_unreachable = node is None or node.value.unreachable
         return out
 
-    def _active(self, ref: str):
+    def active(self, ref: str):
         """For power, console and agent calls: NOT_READY (406) unless created."""
         entry = self.resolve(ref)
         if entry.value.state != states.CREATED:
@@ -343,20 +340,20 @@ class Instances:
         def change(inst):
             inst.metadata.update({req.key: value})
             limits.check_stored(inst, 'metadata')      # all keys: at most 64, 64 KiB
-        return await self._change(req, 'set metadata', change, api.SetInstanceMetadataResponse())
+        return await self.change(req, 'set metadata', change, api.SetInstanceMetadataResponse())
 
     async def delete_metadata(self, req: api.DeleteInstanceMetadataRequest):
         def change(inst):
             if req.key not in inst.metadata:
                 raise errors.not_found(f'metadata key {req.key} not found')
             del inst.metadata[req.key]
-        return await self._change(req, 'delete metadata', change,
+        return await self.change(req, 'delete metadata', change,
                                   api.DeleteInstanceMetadataResponse())
 
-    async def _change(self, req, what, change, response, *, ready=False,
+    async def change(self, req, what, change, response, *, ready=False,
                       desired_power=None, check=None):
         """Apply change(instance) in one transaction, with an audit event."""
-        entry = self._active(req.instance_ref) if ready else self.resolve(req.instance_ref)
+        entry = self.active(req.instance_ref) if ready else self.resolve(req.instance_ref)
 
         def build():
             current = self.core.cache.get(entry.key)
@@ -374,54 +371,7 @@ class Instances:
             return txn, response
         return await self.core.mutate(build, request=req)
 
-    # -- power ------------------------------------------------------------------------
-    @staticmethod
-    def _not_off(action):
-        def check(inst):
-            if inst.power_state in (OFF, P.Value('POWER_STATE_TRANSITION_TO_OFF')):
-                raise errors.conflict(f'Invalid lifecycle state: you cannot {action} a powered off instance')
-        return check
-
-    async def power_off(self, req):
-        def change(inst):
-            inst.power_state = P.Value('POWER_STATE_TRANSITION_TO_OFF')
-            inst.agent_state = A.Value('AGENT_STATE_NOT_READY_INSTANCE_POWERED_OFF')
-        return await self._change(req, 'poweroff', change, api.PowerOffInstanceResponse(),
-                                  ready=True, desired_power=OFF)
-
-    async def power_on(self, req):
-        def change(inst):
-            inst.power_state = P.Value('POWER_STATE_TRANSITION_TO_ON')
-        return await self._change(req, 'poweron', change, api.PowerOnInstanceResponse(),
-                                  ready=True, desired_power=ON)
-
-    async def pause(self, req):
-        def change(inst):
-            inst.power_state = P.Value('POWER_STATE_TRANSITION_TO_PAUSED')
-            inst.agent_state = A.Value('AGENT_STATE_NOT_READY_INSTANCE_PAUSED')
-        return await self._change(req, 'pause', change, api.PauseInstanceResponse(),
-                                  ready=True, desired_power=PAUSED, check=self._not_off('pause'))
-
-    async def unpause(self, req):
-        def change(inst):
-            inst.power_state = P.Value('POWER_STATE_TRANSITION_TO_ON')
-            if inst.side_channels:
-                inst.agent_state = A.Value('AGENT_STATE_NOT_READY_NO_CONTACT')
-        return await self._change(req, 'unpause', change, api.UnpauseInstanceResponse(),
-                                  ready=True, desired_power=ON, check=self._not_off('unpause'))
-
-    async def reboot(self, req, hard: bool):
-        entry = self._active(req.instance_ref)
-        self._not_off('reboot')(entry.value)
-        response = api.HardRebootInstanceResponse() if hard else api.SoftRebootInstanceResponse()
-
-        async def act():
-            await self.nodes.call(entry.value.node, 'RebootInstance', node_pb2.RebootInstanceRequest(
-                instance_uuid=entry.value.uuid, hard=hard))
-        return await self._node_action(req, entry, 'hard reboot' if hard else 'soft reboot',
-                                       act, response)
-
-    async def _node_action(self, req, entry, what, act, response):
+    async def node_action(self, req, entry, what, act, response):
         """Run a node action, then record it; a repeated request_id does not act again."""
         if (prior := await self.core.replayed(req)) is not None:
             return prior
@@ -432,65 +382,6 @@ class Instances:
             self.core.event(txn, entry.value.namespace, OBJ, entry.value.uuid, AUDIT, what)
             return txn, response
         return await self.core.mutate(build, request=req)
-
-    # -- consoles ---------------------------------------------------------------------
-    async def console_data(self, req: api.GetConsoleDataRequest):
-        entry = self.resolve(req.instance_ref)
-        length = req.length if req.HasField('length') else CONSOLE_DEFAULT_LENGTH
-        if length < -1:
-            raise errors.invalid('length must be -1 (everything) or a number of bytes')
-        if not entry.value.HasField('node') or entry.value.state in (states.DELETED,):
-            return api.GetConsoleDataResponse(console={'content_type': 'application/octet-stream'})
-        reply = await self.nodes.call(entry.value.node, 'GetConsoleData', node_pb2.GetConsoleDataRequest(
-            instance_uuid=entry.value.uuid, length=length))
-        resp = api.GetConsoleDataResponse()
-        resp.console.content_type = 'application/octet-stream'
-        resp.console.data = reply.data
-        return resp
-
-    async def clear_console(self, req):
-        entry = self.resolve(req.instance_ref)
-
-        async def act():
-            await self.nodes.call(entry.value.node, 'ClearConsoleData',
-                                  node_pb2.ClearConsoleDataRequest(instance_uuid=entry.value.uuid))
-        return await self._node_action(req, entry, 'console log cleared', act,
-                                       api.DeleteConsoleDataResponse())
-
-    def vdi_helper(self, req):
-        entry = self.resolve(req.instance_ref)
-        inst = entry.value
-        if not inst.HasField('vdi_port'):
-            raise errors.not_ready(f'instance {inst.uuid} has no console yet')
-        node = self.core.cache.get(keys.node(inst.node))
-        vdi = 'vnc' if inst.video.vdi == specs_pb2.VDI_TYPE_VNC else 'spice'
-        placement = self.core.cache.get(keys.placement(inst.node, inst.uuid))
-        lines = ['[virt-viewer]', f'type={vdi}', f'host={node.value.console_host if node else ""}',
-                 f'port={inst.vdi_port}']
-        if placement is not None and placement.value.console_password:
-            lines.append(f'password={placement.value.console_password}')
-        if inst.HasField('vdi_tls_port'):
-            lines.append(f'tls-port={inst.vdi_tls_port}')
-        lines += [f'title={inst.name}', 'delete-this-file=1']
-        resp = api.GetVdiConsoleHelperResponse()
-        resp.helper.content_type = 'application/x-virt-viewer'
-        resp.helper.data = ('\n'.join(lines) + '\n').encode()
-        return resp
-
-    async def screenshot(self, req: api.GetScreenshotRequest):
-        entry = self._active(req.instance_ref)
-        inst = entry.value
-        reply = await self.nodes.call(inst.node, 'TakeScreenshot',
-                                      node_pb2.TakeScreenshotRequest(instance_uuid=inst.uuid))
-        from sfcontrol.blobs import bytes_chunks
-        blob = await self.blobs.store(bytes_chunks(reply.png), 'instance', inst.uuid, inst.namespace)
-
-        def build():
-            txn = Txn()
-            self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT,
-                            'acquired screenshot of instance console', {'blob': blob.uuid})
-            return txn, api.GetScreenshotResponse(blob_uuid=blob.uuid)
-        return await self.core.mutate(build)
 
     # -- events -------------------------------------------------------------------------
     async def list_events(self, req: api.ListInstanceEventsRequest):

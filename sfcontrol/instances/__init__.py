@@ -1,0 +1,7 @@
+"""Instances: the logic behind InstanceService, by concern."""
+
+from .consoles import Consoles
+from .lifecycle import Instances
+from .power import Power
+
+__all__ = ['Consoles', 'Instances', 'Power']

@@ -1,0 +1,75 @@
+"""Consoles: the serial console's data, the graphical console's .vv helper, screenshots."""
+
+from sfcommon import errors, states
+from sfcontrol.blobs import bytes_chunks
+from sfcontrol.store import keys
+from sfcontrol.store.etcd import Txn
+from shakenfist.node.v1alpha1 import node_pb2
+from shakenfist.v1 import instance_service_pb2 as api
+from shakenfist.v1 import specs_pb2
+
+from .lifecycle import AUDIT, OBJ, Instances
+
+CONSOLE_DEFAULT_LENGTH = 10240
+
+
+class Consoles:
+    def __init__(self, instances: Instances):
+        self.instances = instances
+
+    async def console_data(self, req: api.GetConsoleDataRequest):
+        entry = self.instances.resolve(req.instance_ref)
+        length = req.length if req.HasField('length') else CONSOLE_DEFAULT_LENGTH
+        if length < -1:
+            raise errors.invalid('length must be -1 (everything) or a number of bytes')
+        if not entry.value.HasField('node') or entry.value.state in (states.DELETED,):
+            return api.GetConsoleDataResponse(console={'content_type': 'application/octet-stream'})
+        reply = await self.instances.nodes.call(entry.value.node, 'GetConsoleData', node_pb2.GetConsoleDataRequest(
+            instance_uuid=entry.value.uuid, length=length))
+        resp = api.GetConsoleDataResponse()
+        resp.console.content_type = 'application/octet-stream'
+        resp.console.data = reply.data
+        return resp
+
+    async def clear_console(self, req):
+        entry = self.instances.resolve(req.instance_ref)
+
+        async def act():
+            await self.instances.nodes.call(entry.value.node, 'ClearConsoleData',
+                                  node_pb2.ClearConsoleDataRequest(instance_uuid=entry.value.uuid))
+        return await self.instances.node_action(req, entry, 'console log cleared', act,
+                                       api.DeleteConsoleDataResponse())
+
+    def vdi_helper(self, req):
+        entry = self.instances.resolve(req.instance_ref)
+        inst = entry.value
+        if not inst.HasField('vdi_port'):
+            raise errors.not_ready(f'instance {inst.uuid} has no console yet')
+        node = self.instances.core.cache.get(keys.node(inst.node))
+        vdi = 'vnc' if inst.video.vdi == specs_pb2.VDI_TYPE_VNC else 'spice'
+        placement = self.instances.core.cache.get(keys.placement(inst.node, inst.uuid))
+        lines = ['[virt-viewer]', f'type={vdi}', f'host={node.value.console_host if node else ""}',
+                 f'port={inst.vdi_port}']
+        if placement is not None and placement.value.console_password:
+            lines.append(f'password={placement.value.console_password}')
+        if inst.HasField('vdi_tls_port'):
+            lines.append(f'tls-port={inst.vdi_tls_port}')
+        lines += [f'title={inst.name}', 'delete-this-file=1']
+        resp = api.GetVdiConsoleHelperResponse()
+        resp.helper.content_type = 'application/x-virt-viewer'
+        resp.helper.data = ('\n'.join(lines) + '\n').encode()
+        return resp
+
+    async def screenshot(self, req: api.GetScreenshotRequest):
+        entry = self.instances.active(req.instance_ref)
+        inst = entry.value
+        reply = await self.instances.nodes.call(inst.node, 'TakeScreenshot',
+                                      node_pb2.TakeScreenshotRequest(instance_uuid=inst.uuid))
+        blob = await self.instances.blobs.store(bytes_chunks(reply.png), 'instance', inst.uuid, inst.namespace)
+
+        def build():
+            txn = Txn()
+            self.instances.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT,
+                            'acquired screenshot of instance console', {'blob': blob.uuid})
+            return txn, api.GetScreenshotResponse(blob_uuid=blob.uuid)
+        return await self.instances.core.mutate(build)
