@@ -1,6 +1,7 @@
 """A whole plane for end-to-end tests: sf-up in a child process (etcd, controller,
 gateway and real sfnode processes on libvirt/QEMU), driven like a user would."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -44,6 +45,9 @@ class Plane:
         return self
 
     def stop(self):
+        # What to kill if it outlives sf-up: every process sf-up started (and theirs), and
+        # the guests libvirt started, by the PID files it keeps under this plane's state.
+        started = _descendants(self.proc.pid) if self.proc else set()
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -51,10 +55,18 @@ class Plane:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        # Whatever a killed node left behind (tests kill nodes on purpose).
-        subprocess.run(['pkill', '-9', '-f', '--', f'--state-dir {self.state}/nodes/'], check=False)
-        subprocess.run(['pkill', '-9', '-f', '--', f'{self.state}/nodes/.*/libvirt'], check=False)
+        for pid in started | self._guest_pids():
+            if str(self.state) in _cmdline(pid):     # still ours, not a reused PID
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.state, ignore_errors=True)
+
+    def _guest_pids(self) -> set[int]:
+        pids = set()
+        for f in (self.state / 'nodes').glob('*/**/*.pid'):
+            with contextlib.suppress(OSError, ValueError):
+                pids.add(int(f.read_text().strip()))
+        return pids
 
     async def client(self) -> Client:
         return await Client(self.endpoints['grpc']).login('system', self.endpoints['key'])
@@ -64,11 +76,34 @@ class Plane:
         home.mkdir(exist_ok=True)
         return SfClient(self.endpoints['rest'], 'system', self.endpoints['key'], home)
 
-    def node_pids(self, name):
-        out = subprocess.run(['pgrep', '-f', f'sfnode.main --name {name} .*{self.state}/nodes/{name}'],
-                             capture_output=True, text=True).stdout.split()
-        return [int(p) for p in out]
+    def node_pids(self, name) -> list[int]:
+        """The sfnode process sf-up started as node `name`."""
+        return [pid for pid in _children(self.proc.pid) if f'--name {name} ' in _cmdline(pid)]
 
     def console(self, node, uuid) -> str:
         path = self.state / 'nodes' / node / 'instances' / uuid / 'console.log'
         return path.read_bytes().decode(errors='replace') if path.exists() else ''
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in pathlib.Path(f'/proc/{pid}/task/{pid}/children').read_text().split()}
+    except OSError:
+        return set()
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for child in _children(todo.pop()) - found:
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return pathlib.Path(f'/proc/{pid}/cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
+    except OSError:
+        return ''
+
