@@ -2,25 +2,25 @@
 
 An operation is recorded, then handed to its instance's node, which runs it
 against the in-guest agent and reports progress. The controller arms a timer
-for every unfinished operation's deadline (re-armed at start-up), so an
-operation never outlives its deadline: if nothing finished it, it expires.
+on its clock for every unfinished operation's deadline (re-armed at start-up),
+so an operation never outlives its deadline: if nothing finished it, it expires.
 """
 
-import asyncio
 import logging
-import time
 import uuid as uuidlib
 
-from sfcommon import errors
+from sfcommon import errors, states
+from sfcommon.clock import SYSTEM, Clock, Timer
+from sfcommon.tasks import Tasks
 from sfcontrol import caller, validation
-from sfcommon import states
-from sfcontrol.store import keys
 from sfcontrol.core import Core
 from sfcontrol.instances import Instances
 from sfcontrol.nodeclient import NodeClients
+from sfcontrol.store import keys
 from sfcontrol.store.etcd import Txn
 from shakenfist.node.v1alpha1 import node_pb2
-from shakenfist.v1 import agent_operation_pb2 as pb, agent_operation_service_pb2 as api
+from shakenfist.v1 import agent_operation_pb2 as pb
+from shakenfist.v1 import agent_operation_service_pb2 as api
 from shakenfist.v1 import event_pb2, instance_pb2
 
 S = pb.AgentOperationState
@@ -47,11 +47,13 @@ def _state_name(state) -> str:
 
 
 class AgentOperations:
-    def __init__(self, core: Core, instances: Instances, nodes: NodeClients):
+    def __init__(self, core: Core, instances: Instances, nodes: NodeClients, clock: Clock = SYSTEM):
         self.core = core
         self.instances = instances
         self.nodes = nodes
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.clock = clock
+        self.tasks = Tasks('agent operations')     # the expiries under way
+        self._timers: dict[str, Timer] = {}
 
     def start(self):
         """Arm deadline timers for unfinished operations (after a restart)."""
@@ -59,10 +61,11 @@ class AgentOperations:
             if entry.value.state not in FINAL:
                 self._arm(entry.value)
 
-    def stop(self):
+    async def stop(self):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        await self.tasks.close()
 
     # -- lookups -----------------------------------------------------------------
     def get(self, uuid: str):
@@ -130,7 +133,7 @@ class AgentOperations:
             op = pb.AgentOperation(
                 uuid=new_uuid, state=state, version=1, namespace=inst.namespace,
                 instance_uuid=inst.uuid, commands=commands,
-                deadline=time.time() + (deadline_seconds or DEFAULT_DEADLINE),
+                deadline=self.clock.now() + (deadline_seconds or DEFAULT_DEADLINE),
                 progress_timeout=progress_timeout)
             op.metadata.SetInParent()
             txn = Txn().create(keys.agentop(op.uuid), op.SerializeToString())
@@ -194,10 +197,9 @@ class AgentOperations:
         return op
 
     def _arm(self, op: pb.AgentOperation):
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, op.deadline - time.time())
-        self._timers[op.uuid] = loop.call_later(
-            delay, lambda: asyncio.ensure_future(self._expire(op.uuid)))
+        uuid = op.uuid
+        self._timers[uuid] = self.clock.call_at(
+            op.deadline, lambda: self.tasks.spawn(self._expire(uuid), name=f'expire-{uuid}'))
 
     async def _expire(self, uuid: str):
         self._timers.pop(uuid, None)
@@ -208,7 +210,7 @@ class AgentOperations:
             caller.set_current(caller.Caller(caller.SYSTEM))
             await self.update(uuid, EXPIRED, error_message='the operation did not finish before its deadline')
         except errors.ApiError as e:
-            if e.reason_name != 'STATE_CONFLICT':     # finished meanwhile: fine
+            if not isinstance(e, errors.StateConflict):     # finished meanwhile: fine
                 logging.getLogger(__name__).warning('could not expire %s: %s', uuid, e)
 
     async def delete(self, req: api.DeleteAgentOperationRequest):

@@ -4,13 +4,12 @@ import dataclasses
 import logging
 import os
 import pathlib
-import time
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sfcommon.clock import SYSTEM, Clock
 from sfcommon.listen import refuse_plaintext
 from sfcommon.pki import Bundle, EtcdTls
 from sfcommon.urlpolicy import ImagePolicy
@@ -25,6 +24,7 @@ from sfcontrol.metadata import Metadata
 from sfcontrol.networks import Networks
 from sfcontrol.nodeapi import NodeControl
 from sfcontrol.nodeclient import NodeClients
+from sfcontrol.nodes import NodeRegistry, NodeReports
 from sfcontrol.instances import Consoles, Instances, Power
 from sfcontrol.store.etcd import Store
 from shakenfist.node.v1alpha1 import node_pb2, node_pb2_grpc
@@ -58,7 +58,7 @@ class Config:
     namespace_quota: int = blobs_module.DEFAULT_NAMESPACE_QUOTA  # bytes of blobs a namespace holds
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 20.0
-    clock: Callable[[], float] = time.time      # wall-clock seconds; tests pass their own
+    clock: Clock = SYSTEM       # deadlines, heartbeats and token expiry; tests pass a ManualClock
 
 
 @dataclasses.dataclass
@@ -71,11 +71,12 @@ class Controller:
     agentops: AgentOperations
     node_control: NodeControl
     nodes: NodeClients
+    registry: NodeRegistry
 
     async def stop(self, grace: float | None = 1.0):
         await self.server.stop(grace)
-        self.agentops.stop()
-        self.node_control.stop()
+        await self.agentops.stop()      # their timers and what those started
+        await self.registry.stop()
         await self.nodes.close()
         await self.core.close()
         await self.core.store.close()
@@ -104,7 +105,7 @@ async def start(config: Config) -> Controller:
     store = await Store.connect(config.etcd_endpoints, prefix=config.store_prefix,
                                 tls=config.etcd_tls)
     core = await Core.open(store)
-    auth = await Auth.start(core, config.state_dir, config.token_ttl, config.clock)
+    auth = await Auth.start(core, config.state_dir, config.token_ttl, config.clock.now)
     nodes = NodeClients(core.cache, config.pki)
     blobs = Blobs(core, pathlib.Path(config.state_dir) / 'blobs', config.max_blob_size,
                   config.namespace_quota)
@@ -112,11 +113,11 @@ async def start(config: Config) -> Controller:
     networks = Networks(core, config.floating_netblock)
     events = Events(core)
     instances = Instances(core, networks, nodes, events, blobs, ImagePolicy(config.image_allow))
-    agentops = AgentOperations(core, instances, nodes)
+    agentops = AgentOperations(core, instances, nodes, config.clock)
     agentops.start()
-    node_control = NodeControl(core, instances, agentops, blobs, auth, config.heartbeat_interval,
-                               config.heartbeat_timeout)
-    node_control.start()
+    registry = NodeRegistry(core, config.clock, config.heartbeat_interval, config.heartbeat_timeout)
+    registry.start()
+    node_control = NodeControl(registry, NodeReports(core, instances, agentops, blobs, auth))
     metadata = Metadata(core)
 
     server = grpc.aio.server(interceptors=[ApiInterceptor(lambda: auth)], options=[
@@ -156,4 +157,4 @@ async def start(config: Config) -> Controller:
     await server.start()
     await health_servicer.set('', health_pb2.HealthCheckResponse.SERVING)
     log.info('controller listening', extra={'port': port, 'node_port': node_port, 'pid': os.getpid()})
-    return Controller(server, port, node_port, core, auth, agentops, node_control, nodes)
+    return Controller(server, port, node_port, core, auth, agentops, node_control, nodes, registry)

@@ -97,7 +97,7 @@ class InstanceWorker:
                 delay = retry.next()
                 log.warning('instance %s: %s; retrying in %.1f s', self.uuid, message, delay)
                 await self._event('step failed, retrying', {'error': message, 'retry_in': round(delay, 2)})
-                asyncio.get_running_loop().call_later(delay, self._wake.set)
+                self.node.clock.call_later(delay, self._wake.set)
 
     async def _fail(self, message: str):
         error_state = states.ERROR_OF[self.state]
@@ -164,9 +164,9 @@ class InstanceWorker:
             transport = {'transport': 'virtio-serial', 'port': domain.AGENT2_CHANNEL,
                          'why': 'this node has no vhost-vsock' if not self.node.vsock else
                          'the instance has no vsock CID'}
-        self.agent = AgentSession(connect, AgentReporter(self))
+        self.agent = AgentSession(connect, AgentReporter(self), self.node.clock)
         self.agent.start()
-        asyncio.ensure_future(self._event('agent side channel', transport))
+        self.node.tasks.spawn(self._event('agent side channel', transport), name=f'event-{self.uuid}')
 
     async def _build(self, desired):
         inst = desired.instance
@@ -204,8 +204,9 @@ class InstanceWorker:
         xml = domain.build_domain_xml(desired, paths, options)
         shown = xml.replace(f"passwd=\"{desired.console_password}\"", 'passwd="(hidden)"') \
             if desired.console_password else xml
-        event = asyncio.ensure_future(
-            self._event('libvirt domain XML', {'xml': shown}, event_pb2.EVENT_TYPE_MUTATE))
+        event = self.node.tasks.spawn(      # recorded while the domain is defined
+            self._event('libvirt domain XML', {'xml': shown}, event_pb2.EVENT_TYPE_MUTATE),
+            name=f'event-{self.uuid}')
         start = desired.desired_power_state != P.Value('POWER_STATE_OFF')
         await self.node.hypervisor.define(xml, start=start)
         slots = domain.disk_layout(inst, paths)

@@ -11,6 +11,8 @@ import subprocess
 import grpc
 
 from sfcommon import errors, pki
+from sfcommon.clock import SYSTEM, Clock
+from sfcommon.tasks import Tasks
 from sfcommon.urlpolicy import ImagePolicy
 from sfnode import images
 from sfnode.instance import InstanceWorker
@@ -126,8 +128,9 @@ class ControllerOnly(grpc.aio.ServerInterceptor):
 
 
 class Node(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, config: NodeConfig, hypervisor):
+    def __init__(self, config: NodeConfig, hypervisor, clock: Clock = SYSTEM):
         self.config = config
+        self.clock = clock
         self.name = config.name
         self.hypervisor = hypervisor
         self.state_dir = pathlib.Path(config.state_dir)
@@ -144,6 +147,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         self.server = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
+        self.tasks = Tasks(f'node {config.name}')     # reports and operations under way
         self.synced = asyncio.Event()
 
     def _networks_in_use(self) -> set[str]:
@@ -179,7 +183,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
             if w.console is not None:
                 await w.console.stop()
         await asyncio.gather(*self._tasks, *(w.task for w in self.workers.values()),
-                             return_exceptions=True)
+                             self.tasks.close(), return_exceptions=True)
         if stop_guests:     # at once: each destroy waits a second or two for QEMU to exit
             await asyncio.gather(*(self.hypervisor.destroy(info.name)
                                    for info in await self.hypervisor.list_domains() if info.active))
@@ -190,7 +194,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
 
     async def _heartbeat(self, interval: float):
         while True:
-            await asyncio.sleep(interval)
+            await self.clock.sleep(interval)
             try:
                 await self.link.call('Heartbeat', pb.HeartbeatRequest(name=self.name), retry=False)
             except grpc.aio.AioRpcError as e:
@@ -261,7 +265,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
             from shakenfist.v1 import instance_pb2
             if worker.agent is not None:
                 worker.agent.power_changed(power_state == instance_pb2.POWER_STATE_ON)
-            asyncio.ensure_future(self.link.report(uuid, power_state=power_state))
+            self.tasks.spawn(self.link.report(uuid, power_state=power_state), name=f'power-{uuid}')
 
     async def _usage(self):
         from sfcommon.events import make_event
@@ -313,9 +317,8 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         if worker.agent is None:
             raise errors.agent_not_ready('the instance has no sf-agent2 side channel')
         # The operation reports its own progress and end; this call only hands it over.
-        task = asyncio.create_task(worker.agent.run_operation(request.operation))
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        self.tasks.spawn(worker.agent.run_operation(request.operation),
+                         name=f'operation-{request.operation.uuid}')
         return pb.RunAgentOperationResponse()
 
     @errors.reported

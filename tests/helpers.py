@@ -4,6 +4,7 @@ import grpc
 import pytest
 
 from sfcommon import errors
+from sfcommon.clock import ManualClock  # noqa: F401 -- tests take it from here
 from shakenfist.v1 import instance_pb2, instance_service_pb2 as api, network_service_pb2 as net
 from shakenfist.v1 import specs_pb2
 from tests.waiting import eventually
@@ -71,17 +72,3 @@ class Raises:
 
 
 raises = Raises
-
-
-class ManualClock:
-    """Wall-clock time that moves only when the test says (trio's MockClock, for time.time)."""
-
-    def __init__(self, start: float | None = None):
-        import time
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float):
-        self.now += seconds

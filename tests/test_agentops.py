@@ -1,18 +1,23 @@
 """AgentOperationService and the node's progress reports (NodeControlService.UpdateAgentOperation),
-against a real etcd with a scripted node (wire reference §B.1 #23-26, §B.2, §D.4, §E.5)."""
+against a real etcd with a scripted node (wire reference §B.1 #23-26, §B.2, §D.4, §E.5).
+
+The controller runs on a ManualClock: deadlines pass when a test advances it, never
+by waiting. One test keeps the real clock, to show its timers fire by themselves."""
 
 import time
 
 import grpc
 import pytest
+import pytest_asyncio
 
-from shakenfist.node.v1alpha1 import node_pb2
-from shakenfist.v1 import agent_operation_pb2 as pb, agent_operation_service_pb2 as api
-from shakenfist.v1 import instance_pb2
 from sfcontrol import server
+from shakenfist.node.v1alpha1 import node_pb2
+from shakenfist.v1 import agent_operation_pb2 as pb
+from shakenfist.v1 import agent_operation_service_pb2 as api
+from shakenfist.v1 import instance_pb2
 from tests.conftest import controller_config, system_key
 from tests.grpc_client import Client
-from tests.helpers import create, create_created, raises
+from tests.helpers import ManualClock, create, create_created, raises
 from tests.node_double import NodeApi, NodeDouble
 from tests.test_blobs import upload
 from tests.waiting import eventually
@@ -23,6 +28,27 @@ QUEUED, EXECUTING, COMPLETE = (pb.AGENT_OPERATION_STATE_QUEUED, pb.AGENT_OPERATI
 ERROR, EXPIRED, DELETED = (pb.AGENT_OPERATION_STATE_ERROR, pb.AGENT_OPERATION_STATE_EXPIRED,
                            pb.AGENT_OPERATION_STATE_DELETED)
 PREFLIGHT = pb.AGENT_OPERATION_STATE_PREFLIGHT
+DEADLINE = 60.0     # seconds: a round number of the test's clock, never waited for
+
+
+@pytest.fixture
+def clock():
+    return ManualClock()
+
+
+@pytest_asyncio.fixture
+async def controller(etcd, tmp_path, clock):
+    """The conftest controller, on the test's clock (and heartbeats that outlast what tests
+    advance it by: liveness is tests/test_node_liveness.py's)."""
+    ctl = await server.start(controller_config(etcd, tmp_path, clock=clock, heartbeat_timeout=3600))
+    yield ctl
+    await ctl.stop(None)
+
+
+async def advance(ctl, clock, seconds):
+    """Move the controller's clock on, and wait for the expiries its timers started."""
+    clock.advance(seconds)
+    await ctl.agentops.tasks.wait_idle()
 
 
 async def ready_instance(client, node, name='inst1', agent_state=instance_pb2.AGENT_STATE_READY):
@@ -114,15 +140,14 @@ async def test_bad_execute_is_invalid_argument(system, node, change, message):
 
 # -- execute, progress, results ----------------------------------------------------------------------
 
-async def test_execute_queues_an_operation_and_routes_it_to_the_node(system, node):
+async def test_execute_queues_an_operation_and_routes_it_to_the_node(system, node, clock):
     inst = await ready_instance(system, node)
-    before = time.time()
     op = await execute(system, command_line='cat /tmp/x')
     assert op.state == QUEUED and op.namespace == 'system' and op.instance_uuid == inst.uuid
     assert list(op.commands) == [pb.AgentCommand(
         command=pb.AGENT_COMMAND_TYPE_EXECUTE, commandline='cat /tmp/x', block_for_result=True)]
     assert dict(op.results) == {} and op.attempts == 0 and not op.HasField('error_message')
-    assert before + 590 < op.deadline < time.time() + 610       # the default deadline: 600 s
+    assert op.deadline == clock.now() + 600         # the default deadline
     (sent,) = dispatched(node)
     assert sent.uuid == op.uuid and list(sent.commands) == list(op.commands)
     assert (await get_op(system, op.uuid)).state == QUEUED
@@ -206,54 +231,103 @@ async def test_update_needs_a_node_certificate_not_a_token(system, tenant, node)
 
 # -- deadlines -----------------------------------------------------------------------------------------
 
-async def test_an_unfinished_operation_expires_at_its_deadline(system, node):
+async def test_an_unfinished_operation_expires_at_its_deadline(system, node, controller, clock):
     await ready_instance(system, node)
-    op = await execute(system, deadline_seconds=0.5)
-    assert op.state == QUEUED and op.deadline < time.time() + 1
-    expired = await wait_op_state(system, op.uuid, EXPIRED, timeout=5)
-    assert expired.error_message and 'deadline' in expired.error_message
-    assert time.time() >= op.deadline
+    op = await execute(system, deadline_seconds=DEADLINE)
+    assert op.state == QUEUED and op.deadline == clock.now() + DEADLINE
+    await advance(controller, clock, DEADLINE - 0.5)
+    assert (await get_op(system, op.uuid)).state == QUEUED      # not a moment early
+    await advance(controller, clock, 0.5)
+    expired = await get_op(system, op.uuid)
+    assert expired.state == EXPIRED and 'deadline' in expired.error_message
     async with raises(C.FAILED_PRECONDITION, 'STATE_CONFLICT'):
         await node_update(node, op.uuid, COMPLETE)
     assert (await get_op(system, op.uuid)).state == EXPIRED
 
 
-async def test_an_executing_operation_expires_too(system, node):
+async def test_an_executing_operation_expires_too(system, node, controller, clock):
     await ready_instance(system, node)
-    op = await execute(system, deadline_seconds=0.5)
+    op = await execute(system, deadline_seconds=DEADLINE)
     await node_update(node, op.uuid, EXECUTING)
-    await wait_op_state(system, op.uuid, EXPIRED, timeout=5)
+    await advance(controller, clock, DEADLINE - 0.5)
+    assert (await get_op(system, op.uuid)).state == EXECUTING
+    await advance(controller, clock, 0.5)
+    assert (await get_op(system, op.uuid)).state == EXPIRED
 
 
-async def test_a_finished_operation_does_not_expire(system, node):
+async def test_a_finished_operation_does_not_expire(system, node, controller, clock):
     await ready_instance(system, node)
-    done = await execute(system, deadline_seconds=0.3)
+    done = await execute(system, deadline_seconds=DEADLINE)
     await node_update(node, done.uuid, EXECUTING)
     await node_update(node, done.uuid, COMPLETE)
-    # A later deadline expiring shows the earlier one has passed too.
-    later = await execute(system, deadline_seconds=0.6)
-    await wait_op_state(system, later.uuid, EXPIRED, timeout=5)
+    assert done.deadline not in clock.pending       # its timer went with it
+    await advance(controller, clock, 2 * DEADLINE)
     assert (await get_op(system, done.uuid)).state == COMPLETE
 
 
 async def test_deadlines_are_rearmed_after_a_controller_restart(etcd, tmp_path):
-    config = controller_config(etcd, tmp_path)
+    clock = ManualClock()
+    config = controller_config(etcd, tmp_path, clock=clock, heartbeat_timeout=3600)
     ctl = await server.start(config)
     client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
     node = await NodeDouble(NodeApi.of(ctl, etcd.pki)).start()
     try:
         await ready_instance(client, node)
-        op = await execute(client, deadline_seconds=1.5)
+        op = await execute(client, deadline_seconds=DEADLINE)
     finally:
         await node.stop()
         await client.close()
         await ctl.stop(None)
+    clock.advance(DEADLINE / 2)         # while no controller runs: nothing to expire it
     ctl = await server.start(config)
     client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
     try:
-        expired = await wait_op_state(client, op.uuid, EXPIRED, timeout=10)
-        assert 'deadline' in expired.error_message
+        await advance(ctl, clock, DEADLINE / 2 - 0.5)
+        assert (await get_op(client, op.uuid)).state == QUEUED
+        await advance(ctl, clock, 0.5)
+        expired = await get_op(client, op.uuid)
+        assert expired.state == EXPIRED and 'deadline' in expired.error_message
     finally:
+        await client.close()
+        await ctl.stop(None)
+
+
+async def test_a_deadline_passed_while_no_controller_ran_expires_at_start_up(etcd, tmp_path):
+    clock = ManualClock()
+    config = controller_config(etcd, tmp_path, clock=clock, heartbeat_timeout=3600)
+    ctl = await server.start(config)
+    client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
+    node = await NodeDouble(NodeApi.of(ctl, etcd.pki)).start()
+    try:
+        await ready_instance(client, node)
+        op = await execute(client, deadline_seconds=DEADLINE)
+    finally:
+        await node.stop()
+        await client.close()
+        await ctl.stop(None)
+    clock.advance(2 * DEADLINE)
+    ctl = await server.start(config)
+    client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
+    try:
+        await advance(ctl, clock, 0)        # due at once: its timer fires on the first tick
+        assert (await get_op(client, op.uuid)).state == EXPIRED
+    finally:
+        await client.close()
+        await ctl.stop(None)
+
+
+async def test_on_the_real_clock_an_operation_expires_by_itself(etcd, tmp_path):
+    """The one deadline left to the wall clock: SystemClock's timers fire unprompted."""
+    ctl = await server.start(controller_config(etcd, tmp_path))
+    client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
+    node = await NodeDouble(NodeApi.of(ctl, etcd.pki)).start()
+    try:
+        await ready_instance(client, node)
+        op = await execute(client, deadline_seconds=0.2)
+        expired = await wait_op_state(client, op.uuid, EXPIRED, timeout=5)
+        assert time.time() >= op.deadline and 'deadline' in expired.error_message
+    finally:
+        await node.stop()
         await client.close()
         await ctl.stop(None)
 
@@ -350,9 +424,9 @@ async def test_another_namespace_cannot_see_or_delete_an_operation(system, tenan
     assert (await get_op(system, op.uuid)).state == QUEUED
 
 
-async def test_delete_marks_the_operation_deleted(system, node):
+async def test_delete_marks_the_operation_deleted(system, node, controller, clock):
     await ready_instance(system, node)
-    queued = await execute(system, command_line='a', deadline_seconds=0.5)
+    queued = await execute(system, command_line='a', deadline_seconds=DEADLINE)
     done = await execute(system, command_line='b')
     await node_update(node, done.uuid, EXECUTING)
     await node_update(node, done.uuid, COMPLETE)
@@ -365,9 +439,9 @@ async def test_delete_marks_the_operation_deleted(system, node):
     assert {o.state for o in await list_ops(system, all=True)} == {DELETED}
     async with raises(C.FAILED_PRECONDITION, 'STATE_CONFLICT'):
         await node_update(node, queued.uuid, EXECUTING)
-    # Its deadline was disarmed: a later one passing leaves it deleted, not expired.
-    later = await execute(system, command_line='c', deadline_seconds=0.6)
-    await wait_op_state(system, later.uuid, EXPIRED, timeout=5)
+    # Its deadline was disarmed: passing it leaves it deleted, not expired.
+    assert queued.deadline not in clock.pending
+    await advance(controller, clock, 2 * DEADLINE)
     assert (await get_op(system, queued.uuid)).state == DELETED
 
 

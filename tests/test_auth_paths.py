@@ -16,6 +16,7 @@ import pytest_asyncio
 from google.protobuf import descriptor_pool
 
 from gateway.app import start_gateway
+from sfcommon.clock import SystemClock
 from sfcommon.logs import JsonFormatter
 from sfcontrol import server
 from shakenfist.v1 import agent_operation_service_pb2 as aop, auth_service_pb2 as auth
@@ -99,7 +100,7 @@ async def world(controller, gateway, system, tenant, node, http, tmp_path):
 async def expiring_gateway(config, controller):
     """A second controller on the same etcd prefix whose clock is behind by more than
     its tokens live (their expiry has passed for everybody else), and a gateway in front."""
-    ctl = await server.start(dataclasses.replace(config, token_ttl=60, clock=lambda: time.time() - 120))
+    ctl = await server.start(dataclasses.replace(config, token_ttl=60, clock=SystemClock(skew=-120)))
     runner, port = await start_gateway(f'127.0.0.1:{ctl.port}', '127.0.0.1', 0)
     yield f'http://127.0.0.1:{port}'
     await runner.cleanup()

@@ -4,17 +4,19 @@ A virtio-serial port carries one byte stream, so the node keeps one
 connection per instance: a monitor (welcome, keepalive, is-system-running)
 and, one at a time, agent operations. Every wait has a deadline: a silent or
 garbling agent ends an operation in `expired` or `error`, never `executing`
-forever.
+forever. An operation's deadline is wall-clock time on the session's clock, so a
+test moves a ManualClock past it instead of waiting.
 """
 
 import asyncio
 import base64
 import logging
-import time
 
+from sfcommon.clock import SYSTEM, Clock
 from sfnode.agent.v2 import AgentChannel, ProtocolError
 from shakenfist.agent.v2 import agent_pb2 as apb
-from shakenfist.v1 import agent_operation_pb2 as opb, instance_pb2 as ipb
+from shakenfist.v1 import agent_operation_pb2 as opb
+from shakenfist.v1 import instance_pb2 as ipb
 
 log = logging.getLogger(__name__)
 VERSION = 'shakenfist-grpc 0.1.0'
@@ -46,9 +48,10 @@ class AgentSession:
         async update(op_uuid, state, results=None, error_message=None, last_progress=None)
     """
 
-    def __init__(self, connect, reporter):
+    def __init__(self, connect, reporter, clock: Clock = SYSTEM):
         self._connect = connect          # async () -> (reader, writer)
         self.reporter = reporter
+        self.clock = clock
         self.channel: AgentChannel | None = None
         self.state = None
         self.boot_time = None
@@ -171,20 +174,22 @@ class AgentSession:
         """Run op's commands in order and report how it ends. Never raises."""
         try:
             await self._run_operation(op)
-        except Exception:   # noqa: BLE001 -- e.g. the controller refused a report
+        except Exception:
             log.exception('agent operation %s could not be reported', op.uuid)
 
     async def _run_operation(self, op: opb.AgentOperation):
         try:
-            await asyncio.wait_for(self._ready.wait(), max(0.0, op.deadline - time.time()))
-            async with self._lock:
-                await self.reporter.update(op.uuid, S.Value('AGENT_OPERATION_STATE_EXECUTING'),
-                                           last_progress=time.time())
-                results = {}
-                for i, command in enumerate(op.commands):
-                    results[str(i)] = await self._command(op, command)
+            async with self.clock.timeout_at(op.deadline):
+                await self._ready.wait()
+                async with self._lock:
                     await self.reporter.update(op.uuid, S.Value('AGENT_OPERATION_STATE_EXECUTING'),
-                                               results={str(i): results[str(i)]}, last_progress=time.time())
+                                               last_progress=self.clock.now())
+                    results = {}
+                    for i, command in enumerate(op.commands):
+                        results[str(i)] = await self._command(op, command)
+                        await self.reporter.update(op.uuid, S.Value('AGENT_OPERATION_STATE_EXECUTING'),
+                                                   results={str(i): results[str(i)]},
+                                                   last_progress=self.clock.now())
             await self.reporter.update(op.uuid, S.Value('AGENT_OPERATION_STATE_COMPLETE'))
         except TimeoutError:
             await self.reporter.update(op.uuid, S.Value('AGENT_OPERATION_STATE_EXPIRED'),
@@ -198,16 +203,14 @@ class AgentSession:
             if self.channel:
                 await self.channel.close()          # the monitor reconnects
 
-    def _remaining(self, op, progress=False) -> float:
-        left = op.deadline - time.time()
-        if progress and op.progress_timeout:
-            left = min(left, op.progress_timeout)
-        if left <= 0:
-            raise TimeoutError
-        return left
-
     async def _reply(self, op, command_id, progress=False):
-        reply = await self.channel.reply(command_id, self._remaining(op, progress))
+        """The agent's next reply to command_id: within the operation's deadline (the
+        block in _run_operation), and within its progress timeout if progress."""
+        if progress and op.progress_timeout:
+            async with self.clock.timeout(op.progress_timeout):
+                reply = await self.channel.reply(command_id, None)
+        else:
+            reply = await self.channel.reply(command_id, None)
         kind = reply.WhichOneof('reply')
         if kind == 'command_error':
             raise OperationFailed(S.Value('AGENT_OPERATION_STATE_ERROR'),
@@ -273,7 +276,7 @@ class AgentSession:
         if reply.WhichOneof('reply') == 'file_chunk_reply':
             pending.discard(reply.file_chunk_reply.offset)
             await self.reporter.update(op.uuid, S.Value('AGENT_OPERATION_STATE_EXECUTING'),
-                                       last_progress=time.time())
+                                       last_progress=self.clock.now())
 
     async def _get(self, op, command):
         cid = await self.channel.send(get_file_request=apb.GetFileRequest(path=command.path))

@@ -90,8 +90,9 @@ class AgentChannel:
         self.writer.write(envelope.SerializeToString())
         await self.writer.drain()
 
-    async def reply(self, command_id: str, timeout: float) -> pb.AgentToHypervisorCommand:
-        """The next reply to command_id; TimeoutError, or ProtocolError if the stream broke."""
+    async def reply(self, command_id: str, timeout: float | None) -> pb.AgentToHypervisorCommand:
+        """The next reply to command_id; TimeoutError, or ProtocolError if the stream broke.
+        timeout None: the caller's deadline (a clock's timeout_at) bounds the wait."""
         queue = self._queues[command_id]
         getter = asyncio.ensure_future(queue.get())
         closed = asyncio.ensure_future(self.closed.wait())
@@ -100,9 +101,10 @@ class AgentChannel:
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
+            if not getter.done():       # timed out, closed or cancelled: take no reply later
+                getter.cancel()
         if getter in done:
             return getter.result()
-        getter.cancel()
         if self.closed.is_set():
             raise self.error or ProtocolError('the agent connection closed')
         raise TimeoutError

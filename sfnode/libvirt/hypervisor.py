@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import libvirt
 
+from sfcommon.tasks import Tasks
 from sfnode import domain as domainxml
 from sfnode.libvirt import embed
 from sfnode.libvirt.embed import (MAX_EMBED_ROOT, claim_root, copy_new_files, default_start_lock,
@@ -92,6 +93,7 @@ class Hypervisor:
         self.start_lock = start_lock
         self._loop = loop
         self._listeners: list[Listener] = [on_event] if on_event else []
+        self._tasks = Tasks('libvirt event listeners')     # async listeners under way
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
         self.open_seconds: float | None = None
@@ -198,7 +200,9 @@ class Hypervisor:
         return os.path.join(root, 'cache', 'qemu', 'capabilities')
 
     def close(self):
-        """Disconnect. Running guests keep running (and are found again by the next open)."""
+        """Disconnect. Running guests keep running (and are found again by the next open).
+        Async listeners still running are cancelled (`async with` also awaits them)."""
+        self._tasks.cancel()
         if self._conn is None:
             return
         for cid in self._callback_ids:
@@ -214,6 +218,7 @@ class Hypervisor:
 
     async def __aexit__(self, *exc):
         self.close()
+        await self._tasks.close()
 
     # -- events ------------------------------------------------------------------------
 
@@ -271,7 +276,7 @@ class Hypervisor:
             try:
                 result = listener(event)
                 if inspect.isawaitable(result):
-                    asyncio.ensure_future(result)
+                    self._tasks.spawn(result, name=f'domain-event-{event.kind}')
             except Exception:
                 LOG.exception('domain event listener failed on %s', event)
 
