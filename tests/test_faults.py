@@ -19,141 +19,20 @@ import pytest_asyncio
 from sfcontrol import server
 from sfup.etcd import EtcdServer, start_all_async
 from sfcontrol.store.etcd import Store
-from shakenfist.node.v1alpha1 import node_pb2 as npb
-from shakenfist.node.v1alpha1 import node_pb2_grpc
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import instance_pb2
 from shakenfist.v1 import instance_service_pb2 as api
 from tests.conftest import controller_config, system_key
 from tests.grpc_client import Client
 from tests.helpers import create_request
-from sfnode.node import ControllerOnly
-from tests.node_double import NodeApi, NodeDouble
+from tests.node_double import FAULT_BUDGET, NodeApi, NodeDouble, retrying
 from tests.waiting import eventually
 
 C = grpc.StatusCode
 S = instance_pb2
-# What a client retries (with the same request_id): the controller or etcd is away, or
-# the call was cut off; any of these may or may not have been applied.
-RETRY = frozenset({C.UNAVAILABLE, C.DEADLINE_EXCEEDED, C.CANCELLED})
-CALL_TIMEOUT = 5.0          # per attempt (wait_for_ready: rides out a reconnect)
-FAULT_BUDGET = 60.0         # all retries of one request, at most
 CLIENTS = 4
-NEXT = {S.INSTANCE_STATE_INITIAL: S.INSTANCE_STATE_PREFLIGHT,
-        S.INSTANCE_STATE_PREFLIGHT: S.INSTANCE_STATE_CREATING,
-        S.INSTANCE_STATE_CREATING: S.INSTANCE_STATE_CREATED}
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def retrying(method, request, stats=None, budget=FAULT_BUDGET):
-    """method(request), retried on RETRY codes until it answers, for at most budget seconds."""
-    deadline = time.monotonic() + budget
-    attempt = 0
-    while True:
-        try:
-            return await method(request, timeout=CALL_TIMEOUT, wait_for_ready=True)
-        except grpc.aio.AioRpcError as e:
-            if e.code() not in RETRY or time.monotonic() > deadline:
-                raise
-            if stats is not None:
-                stats[e.code().name] += 1
-            attempt += 1
-            await asyncio.sleep(min(0.02 * attempt, 0.5))      # backoff, not synchronisation
-
-
-class ResilientNode(NodeDouble):
-    """A node double that survives controller and etcd outages as sfnode does: when its
-    watch breaks it registers again (heartbeat timers live in one controller's memory)
-    and watches again; it retries its reports, heartbeats, and drives each instance on to
-    created from whatever state it finds it in."""
-
-    def __init__(self, api, name='node1', **capacity):
-        super().__init__(api, name, **capacity)
-        self.upserts: collections.Counter[str] = collections.Counter()
-        self.rewatches = 0
-        self.retries: collections.Counter[str] = collections.Counter()
-        self.failure: BaseException | None = None
-        self._beat = None
-
-    async def start(self):
-        self.auto_create = True
-        self.server = grpc.aio.server(interceptors=[ControllerOnly()])
-        node_pb2_grpc.add_NodeServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_secure_port('127.0.0.1:0', self.api.server_credentials(self.name))
-        await self.server.start()
-        self._watch = asyncio.create_task(self._run())
-        await asyncio.wait_for(self.synced.wait(), 10)
-        self._beat = asyncio.create_task(self._heartbeats())
-        return self
-
-    async def stop(self):
-        if self._beat:
-            self._beat.cancel()
-            await asyncio.gather(self._beat, return_exceptions=True)
-        await super().stop()
-
-    def check(self):
-        assert self.failure is None, f'node {self.name} failed: {self.failure!r}'
-
-    async def _run(self):
-        try:
-            while True:
-                await retrying(self.node_control.RegisterNode, npb.RegisterNodeRequest(
-                    name=self.name, address=f'127.0.0.1:{self.port}', capacity=self.capacity,
-                    console_host='127.0.0.1'), self.retries)
-                try:
-                    await self._follow()
-                except grpc.aio.AioRpcError as e:
-                    if e.code() not in RETRY:
-                        raise
-                    self.retries['watch ' + e.code().name] += 1
-                self.rewatches += 1
-                await asyncio.sleep(0.05)       # backoff before watching again
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:      # noqa: BLE001 -- reported by check()
-            self.failure = e
-
-    async def _heartbeats(self):
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                await self.node_control.Heartbeat(npb.HeartbeatRequest(name=self.name),
-                                                         timeout=CALL_TIMEOUT)
-            except grpc.aio.AioRpcError:
-                pass        # the controller is away; the watch loop registers again
-
-    async def _follow(self):
-        stream = self.node_control.WatchDesiredInstances(
-            npb.WatchDesiredInstancesRequest(name=self.name), wait_for_ready=True)
-        async for change in stream:
-            kind = change.WhichOneof('change')
-            if kind == 'upsert':
-                inst = change.upsert.instance
-                self.upserts[inst.uuid] += 1
-                self.desired[inst.uuid] = change.upsert
-                state = inst.state
-                while state in NEXT:
-                    state = NEXT[state]
-                    extra = {} if state != S.INSTANCE_STATE_CREATED else {
-                        'power_state': S.POWER_STATE_ON, 'console_port': 31000, 'vdi_port': 31001}
-                    await self.report(inst.uuid, state=state, **extra)
-                if inst.state == S.INSTANCE_STATE_CREATED and \
-                        inst.power_state != change.upsert.desired_power_state:
-                    await self.report(inst.uuid, power_state=change.upsert.desired_power_state)
-            elif kind == 'remove_uuid':
-                self.desired.pop(change.remove_uuid, None)
-                await self.report(change.remove_uuid, state=S.INSTANCE_STATE_DELETED)
-            else:
-                self.synced.set()
-            async with self.changed:
-                self.changed.notify_all()
-
-    async def report(self, uuid, **fields):
-        await retrying(self.node_control.ReportInstanceStatus,
-                       npb.ReportInstanceStatusRequest(node=self.name, instance_uuid=uuid, **fields),
-                       self.retries)
 
 
 # -- the plane ------------------------------------------------------------------------------------
@@ -166,7 +45,7 @@ class Plane:
         self.pki = pki
         self.controllers: list[server.Controller] = []
         self.clients: list[Client] = []
-        self.nodes: list[ResilientNode] = []
+        self.nodes: list[NodeDouble] = []
         self.token = None
 
     async def start_controller(self, port=0, node_port=0):
@@ -190,7 +69,8 @@ class Plane:
 
     async def node(self, ctl, name='node1', **capacity):
         capacity = capacity or {'cpus': 10_000, 'memory_mib': 10_000_000, 'disk_gib': 100_000}
-        n = await ResilientNode(NodeApi.of(ctl, self.pki), name, **capacity).start()
+        n = await NodeDouble(NodeApi.of(ctl, self.pki), name, **capacity, resilient=True,
+                             heartbeat_every=1.0).start()
         self.nodes.append(n)
         return n
 

@@ -95,42 +95,6 @@ def percentile(values, p):
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-class Node(NodeDouble):
-    """The scripted node, heartbeating, and telling when it has reported an instance created
-    (the clients wait for that rather than poll: polling GetInstance 1,600 times made the
-    timed GetInstance calls six times slower than GetInstanceMetadata ones, all else equal,
-    as if the controller queued the calls of one method behind each other)."""
-
-    def __init__(self, client, **capacity):
-        super().__init__(client, **capacity)
-        self.created: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
-        self._beat = None
-
-    async def start(self):
-        await super().start()
-        self._beat = asyncio.create_task(self._heartbeats())
-        return self
-
-    async def _heartbeats(self):         # keep the node reachable for the whole run
-        while True:
-            await asyncio.sleep(1.0)
-            await self.heartbeat()
-
-    def check(self):
-        assert not self._beat.done(), self._beat.exception()
-        assert not self._watch.done(), self._watch.exception()
-
-    async def stop(self):
-        self._beat.cancel()
-        await asyncio.gather(self._beat, return_exceptions=True)
-        await super().stop()
-
-    async def report(self, uuid, **fields):
-        await super().report(uuid, **fields)
-        if fields.get('state') == instance_pb2.INSTANCE_STATE_CREATED:
-            self.created[uuid].set()
-
-
 class LoadClient:
     def __init__(self, n, client, node, latencies, rng):
         self.n = n
@@ -201,7 +165,8 @@ class LoadClient:
 async def test_mixed_load_of_50_clients(controller_process, tmp_path):
     proc, target, key_file, node_api = controller_process
     system = await serving(proc, target, key_file, tmp_path / 'sfcontrol.log')
-    node = await Node(node_api, cpus=10_000, memory_mib=10_000_000, disk_gib=100_000).start()
+    node = await NodeDouble(node_api, cpus=10_000, memory_mib=10_000_000, disk_gib=100_000,
+                            heartbeat_every=1.0).start()   # reachable for the whole run
     clients = []
     for _ in range(CLIENTS):
         c = Client(target)
