@@ -1,31 +1,29 @@
 """Node liveness (heartbeats and their timeout) and node re-registration, against a real etcd,
-with controllers of a short heartbeat_timeout and a scripted node."""
-
-import asyncio
-import contextlib
-import time
+with a scripted node that heartbeats when a test says and controllers on a ManualClock:
+a heartbeat timeout passes when the test advances the clock, never by waiting for it."""
 
 import grpc
 import pytest_asyncio
 
 from sfcontrol import server
 from shakenfist.node.v1alpha1 import node_pb2
-from shakenfist.v1 import instance_pb2, instance_service_pb2 as api
+from shakenfist.v1 import instance_pb2
+from shakenfist.v1 import instance_service_pb2 as api
 from tests.conftest import controller_config, system_key
 from tests.grpc_client import Client
-from tests.helpers import create, create_created, get, raises, wait_state
+from tests.helpers import ManualClock, create, create_created, get, raises, wait_state
 from tests.node_double import NodeApi, NodeDouble
-from tests.waiting import eventually
 
 C = grpc.StatusCode
-TIMEOUT = 0.5
+TIMEOUT = 20.0          # the default heartbeat timeout, in seconds of the test's clock
 
 
 class Plane:
-    """A controller with a short heartbeat timeout, a system client and one node."""
+    """A controller on a ManualClock, a system client and the node API."""
 
     def __init__(self, config, pki):
         self.config = config
+        self.clock = config.clock
         self.pki = pki
 
     async def start(self):
@@ -39,28 +37,21 @@ class Plane:
         await self.client.close()
         await self.ctl.stop(None)
 
+    async def advance(self, seconds):
+        """Move the controller's clock on, and wait for what its heartbeat timers started."""
+        self.clock.advance(seconds)
+        await self.ctl.registry.tasks.wait_idle()
+
+
+def liveness_config(etcd, tmp_path):
+    return controller_config(etcd, tmp_path, clock=ManualClock(), heartbeat_timeout=TIMEOUT)
+
 
 @pytest_asyncio.fixture
 async def plane(etcd, tmp_path):
-    p = await Plane(controller_config(etcd, tmp_path, heartbeat_timeout=TIMEOUT), etcd.pki).start()
+    p = await Plane(liveness_config(etcd, tmp_path), etcd.pki).start()
     yield p
     await p.stop()
-
-
-@contextlib.asynccontextmanager
-async def heartbeating(node, every=TIMEOUT / 5):
-    """Keep the node alive (as sfnode's heartbeat loop would) for the duration of the block."""
-    async def loop():
-        while True:
-            await asyncio.sleep(every)
-            await node.heartbeat()
-    await node.heartbeat()          # reachable from the start of the block
-    task = asyncio.create_task(loop())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def unreachable(client, uuid):
@@ -78,11 +69,12 @@ async def register(node, **capacity):
 async def test_missed_heartbeats_mark_the_node_unreachable_and_a_heartbeat_brings_it_back(plane):
     node = await NodeDouble(plane.node_api).start()
     try:
-        async with heartbeating(node):
-            inst = await create_created(plane.client)
-            assert not await unreachable(plane.client, inst.uuid)
-        await eventually(lambda: unreachable(plane.client, inst.uuid), timeout=TIMEOUT * 10,
-                         what='node_unreachable after missed heartbeats')
+        inst = await create_created(plane.client)
+        await node.heartbeat()
+        await plane.advance(TIMEOUT - 0.5)
+        assert not await unreachable(plane.client, inst.uuid)      # not a moment early
+        await plane.advance(0.5)
+        assert await unreachable(plane.client, inst.uuid)
         shown = await get(plane.client, inst.uuid)
         assert shown.state == instance_pb2.INSTANCE_STATE_CREATED     # the instance itself is kept
         await node.heartbeat()
@@ -94,16 +86,16 @@ async def test_missed_heartbeats_mark_the_node_unreachable_and_a_heartbeat_bring
 async def test_an_unreachable_node_gets_no_new_instances_or_node_calls(plane):
     node = await NodeDouble(plane.node_api).start()
     try:
-        async with heartbeating(node):
-            await create_created(plane.client)
-        await eventually(lambda: unreachable(plane.client, 'inst1'), timeout=TIMEOUT * 10)
+        await create_created(plane.client)
+        await plane.advance(TIMEOUT)
+        assert await unreachable(plane.client, 'inst1')
         async with raises(C.RESOURCE_EXHAUSTED, 'INSUFFICIENT_RESOURCES'):
             await create(plane.client, 'other')
         async with raises(C.UNAVAILABLE, 'UNAVAILABLE', 'unreachable'):
             await plane.client.instances.GetConsoleData(api.GetConsoleDataRequest(instance_ref='inst1'))
         assert [n for n, _ in node.calls if n == 'GetConsoleData'] == []
-        async with heartbeating(node):
-            await create_created(plane.client, 'other')
+        await node.heartbeat()
+        await create_created(plane.client, 'other')
     finally:
         await node.stop()
 
@@ -111,13 +103,17 @@ async def test_an_unreachable_node_gets_no_new_instances_or_node_calls(plane):
 async def test_heartbeats_keep_a_node_reachable_past_the_timeout(plane):
     node = await NodeDouble(plane.node_api).start()
     try:
-        async with heartbeating(node):
-            inst = await create_created(plane.client)
-            # Watched for three timeouts' worth of heartbeats: never unreachable.
-            until = time.monotonic() + 3 * TIMEOUT
-            while time.monotonic() < until:
-                assert not await unreachable(plane.client, inst.uuid)
-                await asyncio.sleep(0.02)
+        inst = await create_created(plane.client)
+        # Three timeouts' worth of heartbeats, each within the timeout of the last: never unreachable.
+        for _ in range(4):
+            await plane.advance(TIMEOUT * 3 / 4)
+            assert not await unreachable(plane.client, inst.uuid)
+            await node.heartbeat()
+        # ...and the timer still runs: silence from here is noticed one timeout later.
+        await plane.advance(TIMEOUT - 0.5)
+        assert not await unreachable(plane.client, inst.uuid)
+        await plane.advance(0.5)
+        assert await unreachable(plane.client, inst.uuid)
     finally:
         await node.stop()
 
@@ -125,9 +121,9 @@ async def test_heartbeats_keep_a_node_reachable_past_the_timeout(plane):
 async def test_registering_again_makes_an_unreachable_node_reachable(plane):
     node = await NodeDouble(plane.node_api).start()
     try:
-        async with heartbeating(node):
-            inst = await create_created(plane.client)
-        await eventually(lambda: unreachable(plane.client, inst.uuid), timeout=TIMEOUT * 10)
+        inst = await create_created(plane.client)
+        await plane.advance(TIMEOUT)
+        assert await unreachable(plane.client, inst.uuid)
         await register(node)
         assert not await unreachable(plane.client, inst.uuid)
     finally:
@@ -144,21 +140,23 @@ async def test_heartbeat_from_an_unknown_node_is_not_found(plane):
 
 
 async def test_a_node_silent_across_a_controller_restart_becomes_unreachable(etcd, tmp_path):
-    config = controller_config(etcd, tmp_path, heartbeat_timeout=TIMEOUT)
+    config = liveness_config(etcd, tmp_path)
     first = await Plane(config, etcd.pki).start()
     node = await NodeDouble(first.node_api).start()
     try:
-        async with heartbeating(node):
-            inst = await create_created(first.client)
+        inst = await create_created(first.client)
+        await node.heartbeat()
     finally:
         await node.stop()
         await first.stop()
     second = await Plane(config, etcd.pki).start()
     try:
+        # The node never heartbeats to the new controller: it must still be noticed, one
+        # timeout after the new controller started.
+        await second.advance(TIMEOUT - 0.5)
         assert not await unreachable(second.client, inst.uuid)
-        # The node never heartbeats to the new controller: it must still be noticed.
-        await eventually(lambda: unreachable(second.client, inst.uuid), timeout=TIMEOUT * 10,
-                         what='node_unreachable after a controller restart')
+        await second.advance(0.5)
+        assert await unreachable(second.client, inst.uuid)
     finally:
         await second.stop()
 
