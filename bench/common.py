@@ -7,7 +7,6 @@ not share their event loop. Only P4 and P6 host the controller in this process,
 because they read its cache and its etcd request counter.
 """
 
-import asyncio
 import contextlib
 import pathlib
 import signal
@@ -140,32 +139,13 @@ class Plane:
 
 # -- a scripted node that stays healthy -------------------------------------------------
 
-class Node(NodeDouble):
-    """tests/node_double.py's scripted node, heartbeating as a real node does (every
-    5 s), so that the controller never marks it unreachable."""
-
-    def __init__(self, api: NodeApi, name='node1', beat=5.0, **capacity):
-        capacity.setdefault('cpus', 2**30)
-        capacity.setdefault('memory_mib', 2**40)
-        capacity.setdefault('disk_gib', 2**40)
-        super().__init__(api, name, **capacity)
-        self.beat, self._beat = beat, None
-
-    async def start(self, auto_create=True):
-        await super().start(auto_create)
-        self._beat = asyncio.create_task(self._beats())
-        return self
-
-    async def _beats(self):
-        while True:
-            await asyncio.sleep(self.beat)
-            await self.heartbeat()
-
-    async def stop(self):
-        if self._beat:
-            self._beat.cancel()
-            await asyncio.gather(self._beat, return_exceptions=True)
-        await super().stop()
+def Node(api: NodeApi, name='node1', beat=5.0, **capacity) -> NodeDouble:
+    """tests/node_double.py's scripted node, unbounded, heartbeating as a real node
+    does (every 5 s), so that the controller never marks it unreachable."""
+    capacity.setdefault('cpus', 2**30)
+    capacity.setdefault('memory_mib', 2**40)
+    capacity.setdefault('disk_gib', 2**40)
+    return NodeDouble(api, name, **capacity, heartbeat_every=beat)
 
 
 async def login(target: str, key: str) -> Client:

@@ -140,6 +140,13 @@ async def p4(plane: Plane, rounds: int, n: int) -> dict:
         at = statistics.median(s[label] for s in stages)
         out['stages'][label] = f'{at * 1000:.1f} ms (+{(at - previous) * 1000:.1f})'
         previous = at
+    # Store requests per create, from the call to created (the double's reports included).
+    before = dict(ctl.core.store.requests)
+    for i in range(n):
+        await _create(client, clock, f'tx{i}', 'double')
+    after = ctl.core.store.requests
+    out['requests_per_create'] = {k: (after[k] - before.get(k, 0)) / n for k in after
+                                  if after[k] != before.get(k, 0)}
     hv.close()
     await double.stop()
     await client.close()

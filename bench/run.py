@@ -74,6 +74,8 @@ async def run(only, quick, explicit_rounds=None):
         note(f"P4 per round (ms): create->created via sfnode {fmt(ms(r['created']))}, libvirt define+start "
              f"{fmt(ms(r['define']))}; node disk prep (qemu-img info+create, genisoimage) "
              f"{fmt(ms(r['prep']))}; via node double {fmt(ms(r['double']))}")
+        note('Store requests per create, call to created, node double: ' +
+             ', '.join(f'{kind} {count:.1f}' for kind, count in sorted(r['requests_per_create'].items())))
         note('P4 via sfnode, when the controller sees each state after the call: ' +
              ', '.join(f'{label} {text}' for label, text in r['stages'].items()))
         rows.append(row('P4 create->created minus libvirt define+start (sfnode, test:///default)',
