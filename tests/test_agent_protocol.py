@@ -10,8 +10,10 @@ import stat
 
 import pytest_asyncio
 
+from sfcommon.clock import ManualClock
 from sfnode.agent.session import AgentSession
-from shakenfist.v1 import agent_operation_pb2 as opb, instance_pb2 as ipb
+from shakenfist.v1 import agent_operation_pb2 as opb
+from shakenfist.v1 import instance_pb2 as ipb
 from tests.waiting import eventually
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -131,20 +133,29 @@ async def test_a_missing_file_ends_in_error(session, agent):
     assert rec.updates['missing']['error'].startswith('the agent reported an error: ')
 
 
-async def test_a_silent_agent_expires_the_operation_within_its_deadline(tmp_path):
-    import time
+async def test_a_silent_agent_expires_the_operation_at_its_deadline(tmp_path):
     sock = tmp_path / 'silent.sock'
     server = await asyncio.start_unix_server(lambda r, w: None, path=str(sock))    # never answers
     rec = Recorder()
-    s = AgentSession(lambda: asyncio.open_unix_connection(str(sock)), rec)
+    clock = ManualClock()
+    s = AgentSession(lambda: asyncio.open_unix_connection(str(sock)), rec, clock)
     s.start()
-    started = time.monotonic()
-    await s.run_operation(op('silent', opb.AgentCommand(command=opb.AGENT_COMMAND_TYPE_EXECUTE,
-                                                        commandline='true'), deadline=2.0))
-    assert rec.updates['silent']['states'][-1] == S.Value('AGENT_OPERATION_STATE_EXPIRED')
-    assert time.monotonic() - started < 4
-    await s.stop()
-    server.close()
+    silent = opb.AgentOperation(uuid='silent', deadline=clock.now() + 60, progress_timeout=10,
+                                commands=[opb.AgentCommand(command=opb.AGENT_COMMAND_TYPE_EXECUTE,
+                                                           commandline='true')])
+    running = asyncio.create_task(s.run_operation(silent))
+    try:
+        await eventually(lambda: clock.pending == [silent.deadline], what='the deadline armed')
+        clock.advance(59.5)
+        assert clock.pending == [silent.deadline] and not running.done()    # not a moment early
+        clock.advance(0.5)
+        await asyncio.wait_for(running, 5)
+        assert rec.updates['silent']['states'] == [S.Value('AGENT_OPERATION_STATE_EXPIRED')]
+        assert 'deadline' in rec.updates['silent']['error']
+    finally:
+        running.cancel()
+        await s.stop()
+        server.close()
 
 
 async def test_an_agent_sending_garbage_ends_the_operation_in_error(tmp_path):
