@@ -9,23 +9,21 @@ etcd (and with a fresh controller on the same prefix).
 
 import asyncio
 import collections
-import dataclasses
 import time
 
 import grpc
 import pytest
 import pytest_asyncio
 
-from sfcontrol import server
 from sfup.etcd import EtcdServer, start_all_async
 from sfcontrol.store.etcd import Store
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import instance_pb2
 from shakenfist.v1 import instance_service_pb2 as api
-from tests.conftest import controller_config, system_key
-from tests.grpc_client import Client
+from tests.conftest import controller_config
 from tests.helpers import create_request
-from tests.node_double import FAULT_BUDGET, NodeApi, NodeDouble, retrying
+from tests.local_plane import LocalPlane
+from tests.node_double import FAULT_BUDGET, retrying
 from tests.waiting import eventually
 
 C = grpc.StatusCode
@@ -37,66 +35,16 @@ pytestmark = pytest.mark.timeout(120)
 
 # -- the plane ------------------------------------------------------------------------------------
 
-class Plane:
-    """Controllers on one etcd prefix, the clients of the test, and its nodes."""
-
-    def __init__(self, config, pki):
-        self.config = config
-        self.pki = pki
-        self.controllers: list[server.Controller] = []
-        self.clients: list[Client] = []
-        self.nodes: list[NodeDouble] = []
-        self.token = None
-
-    async def start_controller(self, port=0, node_port=0):
-        ctl = await server.start(dataclasses.replace(
-            self.config, listen=f'127.0.0.1:{port}', node_listen=f'127.0.0.1:{node_port}'))
-        self.controllers.append(ctl)
-        if self.token is None:
-            c = await Client(f'127.0.0.1:{ctl.port}').login(
-                'system', system_key(self.config.state_dir.parent))
-            self.token = c.token
-            await c.close()
-        return ctl
-
-    def client(self, ctl) -> Client:
-        """A client of its own channel; the token (signed with the secret kept in etcd)
-        is good at every controller of the prefix."""
-        c = Client(f'127.0.0.1:{ctl.port}')
-        c.token = self.token
-        self.clients.append(c)
-        return c
-
-    async def node(self, ctl, name='node1', **capacity):
-        capacity = capacity or {'cpus': 10_000, 'memory_mib': 10_000_000, 'disk_gib': 100_000}
-        n = await NodeDouble(NodeApi.of(ctl, self.pki), name, **capacity, resilient=True,
-                             heartbeat_every=1.0).start()
-        self.nodes.append(n)
-        return n
-
-    async def stop_controller(self, ctl, grace=None):
-        self.controllers.remove(ctl)
-        await ctl.stop(grace)
-
-    async def close(self):
-        for n in self.nodes:
-            await n.stop()
-        for c in self.clients:
-            await c.close()
-        for ctl in self.controllers:
-            await ctl.stop(None)
-
-
 @pytest_asyncio.fixture
 async def make_plane(pki):
     planes = []
 
     def make(config):
-        planes.append(Plane(config, pki))
+        planes.append(LocalPlane(config, pki))
         return planes[-1]
     yield make
     for p in planes:
-        await p.close()
+        await p.stop()
 
 
 # -- the load and what must hold after it ------------------------------------------------------------
@@ -225,7 +173,7 @@ async def in_etcd(store, prefix, kind):
             for key, value, mod in await store.get_prefix(prefix)}
 
 
-async def check_cache_agrees(plane: Plane, ctl):
+async def check_cache_agrees(plane: LocalPlane, ctl):
     """ctl's cache holds exactly what etcd holds (key, revision and value), and a fresh
     controller on the same prefix lists the same instances as ctl."""
     store = ctl.core.store
@@ -243,7 +191,7 @@ async def check_cache_agrees(plane: Plane, ctl):
 
     fresh = await plane.start_controller()
     try:
-        a, b = plane.client(ctl), plane.client(fresh)
+        a, b = plane.client_of(ctl), plane.client_of(fresh)
 
         async def same():
             return (await list_all(a)) == (await list_all(b))
@@ -269,7 +217,7 @@ async def test_creates_survive_a_controller_restart(etcd, tmp_path, make_plane):
     port, node_port = ctl.port, ctl.node_port
     node = await plane.node(ctl)
     t0 = time.monotonic()
-    creates = Creates([plane.client(ctl) for _ in range(CLIENTS)]).start()
+    creates = Creates([plane.client_of(ctl) for _ in range(CLIENTS)]).start()
     await creates.acknowledged(2 * CLIENTS, 'before the restart')
     await plane.stop_controller(ctl)            # no grace: in-flight creates are cut off
     ctl = await plane.start_controller(port, node_port)    # same ports and prefix: clients reconnect
@@ -294,7 +242,7 @@ async def test_creates_survive_an_etcd_restart(private_etcd, tmp_path, make_plan
     ctl = await plane.start_controller()
     node = await plane.node(ctl)
     t0 = time.monotonic()
-    creates = Creates([plane.client(ctl) for _ in range(CLIENTS)]).start()
+    creates = Creates([plane.client_of(ctl) for _ in range(CLIENTS)]).start()
     await creates.acknowledged(2 * CLIENTS, 'before the restart')
     before = ctl.core.store.requests['watch_create']
     if how == 'restart':
@@ -324,7 +272,7 @@ async def test_two_controllers_never_overbook_a_node(etcd, tmp_path, make_plane)
              await plane.node(b, 'node-b', cpus=64, memory_mib=per_node * 256, disk_gib=1000)]
     capacity = per_node * len(nodes)
     attempts = 3 * capacity
-    clients = [plane.client(a), plane.client(b)]
+    clients = [plane.client_of(a), plane.client_of(b)]
     retries = collections.Counter()
 
     async def one(i):
@@ -392,7 +340,7 @@ async def test_creates_survive_losing_an_etcd_cluster_member(etcd_cluster, tmp_p
     ctl = await plane.start_controller()
     node = await plane.node(ctl)
     t0 = time.monotonic()
-    creates = Creates([plane.client(ctl) for _ in range(CLIENTS)]).start()
+    creates = Creates([plane.client_of(ctl) for _ in range(CLIENTS)]).start()
     await creates.acknowledged(2 * CLIENTS, 'before the first kill')
     # First the member the controller's channel is on (pick_first takes the first
     # endpoint): the store must fail over to another. Then the leader: an election.
@@ -421,7 +369,7 @@ async def test_creates_survive_losing_an_etcd_cluster_member(etcd_cluster, tmp_p
     counts = [await answers(m, config.store_prefix) for m in etcd_cluster]
     assert counts == [total] * 3
     # And creates still work.
-    more = Creates([plane.client(ctl)], tag='after').start()
+    more = Creates([plane.client_of(ctl)], tag='after').start()
     await more.acknowledged(3, 'after the members rejoined')
     await more.finish()
     await check_cache_agrees(plane, ctl)

@@ -5,42 +5,16 @@ a heartbeat timeout passes when the test advances the clock, never by waiting fo
 import grpc
 import pytest_asyncio
 
-from sfcontrol import server
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import instance_pb2
 from shakenfist.v1 import instance_service_pb2 as api
-from tests.conftest import controller_config, system_key
-from tests.grpc_client import Client
+from tests.conftest import controller_config
 from tests.helpers import ManualClock, create, create_created, get, raises, wait_state
-from tests.node_double import NodeApi, NodeDouble
+from tests.local_plane import LocalPlane
+from tests.node_double import NodeDouble
 
 C = grpc.StatusCode
 TIMEOUT = 20.0          # the default heartbeat timeout, in seconds of the test's clock
-
-
-class Plane:
-    """A controller on a ManualClock, a system client and the node API."""
-
-    def __init__(self, config, pki):
-        self.config = config
-        self.clock = config.clock
-        self.pki = pki
-
-    async def start(self):
-        self.ctl = await server.start(self.config)
-        self.client = await Client(f'127.0.0.1:{self.ctl.port}').login(
-            'system', system_key(self.config.state_dir.parent))
-        self.node_api = NodeApi.of(self.ctl, self.pki)
-        return self
-
-    async def stop(self):
-        await self.client.close()
-        await self.ctl.stop(None)
-
-    async def advance(self, seconds):
-        """Move the controller's clock on, and wait for what its heartbeat timers started."""
-        self.clock.advance(seconds)
-        await self.ctl.registry.tasks.wait_idle()
 
 
 def liveness_config(etcd, tmp_path):
@@ -49,7 +23,7 @@ def liveness_config(etcd, tmp_path):
 
 @pytest_asyncio.fixture
 async def plane(etcd, tmp_path):
-    p = await Plane(liveness_config(etcd, tmp_path), etcd.pki).start()
+    p = await LocalPlane(liveness_config(etcd, tmp_path), etcd.pki).start()
     yield p
     await p.stop()
 
@@ -141,7 +115,7 @@ async def test_heartbeat_from_an_unknown_node_is_not_found(plane):
 
 async def test_a_node_silent_across_a_controller_restart_becomes_unreachable(etcd, tmp_path):
     config = liveness_config(etcd, tmp_path)
-    first = await Plane(config, etcd.pki).start()
+    first = await LocalPlane(config, etcd.pki).start()
     node = await NodeDouble(first.node_api).start()
     try:
         inst = await create_created(first.client)
@@ -149,7 +123,7 @@ async def test_a_node_silent_across_a_controller_restart_becomes_unreachable(etc
     finally:
         await node.stop()
         await first.stop()
-    second = await Plane(config, etcd.pki).start()
+    second = await LocalPlane(config, etcd.pki).start()
     try:
         # The node never heartbeats to the new controller: it must still be noticed, one
         # timeout after the new controller started.
