@@ -55,10 +55,10 @@ async def start_nodes(state: pathlib.Path, pki, n: int, node_target: str, host: 
     """Start n nodes and return once each has registered (registered(name) awaits that)."""
     procs = []
     for i in range(n):
-        log_file = open(state / f'node{i}.log', 'ab')
-        procs.append(await asyncio.create_subprocess_exec(
-            *node_command(i, state, pki, node_target, host, image_allow), stdout=log_file, stderr=log_file,
-            stdin=asyncio.subprocess.DEVNULL, env={**os.environ, 'PYTHONUNBUFFERED': '1'}))
+        with open(state / f'node{i}.log', 'ab') as log_file:  # noqa: ASYNC230 -- a local file, at once
+            procs.append(await asyncio.create_subprocess_exec(
+                *node_command(i, state, pki, node_target, host, image_allow), stdout=log_file, stderr=log_file,
+                stdin=asyncio.subprocess.DEVNULL, env={**os.environ, 'PYTHONUNBUFFERED': '1'}))
     nodes = Nodes(procs)
     try:
         await asyncio.gather(*(registered(f'node{i}') for i in range(n)))

@@ -74,7 +74,7 @@ async def mallory(plane, system):
 def node_port(plane, name='node0') -> int:
     for line in (plane.state / f'{name}.log').read_text().splitlines():
         entry = json.loads(line) if line.startswith('{') else {}
-        if entry.get('msg') == 'node started':
+        if entry.get('message') == 'node started':
             port = entry['port']
     return port
 
