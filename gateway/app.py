@@ -12,15 +12,17 @@ import logging
 import pathlib
 import re
 import ssl
+import time
 import urllib.parse
 import uuid
 
 import aiohttp
 import grpc
 from aiohttp import web
+from prometheus_client import Counter, Histogram
 
 from gateway import codec, http_server, openapi, routes, schema
-from sfcommon import errors
+from sfcommon import errors, metrics
 from sfcommon.listen import refuse_plaintext
 from shakenfist.v1 import wire_pb2
 
@@ -56,6 +58,52 @@ _METADATA_VALUE = re.compile(r'[\x20-\x7e]+')  # what gRPC accepts in ASCII meta
 MAX_AUTHORIZATION = 4096
 _REQUEST_ID = re.compile(r'[\x21-\x7e]{1,128}')
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(',', ':')).encode
+
+
+REQUESTS = Counter('sf_gateway_requests_total',
+                   'REST requests answered, by route template, method and HTTP status '
+                   '(499: the client left first)', ['route', 'method', 'status'])
+REQUEST_SECONDS = Histogram('sf_gateway_request_duration_seconds',
+                            'Time to answer a REST request (a stream: its whole life)',
+                            ['route', 'method'], buckets=metrics.LATENCY_BUCKETS)
+UNMATCHED = '(unmatched)'   # the route of requests no route took (404, 405, 400, 417)
+CLIENT_LEFT = 499           # nginx's status for a request whose client went away
+_METHODS = frozenset(('GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'))
+
+
+class RouteMetrics:
+    """One route's label children, bound once: a request costs a dict lookup, a
+    counter and a histogram."""
+
+    __slots__ = ('_statuses', 'method', 'route', 'seconds')
+
+    def __init__(self, route, method):
+        self.route, self.method = route, method
+        self._statuses = {}
+        self.seconds = REQUEST_SECONDS.labels(route, method)
+
+    def done(self, status, seconds):
+        child = self._statuses.get(status)
+        if child is None:
+            child = self._statuses[status] = REQUESTS.labels(self.route, self.method, str(status))
+        child.inc()
+        self.seconds.observe(seconds)
+
+
+_UNMATCHED = {m: RouteMetrics(UNMATCHED, m) for m in (*_METHODS, 'other')}
+
+
+def _unmatched(method):
+    return _UNMATCHED[method if method in _METHODS else 'other']
+
+
+class _Page:
+    """One of the gateway's own pages: serve(request, rid) answers it."""
+
+    __slots__ = ('metrics', 'serve')
+
+    def __init__(self, path, serve):
+        self.serve, self.metrics = serve, RouteMetrics(path, 'GET')
 
 
 class HttpError(Exception):
@@ -117,6 +165,7 @@ class Endpoint:
         self.kind = ('stream' if binding.client_streaming else 'unary') + '_' + \
             ('stream' if binding.server_streaming else 'unary')  # a grpc.aio.Channel method
         self.call = None  # the multicallable, made when the channel exists
+        self.metrics = RouteMetrics(binding.template, binding.http_method)
 
     def connect(self, channel):
         self.call = getattr(channel, self.kind)(
@@ -159,8 +208,10 @@ class Gateway:
         document = openapi.document()
         self._openapi = _json_body(document)
         self._docs = openapi.html(document).encode()
-        self.router.add('GET', '/openapi.json', self._serve_openapi)
-        self.router.add('GET', '/docs', self._serve_docs)
+        # Prometheus metrics of this process, unauthenticated (as Prometheus scrapes).
+        for path, serve in [('/openapi.json', self._serve_openapi), ('/docs', self._serve_docs),
+                            ('/metrics', self._serve_metrics)]:
+            self.router.add('GET', path, _Page(path, serve))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -184,42 +235,53 @@ class Gateway:
     # ------------------------------------------------------------- handling
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = None    # the target's RouteMetrics, once matched
         rid = request.headers.get('X-Request-ID')
         if rid is None or not _REQUEST_ID.fullmatch(rid):
             rid = str(uuid.uuid4())
         try:
             await _expect(request)
             target, params = self.router.match(request.method, request.rel_url.raw_path)
+            route = target.metrics
             if isinstance(target, Endpoint):
-                return await self._forward(request, target, params, rid)
-            return target(rid)
+                response = await self._forward(request, target, params, rid)
+            else:
+                response = target.serve(request, rid)
         except routes.NotFound:
-            return _error(404, f'no route for {request.method} {request.path}', rid)
+            response = _error(404, f'no route for {request.method} {request.path}', rid)
         except routes.BadPath as e:
-            return _error(400, str(e), rid)
+            response = _error(400, str(e), rid)
         except routes.MethodNotAllowed as e:
-            return _error(405, f'{request.method} is not allowed here; allowed: {e}', rid,
-                          {'Allow': ', '.join(e.allowed)})
+            response = _error(405, f'{request.method} is not allowed here; allowed: {e}', rid,
+                              {'Allow': ', '.join(e.allowed)})
         except HttpError as e:
-            return _error(e.status, e.message, rid, e.headers)
+            response = _error(e.status, e.message, rid, e.headers)
         except codec.WireError as e:
-            return _error(400, str(e), rid)
+            response = _error(400, str(e), rid)
         except grpc.aio.AioRpcError as e:
-            return _rpc_error(e, rid)
+            response = _rpc_error(e, rid)
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, 'request body too large', rid)
+            response = _error(413, 'request body too large', rid)
         except (asyncio.CancelledError, ConnectionResetError):
+            (route or _unmatched(request.method)).done(CLIENT_LEFT, time.perf_counter() - started)
             raise
         except Exception:
             log.exception('request failed', extra={'request_id': rid})
-            return _error(500, 'internal error', rid)
+            response = _error(500, 'internal error', rid)
+        (route or _unmatched(request.method)).done(response.status, time.perf_counter() - started)
+        return response
 
-    def _serve_openapi(self, rid):
+    def _serve_openapi(self, request, rid):
         return web.Response(body=self._openapi, content_type=JSON, headers={'X-Request-ID': rid})
 
-    def _serve_docs(self, rid):
+    def _serve_docs(self, request, rid):
         return web.Response(body=self._docs, content_type='text/html', charset='utf-8',
                             headers={'X-Request-ID': rid})
+
+    def _serve_metrics(self, request, rid):
+        body, content_type = metrics.render(request.headers.get('Accept'))
+        return web.Response(body=body, headers={'Content-Type': content_type, 'X-Request-ID': rid})
 
     def _metadata(self, request, rid):
         # The client's address as the gateway sees it (never a header the client sent):

@@ -9,6 +9,7 @@ cursor misses nothing and sees nothing twice.
 import re
 
 from sfcommon import errors
+from sfcontrol import metrics
 from sfcontrol.store import keys
 from sfcontrol.core import Core, object_type_name
 from sfcontrol.store.etcd import StoreCompacted
@@ -58,20 +59,21 @@ class Events:
         wanted = set(event_types)
         if not cursor:      # from now: the store's current revision
             cursor = str((await self.core.store.get_prefix(prefix, limit=1, keys_only=True)).revision)
-        # The watch starts right after the cursor's revision however late etcd sets
-        # it up, so the client may rely on it from this first message on.
-        yield event_service_pb2.WatchEventsResponse(cursor=cursor)
-        try:
-            async for change in self.core.store.watch_prefix(prefix, start_revision=int(cursor) + 1):
-                if change.type != 'put':
-                    continue
-                if object_type and change.key.split('/')[2] != object_type:
-                    continue
-                ev = event_pb2.Event.FromString(change.value)
-                if not wanted or ev.type in wanted:
-                    yield event_service_pb2.WatchEventsResponse(event=ev, cursor=str(change.mod_revision))
-        except StoreCompacted:
-            raise errors.cursor_expired(
-                'the cursor is older than the event history kept: list the events again, '
-                'then watch from the watch_cursor of that listing')
+        with metrics.EVENT_WATCHES.track_inprogress():
+            # The watch starts right after the cursor's revision however late etcd sets
+            # it up, so the client may rely on it from this first message on.
+            yield event_service_pb2.WatchEventsResponse(cursor=cursor)
+            try:
+                async for change in self.core.store.watch_prefix(prefix, start_revision=int(cursor) + 1):
+                    if change.type != 'put':
+                        continue
+                    if object_type and change.key.split('/')[2] != object_type:
+                        continue
+                    ev = event_pb2.Event.FromString(change.value)
+                    if not wanted or ev.type in wanted:
+                        yield event_service_pb2.WatchEventsResponse(event=ev, cursor=str(change.mod_revision))
+            except StoreCompacted:
+                raise errors.cursor_expired(
+                    'the cursor is older than the event history kept: list the events again, '
+                    'then watch from the watch_cursor of that listing')
 

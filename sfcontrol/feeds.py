@@ -15,6 +15,7 @@ the node last got. It unsubscribes when the stream ends. No etcd request is made
 
 import asyncio
 
+from sfcontrol import metrics
 from sfcontrol.store import keys
 from sfcontrol.store.cache import ObjectCache
 from shakenfist.node.v1alpha1 import node_pb2 as pb
@@ -93,6 +94,7 @@ class NodeFeed:
         """Yield every placement (then sync_complete), then each change, until cancelled."""
         for prefix, callback in self._listeners:
             self.cache.listen(prefix, callback)
+        metrics.NODE_FEEDS.inc()
         try:
             for entry in self.cache.range(keys.placements(self.node))[0]:
                 self._pending[entry.key.rsplit('/', 1)[-1]] = None
@@ -105,6 +107,7 @@ class NodeFeed:
                 for message in self._drain():
                     yield message
         finally:
+            metrics.NODE_FEEDS.dec()
             for prefix, callback in self._listeners:
                 self.cache.unlisten(prefix, callback)
 

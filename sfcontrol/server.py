@@ -11,9 +11,10 @@ from grpc_reflection.v1alpha import reflection
 
 from sfcommon.clock import SYSTEM, Clock
 from sfcommon.listen import refuse_plaintext
+from sfcommon.metrics import MetricsServer, ServerMetrics, start_metrics_server
 from sfcommon.pki import Bundle, EtcdTls
 from sfcommon.urlpolicy import ImagePolicy
-from sfcontrol import blobs as blobs_module, services
+from sfcontrol import blobs as blobs_module, metrics as controller_metrics, services
 from sfcontrol.agentops import AgentOperations
 from sfcontrol.auth import Auth
 from sfcontrol.blobs import Blobs
@@ -59,6 +60,7 @@ class Config:
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 20.0
     clock: Clock = SYSTEM       # deadlines, heartbeats and token expiry; tests pass a ManualClock
+    metrics_listen: str | None = None       # host:port of GET /metrics (plain HTTP); None: off
 
 
 @dataclasses.dataclass
@@ -72,8 +74,12 @@ class Controller:
     node_control: NodeControl
     nodes: NodeClients
     registry: NodeRegistry
+    metrics: MetricsServer | None = None    # with Config.metrics_listen
 
     async def stop(self, grace: float | None = 1.0):
+        if self.metrics is not None:
+            await self.metrics.close()
+        controller_metrics.caches.discard(self.core.cache)
         await self.server.stop(grace)
         await self.agentops.stop()      # their timers and what those started
         await self.registry.stop()
@@ -120,7 +126,8 @@ async def start(config: Config) -> Controller:
     node_control = NodeControl(registry, NodeReports(core, instances, agentops, blobs, auth))
     metadata = Metadata(core)
 
-    server = grpc.aio.server(interceptors=[ApiInterceptor(lambda: auth)], options=[
+    # ServerMetrics first: it sees the status ApiInterceptor answers with.
+    server = grpc.aio.server(interceptors=[ServerMetrics(), ApiInterceptor(lambda: auth)], options=[
         ('grpc.max_receive_message_length', 16 * 1024 * 1024)])
     instance_service_pb2_grpc.add_InstanceServiceServicer_to_server(
         services.InstanceService(instances, Power(instances), Consoles(instances)), server)
@@ -156,5 +163,9 @@ async def start(config: Config) -> Controller:
     node_port = _node_port(server, config)
     await server.start()
     await health_servicer.set('', health_pb2.HealthCheckResponse.SERVING)
-    log.info('controller listening', extra={'port': port, 'node_port': node_port, 'pid': os.getpid()})
-    return Controller(server, port, node_port, core, auth, agentops, node_control, nodes, registry)
+    controller_metrics.caches.add(core.cache)
+    metrics = await start_metrics_server(config.metrics_listen) if config.metrics_listen else None
+    log.info('controller listening', extra={'port': port, 'node_port': node_port, 'pid': os.getpid(),
+                                            'metrics': metrics.url if metrics else None})
+    return Controller(server, port, node_port, core, auth, agentops, node_control, nodes, registry,
+                      metrics)

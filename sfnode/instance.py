@@ -10,11 +10,12 @@ import json
 import logging
 import pathlib
 import socket
+import time
 
 from sfcommon import errors, states
 from sfcommon.backoff import Backoff
 from sfcommon.events import make_event
-from sfnode import configdrive, domain, images
+from sfnode import configdrive, domain, images, metrics
 from sfnode.agent.session import AgentSession
 from sfnode.console import SerialConsole
 from shakenfist.node.v1alpha1 import node_pb2
@@ -54,6 +55,8 @@ class InstanceWorker:
         self.removed = False
         self.agent = None                # AgentSession, when the instance has sf-agent2
         self.console = None              # SerialConsole, once the domain exists
+        self.power_state = P.Value('POWER_STATE_UNSPECIFIED')  # as last seen, for metrics
+        self._since = time.perf_counter()   # when the oldest change not yet converged came
         self._wake = asyncio.Event()
         self._wake.set()
         self.task = asyncio.create_task(self._run(), name=f'instance-{self.uuid}')
@@ -64,10 +67,13 @@ class InstanceWorker:
 
     def update(self, desired: node_pb2.DesiredInstance):
         self.desired = desired
+        if self._since is None:
+            self._since = time.perf_counter()
         self._wake.set()
 
     def remove(self):
         self.removed = True
+        self._since = time.perf_counter()
         self._wake.set()
 
     # -- the loop ------------------------------------------------------------------
@@ -80,15 +86,22 @@ class InstanceWorker:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            since, self._since = self._since, None
             try:
                 if self.removed:
                     await self._teardown()
+                    metrics.converged(metrics.REMOVE, since)
                     return
+                building = self.state in _ORDER[:-1]
                 await self._converge(self.desired)
+                if self.state in _ORDER:    # an error state converges to nothing
+                    metrics.converged(metrics.BUILD if building else metrics.UPDATE, since)
                 retry.reset()
             except asyncio.CancelledError:
                 raise
-            except Exception as e:   # noqa: BLE001 -- report it, never die silently
+            except Exception as e:
+                if self._since is None:     # a retry still converges the oldest change
+                    self._since = since   # noqa: BLE001 -- report it, never die silently
                 message = e.message if isinstance(e, errors.ApiError) else str(e) or type(e).__name__
                 if self.state in _ORDER[:-1] and not self.removed:
                     log.exception('instance %s failed to build', self.uuid)
@@ -247,7 +260,8 @@ class InstanceWorker:
         elif want == P.Value('POWER_STATE_PAUSED') and have == P.Value('POWER_STATE_ON'):
             await hv.suspend(self.name)
             await self._event('pause')
-        await self.node.link.report(self.uuid, power_state=await hv.power_state(self.name))
+        self.power_state = await hv.power_state(self.name)
+        await self.node.link.report(self.uuid, power_state=self.power_state)
 
     async def _converge_interfaces(self, desired):
         hv = self.node.hypervisor

@@ -15,6 +15,7 @@ import logging
 import grpc
 
 from sfcommon import pki
+from sfcommon.metrics import ClientMetrics
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ class ControllerLink:
         ca, cert, key = bundle.read()
         self.channel = grpc.aio.secure_channel(
             target, grpc.ssl_channel_credentials(ca, key, cert),
-            options=[('grpc.ssl_target_name_override', pki.CONTROLLER_SERVER_NAME)])
+            options=[('grpc.ssl_target_name_override', pki.CONTROLLER_SERVER_NAME)],
+            interceptors=[ClientMetrics()])     # unary calls, by method and code
         self.control = node_pb2_grpc.NodeControlServiceStub(self.channel)
 
     async def call(self, method: str, request, *, timeout: float = 30.0, retry: bool = True):

@@ -14,7 +14,8 @@ from sfcommon import errors, pki
 from sfcommon.clock import SYSTEM, Clock
 from sfcommon.tasks import Tasks
 from sfcommon.urlpolicy import ImagePolicy
-from sfnode import images
+from sfcommon.metrics import ServerMetrics, start_metrics_server
+from sfnode import images, metrics
 from sfnode.instance import InstanceWorker
 from sfnode.link import ControllerLink
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
@@ -39,6 +40,7 @@ class NodeConfig:
     usage_interval: float = 60.0    # seconds between usage events; 0 turns them off
     domain_type: str | None = None  # 'qemu' or 'kvm'; None probes
     console_open: bool = False      # serial consoles without a token (Shaken Fist's behaviour)
+    metrics_listen: str | None = None   # host:port of GET /metrics (plain HTTP); None: off
 
 
 class Bridges:
@@ -146,6 +148,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         self.vsock = os.path.exists('/dev/vhost-vsock')      # guests may have a vsock device
         self.server = None
         self.port = 0
+        self.metrics = None     # the /metrics server, with config.metrics_listen
         self._tasks: list[asyncio.Task] = []
         self.tasks = Tasks(f'node {config.name}')     # reports and operations under way
         self.synced = asyncio.Event()
@@ -156,12 +159,15 @@ class Node(node_pb2_grpc.NodeServiceServicer):
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self):
-        self.server = grpc.aio.server(interceptors=[ControllerOnly()])
+        self.server = grpc.aio.server(interceptors=[ServerMetrics(), ControllerOnly()])
         node_pb2_grpc.add_NodeServiceServicer_to_server(self, self.server)
         ca, cert, key = self.config.pki.read()
         self.port = self.server.add_secure_port(self.config.listen, grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=ca, require_client_auth=True))
         await self.server.start()
+        metrics.nodes.add(self)
+        if self.config.metrics_listen:
+            self.metrics = await start_metrics_server(self.config.metrics_listen)
         r = await self.link.call('RegisterNode', self._registration())
         self.hypervisor.on_power_change(self._power_changed)
         self._tasks = [asyncio.create_task(self._follow(), name='follow'),
@@ -188,6 +194,9 @@ class Node(node_pb2_grpc.NodeServiceServicer):
             await asyncio.gather(*(self.hypervisor.destroy(info.name)
                                    for info in await self.hypervisor.list_domains() if info.active))
             await self.bridges.release_all()
+        metrics.nodes.discard(self)
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.server:
             await self.server.stop(1)
         await self.link.close()
@@ -263,6 +272,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         worker = self.workers.get(uuid)
         if worker is not None:
             from shakenfist.v1 import instance_pb2
+            worker.power_state = power_state
             if worker.agent is not None:
                 worker.agent.power_changed(power_state == instance_pb2.POWER_STATE_ON)
             self.tasks.spawn(self.link.report(uuid, power_state=power_state), name=f'power-{uuid}')

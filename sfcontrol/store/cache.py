@@ -15,6 +15,7 @@ choices (the scheduler's) opt out explicitly with untracked().
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -280,6 +281,17 @@ class ObjectCache:
                 out.append(entry)
         self._track_range(prefix, out)
         return out, False
+
+    def count(self, prefix: str, key: Callable[[Message], object]) -> collections.Counter:
+        """How many entries under prefix have each key(value). Never tracked: for metrics,
+        computed when they are scraped."""
+        keys = self._sorted[self._kind_of(prefix).prefix]
+        counts = collections.Counter()
+        for i in range(bisect.bisect_left(keys, prefix), len(keys)):
+            if not keys[i].startswith(prefix):
+                break
+            counts[key(self._entries[keys[i]].value)] += 1
+        return counts
 
     @staticmethod
     def _track_range(prefix: str, entries: list[Entry]):

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import AsyncIterator, Iterable, NamedTuple
 
 import grpc
 from aetcd import rpc
+
+from sfcontrol import metrics
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +253,14 @@ class Store:
 
     async def commit(self, txn: Txn) -> tuple[bool, int]:
         """Apply txn atomically: (succeeded, store revision after it)."""
-        r = await self.txn(*txn.build(self.key))
+        started = time.perf_counter()
+        try:
+            r = await self.txn(*txn.build(self.key))
+        except StoreError:
+            metrics.TXN_ERROR.inc()
+            raise
+        metrics.STORE_TRANSACTION_SECONDS.observe(time.perf_counter() - started)
+        (metrics.TXN_COMMITTED if r.succeeded else metrics.TXN_CONFLICT).inc()
         return r.succeeded, r.header.revision
 
     async def compact(self, revision: int) -> None:
