@@ -19,7 +19,8 @@ from sfnode import configdrive, domain, images, metrics
 from sfnode.agent.session import AgentSession
 from sfnode.console import SerialConsole
 from shakenfist.node.v1alpha1 import node_pb2
-from shakenfist.v1 import event_pb2, instance_pb2 as ipb, network_pb2, specs_pb2
+from shakenfist.v1 import event_pb2, network_pb2, specs_pb2
+from shakenfist.v1 import instance_pb2 as ipb
 
 log = logging.getLogger(__name__)
 S = ipb.InstanceState
@@ -101,7 +102,7 @@ class InstanceWorker:
                 raise
             except Exception as e:
                 if self._since is None:     # a retry still converges the oldest change
-                    self._since = since   # noqa: BLE001 -- report it, never die silently
+                    self._since = since
                 message = e.message if isinstance(e, errors.ApiError) else str(e) or type(e).__name__
                 if self.state in _ORDER[:-1] and not self.removed:
                     log.exception('instance %s failed to build', self.uuid)
@@ -169,11 +170,11 @@ class InstanceWorker:
             return
         if self._vsock(desired):
             cid = desired.vsock_cid
-            connect = lambda: _vsock_connection(cid)     # noqa: E731
+            connect = lambda: _vsock_connection(cid)
             transport = {'transport': 'vsock', 'cid': cid}
         else:
             path = domain.InstancePaths.under(str(self.dir), desired.instance).agent_socket
-            connect = lambda: asyncio.open_unix_connection(path)     # noqa: E731
+            connect = lambda: asyncio.open_unix_connection(path)
             transport = {'transport': 'virtio-serial', 'port': domain.AGENT2_CHANNEL,
                          'why': 'this node has no vhost-vsock' if not self.node.vsock else
                          'the instance has no vsock CID'}
