@@ -21,7 +21,7 @@ def config_from(settings: ControllerSettings) -> server.Config:
         state_dir=settings.state_dir, store_prefix=settings.prefix,
         token_ttl=settings.token_ttl, floating_netblock=settings.floating_netblock,
         image_allow=settings.image_allow, max_blob_size=settings.max_blob_size,
-        namespace_quota=settings.namespace_quota)
+        namespace_quota=settings.namespace_quota, metrics_listen=settings.metrics_listen)
 
 
 async def start(settings: ControllerSettings, stops: serve.Stops):

@@ -40,8 +40,10 @@ class ControllerSettings(Settings):
                                  help='largest blob or upload in bytes')
     namespace_quota: int = setting(Config.namespace_quota, env='SF_NAMESPACE_QUOTA', ge=0,
                                    help='bytes of blobs and uploads a namespace may hold')
-    # Settings still to come go here, one field each, e.g. metrics_listen (HostPort | None,
-    # default None: off, env SF_METRICS_LISTEN) and this controller's peer address.
+    metrics_listen: HostPort | None = setting(
+        None, env='SF_METRICS_LISTEN',
+        help='host:port of GET /metrics (Prometheus, plain HTTP, no token: bind it where only your '
+             'monitoring reaches); default off')
 
     @pydantic.model_validator(mode='after')
     def _tls_pair(self):

@@ -35,10 +35,11 @@ async def start(settings: NodeSettings, stops: serve.Stops):
         console_listen=settings.console_listen, bridge_prefix=settings.bridge_prefix,
         image_table=settings.image_table, image_allow=settings.image_allow,
         extra_images=dict(settings.images), capacity=capacity, usage_interval=settings.usage_interval,
-        domain_type=domain_type, console_open=settings.console_open)
+        domain_type=domain_type, console_open=settings.console_open, metrics_listen=settings.metrics_listen)
     node = await Node(config, hypervisor).start()
     stops.add('node', lambda: node.stop(stop_guests=settings.stop_guests_on_exit))
-    log.info('node started', extra={'node': settings.name, 'port': node.port, 'domain_type': domain_type})
+    log.info('node started', extra={'node': settings.name, 'port': node.port, 'domain_type': domain_type,
+                                    'metrics': node.metrics.url if node.metrics else None})
 
 
 def main(argv=None):

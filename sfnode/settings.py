@@ -71,5 +71,6 @@ class NodeSettings(Settings):
         NodeConfig.console_open, env='SF_NODE_CONSOLE_OPEN',
         help="serial console ports take anyone, without a token (Shaken Fist's behaviour; off by "
              'default) (variable: 1 or 0)')
-    # Settings still to come go here, one field each, e.g. metrics_listen (HostPort | None,
-    # default None: off, env SF_NODE_METRICS_LISTEN).
+    metrics_listen: HostPort | None = setting(
+        None, env='SF_NODE_METRICS_LISTEN',
+        help='host:port of GET /metrics (Prometheus, plain HTTP, no token); default off')

@@ -60,7 +60,7 @@ async def start(settings: UpSettings, stops: serve.Stops):
     controller = await server.start(server.Config(
         etcd_endpoints=[etcd.endpoint], etcd_tls=etcd.client_tls, pki=pki.controller(),
         listen=f'{host}:{settings.grpc_port}', node_listen=f'{host}:0', state_dir=state,
-        image_allow=settings.image_allow))
+        image_allow=settings.image_allow, metrics_listen=f'{host}:0'))
     stops.add('controller', controller.stop)
     grpc_target = f'{host}:{controller.port}'
     node_target = f'{host}:{controller.node_port}'
@@ -77,6 +77,8 @@ async def start(settings: UpSettings, stops: serve.Stops):
     _write_private(state / 'shakenfist.json', {'namespace': 'system', 'key': key, 'apiurl': rest})
     _write_private(state / 'endpoints.json', {'grpc': grpc_target, 'rest': rest,
                                               'node_api': node_target,
+                                              'metrics': {'controller': controller.metrics.url,
+                                                          'gateway': f'{rest}/metrics'},
                                               'namespace': 'system', 'key': key})
     print(_usage(state, grpc_target, rest), flush=True)
 

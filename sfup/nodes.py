@@ -30,6 +30,7 @@ def node_command(i: int, state: pathlib.Path, pki, node_target: str, host: str,
             '--pki-dir', str(pki.node(f'node{i}').directory),
             '--state-dir', str(state / 'nodes' / f'node{i}'),
             '--bridge-prefix', bridge_prefix(state, i), '--listen', f'{host}:0', '--console-listen', host,
+            '--metrics-listen', f'{host}:0',
             '--images', json.dumps(images), '--caps-cache', str(state / 'qemu-caps'),
             '--stop-guests-on-exit', *(f'--image-allow={prefix}' for prefix in image_allow)]
 

@@ -4,6 +4,7 @@ import json
 import os
 import stat
 import subprocess
+import urllib.request
 
 from shakenfist.v1 import instance_service_pb2 as api
 from tests.plane import Plane
@@ -17,7 +18,7 @@ def test_two_planes_run_side_by_side_and_stop_cleanly():
         try:
             for p in (a, b):
                 endpoints = json.loads((p.state / 'endpoints.json').read_text())
-                assert set(endpoints) == {'grpc', 'rest', 'node_api', 'namespace', 'key'}
+                assert set(endpoints) == {'grpc', 'rest', 'node_api', 'metrics', 'namespace', 'key'}
                 assert endpoints['namespace'] == 'system'
                 config = json.loads((p.state / 'shakenfist.json').read_text())
                 assert config == {'namespace': 'system', 'key': endpoints['key'], 'apiurl': endpoints['rest']}
@@ -42,5 +43,13 @@ def test_two_planes_run_side_by_side_and_stop_cleanly():
         sf = a.sf()
         out = asyncio.run(sf.json('instance', 'list'))
         assert out == {'instances': []}
+        # Both parts' /metrics answer, and count what was just done.
+        for part, url in a.endpoints['metrics'].items():
+            with urllib.request.urlopen(url, timeout=10) as r:
+                text = r.read().decode()
+            assert r.status == 200
+            expect = ('grpc_server_handled_total{grpc_code="OK",grpc_method="ListInstances"'
+                      if part == 'controller' else 'sf_gateway_requests_total{')
+            assert expect in text, (part, text[:500])
     finally:
         a.stop()
