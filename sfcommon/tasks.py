@@ -22,6 +22,10 @@ class Tasks:
         self._idle.set()
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __len__(self) -> int:
         return len(self._tasks)
 

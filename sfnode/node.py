@@ -275,7 +275,8 @@ class Node(node_pb2_grpc.NodeServiceServicer):
             worker.power_state = power_state
             if worker.agent is not None:
                 worker.agent.power_changed(power_state == instance_pb2.POWER_STATE_ON)
-            self.tasks.spawn(self.link.report(uuid, power_state=power_state), name=f'power-{uuid}')
+            if not self.tasks.closed:    # stopping (with stop_guests): nobody to report to
+                self.tasks.spawn(self.link.report(uuid, power_state=power_state), name=f'power-{uuid}')
 
     async def _usage(self):
         from sfcommon.events import make_event
