@@ -1,18 +1,25 @@
 """Blobs (content-addressed data), chunked uploads and upload artifacts.
 
 Blob records live in etcd (blobs/<uuid>, with the SHA-512 indexed); their
-bytes live in the controller's state directory. Each holder of a blob (an
-instance for screenshots and agent-operation output, an artifact for uploads)
-has a BlobRef; the blob is deleted with its last reference.
+bytes live in the state directories of the controllers that hold them
+(sfcontrol/replicas.py): a blob is acknowledged (its record CREATED, so the
+upload's artifact made, the screenshot or the node's blob stored) only once its
+bytes are on two controllers, or on every live one if fewer; any controller
+serves any blob (pulling the bytes from a holder), and when a controller dies
+the others copy what it held again. With a single controller, one copy is what
+there is. Each user of a blob (an instance for screenshots and agent-operation
+output, an artifact for uploads) has a BlobRef; the blob is deleted with its
+last reference, and its bytes on every holder.
 
 Sizes are bounded: a blob (and an upload) is at most max_blob_size bytes, and
 what a namespace holds (its blobs, each counted once, and its open uploads) at
 most namespace_quota bytes. A write over either is PAYLOAD_TOO_LARGE (413) and
 its bytes are not kept.
 
-Limit, written down: blob bytes live on the controller that stored them. With
-several controllers, each must share the blob directory (for example over
-NFS) for every blob to be readable through every controller.
+Limit, written down: an open upload (not yet an artifact) lives on the
+controller that created it; writes reaching another controller are UNAVAILABLE,
+and the upload is lost with its controller (the client starts it again).
+Nodes hold no blob bytes.
 """
 
 import asyncio
@@ -26,8 +33,10 @@ import uuid as uuidlib
 
 from sfcommon import errors
 from sfcontrol import caller
-from sfcontrol.store import keys
 from sfcontrol.core import Core
+from sfcontrol.replicas import COPIES, HOLDER_TTL, Replicas
+from sfcontrol.replicas import private as _private
+from sfcontrol.store import keys
 from sfcontrol.store.etcd import Txn
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import blob_pb2 as pb
@@ -42,11 +51,10 @@ UPLOAD_CREATED = pb.UploadState.Value('UPLOAD_STATE_CREATED')
 UPLOAD_DELETED = pb.UploadState.Value('UPLOAD_STATE_DELETED')
 
 
-
-
 class Blobs:
     def __init__(self, core: Core, data_dir: pathlib.Path, max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
-                 namespace_quota: int = DEFAULT_NAMESPACE_QUOTA):
+                 namespace_quota: int = DEFAULT_NAMESPACE_QUOTA, bundle=None, copies: int = COPIES,
+                 holder_ttl: int = HOLDER_TTL):
         self.core = core
         self.dir = pathlib.Path(data_dir)
         self.max_blob_size = max_blob_size
@@ -57,6 +65,10 @@ class Blobs:
         for sub in ('', 'blobs', 'uploads', 'partial'):
             (self.dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.dir / sub, 0o700)
+        # Where the bytes are, and their copies on other controllers (bundle: this
+        # controller's certificate, to call them).
+        self.replicas = Replicas(core, self.dir, bundle, copies=copies, ttl=holder_ttl,
+                                 max_size=max_blob_size)
 
     # -- reading -------------------------------------------------------------------
     def _refs(self, uuid):
@@ -69,10 +81,11 @@ class Blobs:
         refs = self._refs(uuid)
         if entry is None or entry.value.state == DELETED or not (
                 me.is_system or any(r.namespace == me.namespace for r in refs)):
-            raise errors.not_found('blob not found')
+            raise errors.NotFound('blob not found')
         out = pb.Blob()
         out.CopyFrom(entry.value)
         out.reference_count = len(refs)
+        out.locations[:] = self.replicas.where(uuid)
         out.instances.extend(r.holder_uuid for r in refs if r.holder_type == 'instance')
         return out
 
@@ -93,21 +106,16 @@ class Blobs:
     async def stream(self, uuid: str, offset: int = 0, limit: int = 0):
         """Yield a blob's bytes, for a caller whose right to them was checked already."""
         if offset < 0 or limit < 0:
-            raise errors.invalid('offset and limit must not be negative')
+            raise errors.InvalidArgument('offset and limit must not be negative')
         entry = self.core.cache.get(keys.blob(uuid))
         if entry is None or entry.value.state == DELETED:
-            raise errors.not_found('blob not found')
-        path = self.dir / 'blobs' / uuid
-        remaining = limit or None
-        with open(path, 'rb') as f:
-            f.seek(offset)
-            while remaining is None or remaining > 0:
-                chunk = await asyncio.to_thread(f.read, CHUNK if remaining is None else min(CHUNK, remaining))
-                if not chunk:
-                    return
-                if remaining is not None:
-                    remaining -= len(chunk)
-                yield chunk
+            raise errors.NotFound('blob not found')
+        if self.replicas.path(uuid).exists():
+            chunks = self.replicas.read_local(uuid, offset, limit)
+        else:
+            chunks = self.replicas.fetch(entry.value, offset, limit)
+        async for chunk in chunks:
+            yield chunk
 
     # -- sizes ---------------------------------------------------------------------
     def usage(self, namespace: str) -> int:
@@ -126,10 +134,10 @@ class Blobs:
     def _make_room(self, namespace: str, size_before: int, adding: int):
         """Refuse adding bytes to a blob or upload of size_before, or to the namespace."""
         if size_before + adding > self.max_blob_size:
-            raise errors.too_large(f'a blob or upload is at most {self.max_blob_size} bytes')
+            raise errors.PayloadTooLarge(f'a blob or upload is at most {self.max_blob_size} bytes')
         used = self.usage(namespace)
         if used + adding > self.namespace_quota:
-            raise errors.too_large(f'namespace {namespace} would exceed its storage quota of '
+            raise errors.PayloadTooLarge(f'namespace {namespace} would exceed its storage quota of '
                                    f'{self.namespace_quota} bytes (it holds {used})')
 
     @contextlib.contextmanager
@@ -172,28 +180,42 @@ class Blobs:
     async def _adopt(self, partial: pathlib.Path, sha512: str, size: int, holder_type, holder_uuid,
                      namespace) -> pb.Blob:
         new_uuid = str(uuidlib.uuid4())
-        os.link(partial, self.dir / 'blobs' / new_uuid)
+        path = self.replicas.path(new_uuid)
+        holders = []
+        if not [e for e in self.core.cache.where(keys.BLOBS, 'sha512', sha512) if e.value.state == CREATED]:
+            os.link(partial, path)
+            try:
+                holders = await self.replicas.copy_new(new_uuid, size, sha512)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
 
         def build():
             same = [e for e in self.core.cache.where(keys.BLOBS, 'sha512', sha512)
                     if e.value.state == CREATED]
             blob = same[0].value if same else pb.Blob(
                 uuid=new_uuid, state=CREATED, size=size, modified=time.time(),
-                fetched_at=time.time(), version=1, sha512=sha512,
-                locations=[self.core.fqdn])
+                fetched_at=time.time(), version=1, sha512=sha512)
             txn = Txn()
             if same:
                 txn.check_revision(same[0].key, same[0].mod_revision)
+            elif not holders:
+                raise errors.Unavailable('a blob with these bytes went away as this one was stored; retry')
             else:
                 blob.metadata.SetInParent()
                 txn.create(keys.blob(blob.uuid), blob.SerializeToString())
+                self.replicas.locate_into(txn, blob.uuid, holders)  # where, with the blob
             ref = records_pb2.BlobRef(blob_uuid=blob.uuid, holder_type=holder_type,
                                       holder_uuid=holder_uuid, namespace=namespace)
             txn.put(keys.blob_ref(blob.uuid, holder_type, holder_uuid), ref.SerializeToString())
             return txn, blob
-        blob = await self.core.mutate(build)
-        if blob.uuid != new_uuid:
-            (self.dir / 'blobs' / new_uuid).unlink(missing_ok=True)
+        try:
+            blob = await self.core.mutate(build)
+        finally:
+            if not _stored(self.core.cache.get(keys.blob(new_uuid))):
+                # Stored as another blob of the same bytes (or not at all). A copy pushed to
+                # another controller is removed when that one restarts (replicas.py).
+                path.unlink(missing_ok=True)
         return blob
 
     def release_into(self, txn: Txn, holder_uuid: str) -> list[str]:
@@ -210,14 +232,16 @@ class Blobs:
                 dead.CopyFrom(blob.value)
                 dead.state = DELETED
                 txn.check_revision(blob.key, blob.mod_revision).put(blob.key, dead.SerializeToString())
+                self.replicas.forget_into(txn, blob_uuid)
                 gone.append(blob_uuid)
         return gone
 
     def start(self):
-        """Delete a blob's bytes once its record says it is deleted (by any controller)."""
+        """Delete a blob's bytes here once its record says it is deleted (by any
+        controller): every holder does so for what it holds."""
         def on_change(key, entry):
             if entry is not None and entry.value.state == DELETED:
-                (self.dir / 'blobs' / entry.value.uuid).unlink(missing_ok=True)
+                self.replicas.path(entry.value.uuid).unlink(missing_ok=True)
         self.core.cache.listen(keys.BLOBS, on_change)
 
     # -- uploads and artifacts ------------------------------------------------------------
@@ -225,8 +249,16 @@ class Blobs:
         entry = self.core.cache.get(keys.upload(uuid))
         if entry is None or entry.value.state != UPLOAD_CREATED or not caller.current().can_see(
                 entry.value.namespace):
-            raise errors.not_found('upload not found')
+            raise errors.NotFound('upload not found')
         return entry
+
+    def _upload_file(self, uuid: str) -> pathlib.Path:
+        """The file of an open upload, which lives on the controller that created it."""
+        path = self.dir / 'uploads' / uuid
+        if not path.exists():
+            raise errors.Unavailable(f'upload {uuid} is held by another controller '
+                                     f'({self._upload(uuid).value.node}); write to it there')
+        return path
 
     async def create_upload(self, request) -> pb.Upload:
         def build():
@@ -242,14 +274,14 @@ class Blobs:
         """Append chunks to an upload; with expected (the bytes the write declared), a
         write that carried fewer or more changes nothing."""
         upload = self._upload(upload_uuid).value
-        path = self.dir / 'uploads' / upload_uuid
+        path = self._upload_file(upload_uuid)
         with self._counted(upload.namespace) as held:
-            with open(path, 'ab') as f:
+            with await asyncio.to_thread(open, path, 'ab') as f:
                 before = f.tell()
                 try:
                     size, _ = await self._append(chunks, f, upload.namespace, before, held)
                     if expected is not None and size - before != expected:
-                        raise errors.invalid(f'the write carried {size - before} of the {expected} '
+                        raise errors.InvalidArgument(f'the write carried {size - before} of the {expected} '
                                              'bytes it declared: nothing was kept')
                 except BaseException:
                     f.truncate(before)      # a refused (or broken) write leaves the upload as it was
@@ -261,10 +293,10 @@ class Blobs:
         """Shorten an upload to offset bytes (a client rolls back a failed chunk so);
         it never grows one."""
         self._upload(upload_uuid)
-        path = self.dir / 'uploads' / upload_uuid
+        path = self._upload_file(upload_uuid)
         size = path.stat().st_size
         if not 0 <= offset <= size:
-            raise errors.invalid(f'offset: 0 to the upload\'s size, {size} bytes (got {offset})')
+            raise errors.InvalidArgument(f'offset: 0 to the upload\'s size, {size} bytes (got {offset})')
         os.truncate(path, offset)
         await self._record_upload_size(upload_uuid, offset)
 
@@ -282,18 +314,18 @@ class Blobs:
         me = caller.current()
         ns = req.namespace if req.HasField('namespace') else me.namespace
         if not me.can_see(ns):
-            raise errors.not_found('namespace not found')
+            raise errors.NotFound('namespace not found')
         if '/' in req.name or not req.name:
-            raise errors.invalid('name: an artifact name cannot be empty or contain "/"')
+            raise errors.InvalidArgument('name: an artifact name cannot be empty or contain "/"')
         if req.HasField('upload_uuid') == req.HasField('blob_uuid'):
-            raise errors.invalid('give exactly one of upload_uuid and blob_uuid')
+            raise errors.InvalidArgument('give exactly one of upload_uuid and blob_uuid')
         if req.shared and not me.is_system:
-            raise errors.permission_denied('only the system namespace may share artifacts')
+            raise errors.PermissionDenied('only the system namespace may share artifacts')
         artifact_uuid = self._artifact_uuid(ns, req.name)
         if req.HasField('upload_uuid'):
             self._upload(req.upload_uuid)
             # The upload's file becomes the blob: not copied, so not counted twice.
-            path = self.dir / 'uploads' / req.upload_uuid
+            path = self._upload_file(req.upload_uuid)
             sha512, size = await asyncio.to_thread(_file_digest, path)
             blob = await self._adopt(path, sha512, size, 'artifact', artifact_uuid, ns)
         else:
@@ -340,10 +372,8 @@ class Blobs:
         return found[0].value.uuid if found else str(uuidlib.uuid4())
 
 
-def _private(path: pathlib.Path, mode: str):
-    """open(path, mode), creating the file readable by its owner only."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if 'a' in mode else os.O_TRUNC)
-    return os.fdopen(os.open(path, flags, 0o600), mode)
+def _stored(entry) -> bool:
+    return entry is not None and entry.value.state == CREATED
 
 
 def _file_digest(path: pathlib.Path) -> tuple[str, int]:

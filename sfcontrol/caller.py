@@ -12,6 +12,7 @@ class Caller:
     key_name: str = ''
     request_id: str = ''   # the transport-level x-request-id, for logs
     node: str = ''         # a node of the node API (its certificate's name); no namespace
+    controller: str = ''   # a controller calling another (its certificate's name); no namespace
     address: str = ''      # where the call came from (the gateway forwards its client's)
 
     @property

@@ -43,6 +43,8 @@ KINDS = [
     Kind(keys.UPLOADS, blob_pb2.Upload, index=('namespace',)),
     Kind(keys.ARTIFACTS, blob_pb2.Artifact),
     Kind(keys.TOKEN_KEYS, records_pb2.TokenKeyRecord),
+    Kind(keys.BLOB_HOLDERS, records_pb2.BlobHolderRecord),
+    Kind(keys.BLOB_LOCATIONS, records_pb2.BlobLocation),
 ]
 
 MAX_ATTEMPTS = 20

@@ -4,7 +4,8 @@ Access comes from the schema: each method's (shakenfist.v1.access) option.
 shakenfist.v1 methods without it are ACCESS_NAMESPACE; health and reflection
 are public. The node API (NodeControlService) takes no token: the caller is the
 node its TLS client certificate names (CN "node:<name>", issued by the
-cluster CA), and nothing else may call it. Handlers raise ApiError; this turns it into a gRPC status with
+cluster CA), and nothing else may call it. The controllers' BlobPeerService
+takes only a controller's certificate (CN "controller:<name>"). Handlers raise ApiError; this turns it into a gRPC status with
 ErrorInfo. Anything unexpected is logged and answered INTERNAL, with no
 traceback for the caller.
 """
@@ -26,9 +27,12 @@ from shakenfist.v1 import wire_pb2
 log = logging.getLogger(__name__)
 PUBLIC, NAMESPACE, SYSTEM = wire_pb2.ACCESS_PUBLIC, wire_pb2.ACCESS_NAMESPACE, wire_pb2.ACCESS_SYSTEM
 NODE = -1       # not a value of the public schema's Access: the node API's own
+CONTROLLER = -2     # nor this: the controller-to-controller API's
 _PUBLIC_SERVICES = ('grpc.health.v1.Health', 'grpc.reflection.v1alpha.ServerReflection')
 _NODE_SERVICE = 'shakenfist.node.v1alpha1.NodeControlService'
+_PEER_SERVICE = 'shakenfist.peer.v1alpha1.BlobPeerService'
 NODE_CN_PREFIX = 'node:'
+CONTROLLER_CN_PREFIX = 'controller:'
 
 
 @functools.cache
@@ -39,6 +43,8 @@ def access_of(method: str) -> int:
         return PUBLIC
     if service == _NODE_SERVICE:
         return NODE
+    if service == _PEER_SERVICE:
+        return CONTROLLER
     try:
         desc = descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
     except KeyError:
@@ -67,6 +73,8 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 who = Caller('', '', request_id, address=address_of(context, md))
             elif access == NODE:
                 who = Caller('', '', request_id, node=node_of(context))
+            elif access == CONTROLLER:
+                who = Caller('', '', request_id, controller=controller_of(context))
             else:
                 who = auth().authenticate(md.get('authorization'), request_id)
                 if access == SYSTEM and not who.is_system:
@@ -147,6 +155,18 @@ def node_of(context) -> str:
         raise errors.unauthenticated('the node API needs a node certificate of this cluster, '
                                      'on the node port')
     return cn[len(NODE_CN_PREFIX):]
+
+
+def controller_of(context) -> str:
+    """The controller a peer caller's certificate names; a node's or none is refused."""
+    names = context.auth_context().get('x509_common_name') or [b'']
+    cn = names[0].decode(errors='replace')
+    if not names[0]:
+        raise errors.Unauthenticated('this API needs a controller certificate of this cluster, '
+                                     'on the node port')
+    if not cn.startswith(CONTROLLER_CN_PREFIX) or len(cn) == len(CONTROLLER_CN_PREFIX):
+        raise errors.PermissionDenied('only a controller of this cluster may call this')
+    return cn[len(CONTROLLER_CN_PREFIX):]
 
 
 class _Undecodable:

@@ -4,6 +4,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,9 +27,11 @@ from sfcontrol.networks import Networks
 from sfcontrol.nodeapi import NodeControl
 from sfcontrol.nodeclient import NodeClients
 from sfcontrol.nodes import NodeRegistry, NodeReports
+from sfcontrol.replicas import BlobPeerService
 from sfcontrol.instances import Consoles, Instances, Power
 from sfcontrol.store.etcd import Store
 from shakenfist.node.v1alpha1 import node_pb2, node_pb2_grpc
+from shakenfist.peer.v1alpha1 import blob_peer_pb2, blob_peer_pb2_grpc
 from shakenfist.v1 import (agent_operation_service_pb2, agent_operation_service_pb2_grpc,
                            blob_service_pb2, blob_service_pb2_grpc,
                            auth_service_pb2, auth_service_pb2_grpc, event_service_pb2,
@@ -57,6 +60,11 @@ class Config:
     image_allow: tuple[str, ...] = ()       # URL prefixes tenants may use though local or internal
     max_blob_size: int = blobs_module.DEFAULT_MAX_BLOB_SIZE     # bytes of one blob or upload
     namespace_quota: int = blobs_module.DEFAULT_NAMESPACE_QUOTA  # bytes of blobs a namespace holds
+    # host:port where other controllers reach this one's node port (blob copies, replicas.py);
+    # '': node_listen's host (this host's name if that listens on every address).
+    peer_address: str = ''
+    blob_copies: int = blobs_module.COPIES      # controllers holding each blob, when that many live
+    blob_holder_ttl: int = blobs_module.HOLDER_TTL  # seconds a dead controller still holds blobs
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 20.0
     clock: Clock = SYSTEM       # deadlines, heartbeats and token expiry; tests pass a ManualClock
@@ -75,8 +83,13 @@ class Controller:
     nodes: NodeClients
     registry: NodeRegistry
     metrics: MetricsServer | None = None    # with Config.metrics_listen
+    blobs: Blobs | None = None
 
-    async def stop(self, grace: float | None = 1.0):
+    async def stop(self, grace: float | None = 1.0, *, hand_off: bool = True):
+        """Stop. Without hand_off this controller leaves as a dead one does: the others
+        notice it is gone when its lease expires (tests of a lost controller)."""
+        if self.blobs is not None:
+            await self.blobs.replicas.stop(hand_off)
         if self.metrics is not None:
             await self.metrics.close()
         controller_metrics.caches.discard(self.core.cache)
@@ -107,6 +120,18 @@ def _node_port(server: grpc.aio.Server, config: Config) -> int:
         [(key, cert)], root_certificates=ca, require_client_auth=True))
 
 
+def _peer_address(config: Config, node_port: int) -> str:
+    """Where other controllers reach this one's BlobPeerService ('' without a node port)."""
+    if not node_port:
+        return ''
+    if config.peer_address:
+        return config.peer_address
+    host = config.node_listen.rsplit(':', 1)[0].strip('[]')
+    if host in ('', '0.0.0.0', '::'):
+        host = socket.getfqdn()
+    return f'[{host}]:{node_port}' if ':' in host else f'{host}:{node_port}'
+
+
 async def start(config: Config) -> Controller:
     store = await Store.connect(config.etcd_endpoints, prefix=config.store_prefix,
                                 tls=config.etcd_tls)
@@ -114,7 +139,7 @@ async def start(config: Config) -> Controller:
     auth = await Auth.start(core, config.state_dir, config.token_ttl, config.clock.now)
     nodes = NodeClients(core.cache, config.pki)
     blobs = Blobs(core, pathlib.Path(config.state_dir) / 'blobs', config.max_blob_size,
-                  config.namespace_quota)
+                  config.namespace_quota, config.pki, config.blob_copies, config.blob_holder_ttl)
     blobs.start()
     networks = Networks(core, config.floating_netblock)
     events = Events(core)
@@ -145,6 +170,7 @@ async def start(config: Config) -> Controller:
     blob_service_pb2_grpc.add_BlobServiceServicer_to_server(services.BlobService(blobs), server)
     blob_service_pb2_grpc.add_UploadServiceServicer_to_server(services.UploadService(blobs), server)
     blob_service_pb2_grpc.add_ArtifactServiceServicer_to_server(services.ArtifactService(blobs), server)
+    blob_peer_pb2_grpc.add_BlobPeerServiceServicer_to_server(BlobPeerService(blobs.replicas), server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -155,17 +181,18 @@ async def start(config: Config) -> Controller:
         (auth_service_pb2, 'AuthService'), (event_service_pb2, 'EventService'),
         (server_service_pb2, 'ServerService'), (node_pb2, 'NodeControlService'),
         (blob_service_pb2, 'BlobService'), (blob_service_pb2, 'UploadService'),
-        (blob_service_pb2, 'ArtifactService')]]
+        (blob_service_pb2, 'ArtifactService'), (blob_peer_pb2, 'BlobPeerService')]]
     reflection.enable_server_reflection(
         names + [health_pb2.DESCRIPTOR.services_by_name['Health'].full_name, reflection.SERVICE_NAME],
         server)
     port = _public_port(server, config)
     node_port = _node_port(server, config)
     await server.start()
+    await blobs.replicas.start(_peer_address(config, node_port))
     await health_servicer.set('', health_pb2.HealthCheckResponse.SERVING)
     controller_metrics.caches.add(core.cache)
     metrics = await start_metrics_server(config.metrics_listen) if config.metrics_listen else None
     log.info('controller listening', extra={'port': port, 'node_port': node_port, 'pid': os.getpid(),
                                             'metrics': metrics.url if metrics else None})
     return Controller(server, port, node_port, core, auth, agentops, node_control, nodes, registry,
-                      metrics)
+                      metrics, blobs)

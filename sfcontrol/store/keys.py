@@ -11,11 +11,16 @@ ObjectCache (cached=True below):
   agentops/<uuid>                        shakenfist.v1.AgentOperation
   nodes/<name>                           store.v1alpha1.NodeRecord
   placements/<node>/<instance uuid>      store.v1alpha1.Placement (what the node watches)
-  blobs/<uuid>                           shakenfist.v1.Blob (bytes in the state directory)
+  blobs/<uuid>                           shakenfist.v1.Blob (bytes on its holders, below)
   blob-refs/<blob>/<holder type>/<uuid>  store.v1alpha1.BlobRef (a blob lives while held)
   uploads/<uuid>                         shakenfist.v1.Upload
   artifacts/<ns>/<uuid>                  shakenfist.v1.Artifact
   token-keys/<kid>                       store.v1alpha1.TokenKeyRecord (signs tokens)
+
+Bound to a controller's etcd lease, so they go when it does (sfcontrol/replicas.py):
+
+  blob-holders/<holder>                  store.v1alpha1.BlobHolderRecord (a controller holding blob bytes)
+  blob-locations/<blob>/<holder>         store.v1alpha1.BlobLocation (that holder has the blob's bytes)
 
 Guards, written with create-if-absent in the same transaction as the object
 they protect, so that two controllers cannot both take one:
@@ -50,6 +55,8 @@ BLOB_REFS = 'blob-refs/'
 UPLOADS = 'uploads/'
 ARTIFACTS = 'artifacts/'
 TOKEN_KEYS = 'token-keys/'
+BLOB_HOLDERS = 'blob-holders/'
+BLOB_LOCATIONS = 'blob-locations/'
 EVENTS = 'events/'
 
 
@@ -75,6 +82,9 @@ def token_key(kid): return f'token-keys/{kid}'
 def blob(uuid): return f'blobs/{uuid}'
 def blob_refs(blob_uuid): return f'blob-refs/{blob_uuid}/'
 def blob_ref(blob_uuid, holder_type, holder): return f'blob-refs/{blob_uuid}/{holder_type}/{holder}'
+def blob_holder(holder): return f'blob-holders/{holder}'
+def blob_locations(blob_uuid): return f'blob-locations/{blob_uuid}/'
+def blob_location(blob_uuid, holder): return f'blob-locations/{blob_uuid}/{holder}'
 def upload(uuid): return f'uploads/{uuid}'
 def artifact(ns, uuid): return f'artifacts/{ns}/{uuid}'
 def artifacts(ns): return f'artifacts/{ns}/'
