@@ -21,7 +21,9 @@ def config_from(settings: ControllerSettings) -> server.Config:
         state_dir=settings.state_dir, store_prefix=settings.prefix,
         token_ttl=settings.token_ttl, floating_netblock=settings.floating_netblock,
         image_allow=settings.image_allow, max_blob_size=settings.max_blob_size,
-        namespace_quota=settings.namespace_quota, metrics_listen=settings.metrics_listen)
+        namespace_quota=settings.namespace_quota, metrics_listen=settings.metrics_listen,
+        peer_address=settings.peer_address, blob_copies=settings.blob_copies,
+        blob_holder_ttl=settings.blob_holder_ttl)
 
 
 async def start(settings: ControllerSettings, stops: serve.Stops):

@@ -40,6 +40,15 @@ class ControllerSettings(Settings):
                                  help='largest blob or upload in bytes')
     namespace_quota: int = setting(Config.namespace_quota, env='SF_NAMESPACE_QUOTA', ge=0,
                                    help='bytes of blobs and uploads a namespace may hold')
+    peer_address: str = setting(
+        Config.peer_address, env='SF_PEER_ADDRESS',
+        help="host:port where other controllers reach this one's node API port (blob copies); "
+             "default: --node-listen's host, or this host's FQDN when that is every address")
+    blob_copies: int = setting(Config.blob_copies, env='SF_BLOB_COPIES', gt=0,
+                               help='controllers that hold each blob before it is acknowledged (at most '
+                                    'the live ones)')
+    blob_holder_ttl: int = setting(Config.blob_holder_ttl, env='SF_BLOB_HOLDER_TTL', gt=0,
+                                   help="seconds until a dead controller's blob copies stop counting")
     metrics_listen: HostPort | None = setting(
         None, env='SF_METRICS_LISTEN',
         help='host:port of GET /metrics (Prometheus, plain HTTP, no token: bind it where only your '

@@ -100,8 +100,11 @@ def test_every_controller_flag_is_accepted():
         '--node-listen', '127.0.0.1:2', '--pki-dir', '/pki', '--state-dir', '/state', '--prefix', '/p',
         '--token-ttl', '60', '--floating-netblock', '10.0.0.0/24', '--image-allow', 'file:///x/',
         '--image-allow', 'http://y/', '--max-blob-size', '100', '--namespace-quota', '1000',
-        '--log-level', 'warning'])
+        '--peer-address', 'ctl1:13002', '--blob-copies', '3', '--blob-holder-ttl', '30',
+        '--metrics-listen', '127.0.0.1:9100', '--log-level', 'warning'])
     config = sfcontrol_main.config_from(s)
+    assert (config.peer_address, config.blob_copies, config.blob_holder_ttl, config.metrics_listen) == \
+        ('ctl1:13002', 3, 30, '127.0.0.1:9100')
     assert config.etcd_endpoints == ['a:1', 'b:2'] and config.listen == '0.0.0.0:1'
     assert config.tls_cert == pathlib.Path('/c.pem') and config.tls_key == pathlib.Path('/c.key')
     assert config.node_listen == '127.0.0.1:2' and config.state_dir == pathlib.Path('/state')

@@ -275,7 +275,7 @@ class Store:
 
     async def keepalive(self, lease_id: int) -> int:
         """Refresh a lease once; returns its new TTL, 0 if it has expired."""
-        r = await self._unary("lease", self._keepalive_once, rpc.LeaseKeepAliveRequest(ID=lease_id))
+        r = await self._unary("lease_keepalive", self._keepalive_once, rpc.LeaseKeepAliveRequest(ID=lease_id))
         return 0 if r is grpc.aio.EOF else r.TTL
 
     async def _keepalive_once(self, request, **kwargs):
