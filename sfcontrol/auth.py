@@ -134,7 +134,7 @@ class Auth:
                .put(keys.namespace_key(SYSTEM, SYSTEM_KEY_NAME),
                     key_record(SYSTEM_KEY_NAME, system_key).SerializeToString()))
         ok, revision = await core.store.commit(txn)
-        await core.cache.wait_for(revision)
+        await core.cache.wait_for(revision, elsewhere=not ok)
         if ok:
             log.info('created the system namespace')
             if state_dir is not None:

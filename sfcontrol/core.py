@@ -102,7 +102,7 @@ class Core:
                 prior = await self._prior(ns, request_id, method, digest, type(response))
                 if prior is not None:
                     return prior
-            await self.cache.wait_for(revision)
+            await self.cache.wait_for(revision, elsewhere=True)
             return None
 
         done = await attempt()

@@ -253,7 +253,7 @@ async def test_requests_are_counted_by_kind(store):
     await store.commit(Txn().create("k", b"v"))
     lease = await store.grant(10)
     await store.keepalive(lease)
-    assert store.requests == {"put": 1, "range": 3, "delete": 1, "txn": 1, "lease": 2}
+    assert store.requests == {"put": 1, "range": 3, "delete": 1, "txn": 1, "lease": 1, "lease_keepalive": 1}
 
 
 async def test_lease_keys_vanish_on_revoke_and_keepalive_reports_ttl(store):
@@ -282,3 +282,27 @@ async def test_unreachable_etcd_is_store_unavailable(private_etcd):
         assert (await store.get("a"))[0] == b"1"  # and it recovers by itself
     finally:
         await store.close()
+
+
+async def test_a_cache_learns_it_has_passed_a_revision_made_elsewhere(etcd, store):
+    """A failed transaction answers with etcd's revision, which may be another prefix's
+    change: the cache asks etcd for a progress notification instead of waiting for an
+    event that never comes (it used to wait its whole timeout)."""
+    from sfcontrol.core import Core
+    core = await Core.open(store)
+    other = await Store.connect([etcd.endpoint], prefix=f"/sftest/{uuid.uuid4().hex}", tls=etcd.client_tls)
+    try:
+        await other.put("elsewhere", b"x")              # a revision of no change of ours
+        ok, revision = await store.commit(Txn().check_revision("absent", 5).put("absent", b"y"))
+        assert not ok and revision > core.cache.revision
+        with pytest.raises(TimeoutError):
+            await core.cache.wait_for(revision, timeout=0.5)
+        t = time.monotonic()
+        await core.cache.wait_for(revision, timeout=5, elsewhere=True)
+        assert time.monotonic() - t < 1 and core.cache.revision >= revision
+        # The watch resumes after the progress revision: a later change of ours arrives once.
+        rev = await store.put("ours", b"z")
+        await core.cache.wait_for(rev, timeout=5)
+    finally:
+        await other.close()
+        await core.close()

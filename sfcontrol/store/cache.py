@@ -124,8 +124,8 @@ class ObjectCache:
             revision = await self._load()
             self._ready.set()
             try:
-                async for ev in self._store.watch_prefix('', start_revision=revision + 1):
-                    kind = self._kind_of(ev.key)
+                async for ev in self._store.watch_prefix('', start_revision=revision + 1, progress=True):
+                    kind = self._kind_of(ev.key) if ev.type != 'progress' else None
                     if kind:
                         if ev.type == 'put':
                             self._apply(kind, ev.key, kind.message.FromString(ev.value),
@@ -212,12 +212,16 @@ class ObjectCache:
         self._waiters = still
 
     # -- reads -----------------------------------------------------------------
-    async def wait_for(self, revision: int, timeout: float = 10.0):
-        """Return once every change up to revision is visible here."""
+    async def wait_for(self, revision: int, timeout: float = 10.0, *, elsewhere: bool = False):
+        """Return once every change up to revision is visible here. With elsewhere, the
+        revision may be of no change of this prefix (a failed transaction's, say): etcd
+        is asked to tell the watch once it has passed it."""
         if revision <= self.revision:
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((revision, fut))
+        if elsewhere:
+            await self._store.request_progress()
         await asyncio.wait_for(fut, timeout)
 
     def listen(self, prefix: str, callback: Callable[[str, Entry | None], None]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import AsyncIterator, Iterable, NamedTuple
@@ -57,7 +58,7 @@ class StoreCompacted(StoreError):
 
 
 class Event(NamedTuple):
-    type: str  # "put" or "delete"
+    type: str  # "put", "delete", or "progress" (every change up to mod_revision was yielded)
     key: str  # relative to the store prefix
     value: bytes  # b"" for deletes
     mod_revision: int
@@ -155,7 +156,10 @@ class Store:
         self._root = prefix.rstrip("/") + "/"
         self._kv, self._lease = rpc.KVStub(channel), rpc.LeaseStub(channel)
         self._watch = rpc.WatchStub(channel)
-        #: RPCs made to etcd, by kind: range, txn, put, delete, watch_create, lease, compact.
+        self._progress_calls: set = set()       # the watches that yield progress events
+        self._progress_lock = asyncio.Lock()    # one write at a time on a stream
+        #: RPCs made to etcd, by kind: range, txn, put, delete, watch_create, watch_progress,
+        #: lease (grant, revoke), lease_keepalive, compact.
         self.requests: collections.Counter[str] = collections.Counter()
 
     @classmethod
@@ -286,9 +290,20 @@ class Store:
         finally:
             call.cancel()
 
+    async def request_progress(self) -> None:
+        """Ask etcd to tell each progress watch the revision it is at (a "progress"
+        event): how a watcher learns that a revision made outside its prefix (a change
+        of another prefix, a lease expiry) holds nothing more for it."""
+        async with self._progress_lock:
+            for call in list(self._progress_calls):
+                self.requests["watch_progress"] += 1
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+
     async def watch_prefix(self, prefix: str, start_revision: int = 0, *,
-                           max_outage: float | None = None) -> AsyncIterator[Event]:
-        """Every change under prefix from start_revision (0: from when the watch starts).
+                           max_outage: float | None = None, progress: bool = False) -> AsyncIterator[Event]:
+        """Every change under prefix from start_revision (0: from when the watch starts),
+        and with progress, "progress" events answering request_progress().
 
         Survives etcd restarts: reconnects with capped backoff and resumes after the last
         event yielded, so nothing is missed or repeated. Raises StoreCompacted if the
@@ -308,6 +323,8 @@ class Store:
                 if next_rev == 0:
                     next_rev = created.header.revision + 1
                 delay, down_since = _BACKOFF_FIRST, None
+                if progress:
+                    self._progress_calls.add(call)
                 while True:
                     resp = await call.read()
                     if resp is grpc.aio.EOF:
@@ -323,6 +340,9 @@ class Store:
                                     self._rel(ev.kv.key), ev.kv.value, ev.kv.mod_revision)
                     if resp.events:
                         next_rev = resp.events[-1].kv.mod_revision + 1
+                    elif progress and resp.header.revision >= next_rev:    # a progress notification
+                        next_rev = resp.header.revision + 1
+                        yield Event("progress", "", b"", resp.header.revision)
             except grpc.aio.AioRpcError as e:
                 if self._closed or e.code() not in _WATCH_RETRY:
                     raise _map_error(e) from e
@@ -334,6 +354,7 @@ class Store:
                 raise
             finally:
                 if call is not None:
+                    self._progress_calls.discard(call)
                     call.cancel()
             down_since = down_since or loop.time()
             if max_outage is not None and loop.time() - down_since > max_outage:
