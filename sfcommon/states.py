@@ -56,7 +56,7 @@ def allowed(old, new) -> bool:
 def check(old, new):
     """Raise STATE_CONFLICT unless old -> new is allowed."""
     if not allowed(old, new):
-        raise errors.conflict(f'invalid state transition from {name(old)} to {name(new)}')
+        raise errors.StateConflict(f'invalid state transition from {name(old)} to {name(new)}')
 
 
 def is_active(state) -> bool:

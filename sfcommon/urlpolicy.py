@@ -78,19 +78,19 @@ class ImagePolicy:
             parsed = urllib.parse.urlsplit(url)
             parsed.port     # raises on a bad port
         except ValueError:
-            raise errors.invalid(f'image {url!r} is not a valid URL')
+            raise errors.InvalidArgument(f'image {url!r} is not a valid URL')
         if self.allowed_by_operator(url):
             return parsed
         if parsed.scheme.lower() not in TENANT_SCHEMES:
-            raise errors.invalid(f'image {url!r}: only http and https URLs (or the shorthands '
+            raise errors.InvalidArgument(f'image {url!r}: only http and https URLs (or the shorthands '
                                  'of this cloud) may be used')
         host = (parsed.hostname or '').rstrip('.').lower()
         if not host:
-            raise errors.invalid(f'image {url!r} names no host')
+            raise errors.InvalidArgument(f'image {url!r} names no host')
         if parsed.username is not None or parsed.password is not None:
-            raise errors.invalid(f'image {url!r}: credentials in a URL are not allowed')
+            raise errors.InvalidArgument(f'image {url!r}: credentials in a URL are not allowed')
         if host == 'localhost' or host.endswith('.localhost'):
-            raise errors.invalid(f'image {url!r}: internal addresses may not be used')
+            raise errors.InvalidArgument(f'image {url!r}: internal addresses may not be used')
         literal = _literal(host)
         if literal is not None:
             self.check_address(url, literal)
@@ -99,4 +99,4 @@ class ImagePolicy:
     def check_address(self, url: str, address: str):
         """Refuse an internal address that url's host resolved to (unless allow-listed)."""
         if is_internal(address) and not self.allowed_by_operator(url):
-            raise errors.invalid(f'image {url!r}: internal addresses may not be used')
+            raise errors.InvalidArgument(f'image {url!r}: internal addresses may not be used')

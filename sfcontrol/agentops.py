@@ -71,7 +71,7 @@ class AgentOperations:
     def get(self, uuid: str):
         entry = self.core.cache.get(keys.agentop(uuid))
         if entry is None or not caller.current().can_see(entry.value.namespace):
-            raise errors.not_found('agent operation not found')
+            raise errors.NotFound('agent operation not found')
         return entry
 
     def list(self, req: api.ListInstanceAgentOperationsRequest):
@@ -88,7 +88,7 @@ class AgentOperations:
     # -- create ---------------------------------------------------------------------
     async def execute(self, req: api.ExecuteCommandRequest):
         if not req.command_line.strip():
-            raise errors.invalid('command_line: a command is required')
+            raise errors.InvalidArgument('command_line: a command is required')
         commands = [pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_EXECUTE,
                                     commandline=req.command_line, block_for_result=True)]
         return await self._create(req, commands, QUEUED, req.deadline_seconds, 0.0,
@@ -97,14 +97,14 @@ class AgentOperations:
 
     async def get_file(self, req: api.GetFileRequest):
         if not req.path:
-            raise errors.invalid('path: a path is required')
+            raise errors.InvalidArgument('path: a path is required')
         commands = [pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_GET_FILE, path=req.path)]
         return await self._create(req, commands, QUEUED, req.deadline_seconds, PROGRESS_TIMEOUT,
                                   'agent operation get request from API', api.GetFileResponse)
 
     async def put_file(self, req: api.PutFileRequest):
         if not req.path:
-            raise errors.invalid('path: a path is required')
+            raise errors.InvalidArgument('path: a path is required')
         # A blob the caller may see (NOT_FOUND otherwise): never another namespace's.
         self.instances.blobs.get(req.blob_uuid)
         commands = [pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_PUT_BLOB, blob_uuid=req.blob_uuid,
@@ -117,14 +117,14 @@ class AgentOperations:
     async def _create(self, req, commands, state, deadline_seconds, progress_timeout, what,
                       response_cls):
         if deadline_seconds < 0:
-            raise errors.invalid('deadline_seconds: must not be negative')
+            raise errors.InvalidArgument('deadline_seconds: must not be negative')
         entry = self.instances.resolve(req.instance_ref)
         if entry.value.state != states.CREATED:
-            raise errors.not_ready(f'instance {entry.value.uuid} is not ready '
+            raise errors.NotReady(f'instance {entry.value.uuid} is not ready '
                                    f'({states.name(entry.value.state)})')
         agent = instance_pb2.AgentState.DESCRIPTOR.values_by_number[entry.value.agent_state].name
         if not agent.startswith('AGENT_STATE_READY'):
-            raise errors.agent_not_ready('instance agent not ready')
+            raise errors.AgentNotReady('instance agent not ready')
 
         new_uuid = str(uuidlib.uuid4())
 
@@ -171,11 +171,11 @@ class AgentOperations:
         def build():
             entry = self.core.cache.get(keys.agentop(uuid))
             if entry is None:
-                raise errors.not_found('agent operation not found')
+                raise errors.NotFound('agent operation not found')
             op = pb.AgentOperation()
             op.CopyFrom(entry.value)
             if state != op.state and state not in TRANSITIONS[op.state]:
-                raise errors.conflict(f'agent operation {uuid} cannot go from '
+                raise errors.StateConflict(f'agent operation {uuid} cannot go from '
                                       f'{_state_name(op.state)} to {_state_name(state)}')
             op.state = state
             if results:

@@ -82,7 +82,7 @@ class FailureLimiter:
     def check(self, client):
         if self._tokens(client) < 1:
             wait = self.refill * (1 - self._tokens(client))
-            raise errors.too_many_requests(f'too many failed attempts: retry in {wait:.0f} s')
+            raise errors.TooManyRequests(f'too many failed attempts: retry in {wait:.0f} s')
 
     def failed(self, client):
         if len(self._buckets) >= self.size:
@@ -180,7 +180,7 @@ class Auth:
     async def create_token(self, req: api.CreateTokenRequest, source: str = '') -> api.CreateTokenResponse:
         """A token for a namespace's key; source (the client's address) limits failures."""
         if not req.namespace or not req.key:
-            raise errors.unauthenticated('a namespace and a key are required')
+            raise errors.Unauthenticated('a namespace and a key are required')
         client = (req.namespace, source)
         self.failures.check(client)
         for entry in self.core.cache.range(keys.namespace_keys(req.namespace))[0]:
@@ -197,39 +197,39 @@ class Auth:
                 return api.CreateTokenResponse(access_token=token, token_type='Bearer',
                                                expires_in=self.token_ttl)
         self.failures.failed(client)
-        raise errors.unauthenticated('namespace or key not recognised')
+        raise errors.Unauthenticated('namespace or key not recognised')
 
     def _verify(self, token: str) -> _Verified:
         try:
             kid = jwt.get_unverified_header(token).get('kid')
         except jwt.InvalidTokenError:
-            raise errors.unauthenticated('the token is not valid')
+            raise errors.Unauthenticated('the token is not valid')
         signer = self.core.cache.get(keys.token_key(kid)) if isinstance(kid, str) else None
         if signer is None:
-            raise errors.unauthenticated('the token is not valid (unknown or retired signing key)')
+            raise errors.Unauthenticated('the token is not valid (unknown or retired signing key)')
         try:
             # Expiry is checked by authenticate(), on this controller's clock.
             claims = jwt.decode(token, signer.value.secret, algorithms=['HS256'], issuer=ISSUER,
                                 options={'require': ['exp', 'iat', 'sub', 'iss', 'gen'],
                                          'verify_exp': False, 'verify_iat': False})
         except jwt.InvalidTokenError:
-            raise errors.unauthenticated('the token is not valid')
+            raise errors.Unauthenticated('the token is not valid')
         try:
             lifetime = float(claims['exp']) - float(claims['iat'])
         except (TypeError, ValueError):
-            raise errors.unauthenticated('the token is not valid')
+            raise errors.Unauthenticated('the token is not valid')
         if lifetime > MAX_TOKEN_TTL:
-            raise errors.unauthenticated(f'the token is not valid (lives over {MAX_TOKEN_TTL} s)')
+            raise errors.Unauthenticated(f'the token is not valid (lives over {MAX_TOKEN_TTL} s)')
         ns, _, key_name = str(claims['sub']).partition(':')
         return _Verified(ns, key_name, str(claims['gen']), kid, float(claims['exp']))
 
     def authenticate(self, authorization: str | None, request_id: str = '') -> Caller:
         """The caller a bearer token stands for; UNAUTHENTICATED otherwise."""
         if not authorization:
-            raise errors.unauthenticated('this call needs a token: send "authorization: Bearer <token>"')
+            raise errors.Unauthenticated('this call needs a token: send "authorization: Bearer <token>"')
         scheme, _, token = authorization.partition(' ')
         if scheme.lower() != 'bearer' or not token:
-            raise errors.unauthenticated('the authorization must be "Bearer <token>"')
+            raise errors.Unauthenticated('the authorization must be "Bearer <token>"')
         token = token.strip()
         known = self._verified.get(token)
         if known is None:
@@ -238,19 +238,19 @@ class Auth:
                 self._verified.clear()
             self._verified[token] = known
         if known.expires <= self.clock():
-            raise errors.unauthenticated('the token has expired')
+            raise errors.Unauthenticated('the token has expired')
         if self.core.cache.get(keys.token_key(known.kid)) is None:
-            raise errors.unauthenticated('the token is not valid (unknown or retired signing key)')
+            raise errors.Unauthenticated('the token is not valid (unknown or retired signing key)')
         key = self.core.cache.get(keys.namespace_key(known.namespace, known.key_name))
         if key is None or key.value.generation != known.generation:
-            raise errors.unauthenticated('the token\'s key was deleted or set again since: log in again')
+            raise errors.Unauthenticated('the token\'s key was deleted or set again since: log in again')
         return Caller(known.namespace, known.key_name, request_id)
 
     # -- namespaces (system only, enforced by the access option) ------------------
     def view(self, name: str) -> pb.Namespace:
         entry = self.core.cache.get(keys.namespace(name))
         if entry is None:
-            raise errors.not_found('namespace not found')
+            raise errors.NotFound('namespace not found')
         out = pb.Namespace()
         out.CopyFrom(entry.value)
         out.keys.extend(e.value.name for e in self.core.cache.range(keys.namespace_keys(name))[0])
@@ -266,11 +266,11 @@ class Auth:
 
     async def create_namespace(self, req: api.CreateNamespaceRequest):
         if not NAME.match(req.namespace):
-            raise errors.invalid('namespace: 1 to 63 characters of a-z, A-Z, 0-9, _ and -')
+            raise errors.InvalidArgument('namespace: 1 to 63 characters of a-z, A-Z, 0-9, _ and -')
 
         def build():
             if self.core.cache.get(keys.namespace(req.namespace)) is not None:
-                raise errors.already_exists(f'namespace {req.namespace} already exists')
+                raise errors.AlreadyExists(f'namespace {req.namespace} already exists')
             ns = pb.Namespace(name=req.namespace, state=CREATED, version=1)
             txn = Txn().create(keys.namespace(req.namespace), ns.SerializeToString())
             return txn, api.CreateNamespaceResponse(namespace=ns)
@@ -280,7 +280,7 @@ class Auth:
 
     async def delete_namespace(self, req: api.DeleteNamespaceRequest):
         if req.namespace == SYSTEM:
-            raise errors.permission_denied('the system namespace cannot be deleted')
+            raise errors.PermissionDenied('the system namespace cannot be deleted')
         self.view(req.namespace)
 
         def build():
@@ -290,10 +290,10 @@ class Auth:
                 keys.networks(req.namespace), limit=1,
                 filter=lambda n: n.state != network_pb2.NETWORK_STATE_DELETED)[0]
             if live or nets:
-                raise errors.conflict(f'namespace {req.namespace} still has instances or networks')
+                raise errors.StateConflict(f'namespace {req.namespace} still has instances or networks')
             entry = self.core.cache.get(keys.namespace(req.namespace))
             if entry is None:
-                raise errors.not_found('namespace not found')
+                raise errors.NotFound('namespace not found')
             txn = Txn().check_revision(entry.key, entry.mod_revision).delete(entry.key)
             for key_entry in self.core.cache.range(keys.namespace_keys(req.namespace))[0]:
                 txn.delete(key_entry.key)
@@ -310,9 +310,9 @@ class Auth:
     async def set_key(self, req, *, create: bool):
         self.view(req.namespace)
         if not NAME.match(req.key_name):
-            raise errors.invalid('key_name: 1 to 63 characters of a-z, A-Z, 0-9, _ and -')
+            raise errors.InvalidArgument('key_name: 1 to 63 characters of a-z, A-Z, 0-9, _ and -')
         if not req.key:
-            raise errors.invalid('key: the key cannot be empty')
+            raise errors.InvalidArgument('key: the key cannot be empty')
         record = key_record(req.key_name, req.key)
         response = (api.AddNamespaceKeyResponse if create else api.UpdateNamespaceKeyResponse)(
             key_name=req.key_name)
@@ -321,9 +321,9 @@ class Auth:
             key = keys.namespace_key(req.namespace, req.key_name)
             exists = self.core.cache.get(key)
             if create and exists:
-                raise errors.already_exists(f'key {req.key_name} already exists')
+                raise errors.AlreadyExists(f'key {req.key_name} already exists')
             if not create and not exists:
-                raise errors.not_found(f'key {req.key_name} not found')
+                raise errors.NotFound(f'key {req.key_name} not found')
             txn = Txn().check_revision(keys.namespace(req.namespace),
                                        self.core.cache.get(keys.namespace(req.namespace)).mod_revision)
             txn.put(key, record.SerializeToString())
@@ -336,7 +336,7 @@ class Auth:
         def build():
             entry = self.core.cache.get(keys.namespace_key(req.namespace, req.key_name))
             if entry is None:
-                raise errors.not_found(f'key {req.key_name} not found')
+                raise errors.NotFound(f'key {req.key_name} not found')
             return Txn().delete(entry.key), api.DeleteNamespaceKeyResponse()
         return await self.core.mutate(build, request=req)
 

@@ -32,12 +32,12 @@ def delete_all_scope(request) -> str:
     from sfcommon import errors
     me = current()
     if not request.confirm:
-        raise errors.invalid('parameter confirm is not set true')
+        raise errors.InvalidArgument('parameter confirm is not set true')
     if me.is_system and not request.HasField('namespace'):
-        raise errors.invalid('system user must specify parameter namespace')
+        raise errors.InvalidArgument('system user must specify parameter namespace')
     ns = request.namespace if request.HasField('namespace') else me.namespace
     if not me.can_see(ns):
-        raise errors.unauthenticated('you cannot delete other namespaces')
+        raise errors.Unauthenticated('you cannot delete other namespaces')
     return ns
 
 

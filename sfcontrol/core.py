@@ -116,7 +116,7 @@ class Core:
                     if (done := await attempt()) is not None:
                         break
         if done is None:
-            raise errors.unavailable('the request conflicted with others too often; retry it')
+            raise errors.Unavailable('the request conflicted with others too often; retry it')
         return done[0]
 
     async def replayed(self, request: Message) -> Message | None:
@@ -136,7 +136,7 @@ class Core:
             return None
         record = records_pb2.RequestRecord.FromString(found[0])
         if record.method != method or record.request_hash != digest:
-            raise errors.invalid(f'request_id {request_id} was already used for another request')
+            raise errors.InvalidArgument(f'request_id {request_id} was already used for another request')
         # The retry must also see what the first request changed.
         await self.cache.wait_for(found[1])
         if response_cls is None:

@@ -29,11 +29,11 @@ class Events:
                    limit: int = 0, page_token: str = ''):
         """(events newest first, next_page_token, watch_cursor) for one object."""
         if limit < 0:
-            raise errors.invalid('limit: must not be negative')
+            raise errors.InvalidArgument('limit: must not be negative')
         limit = min(limit or DEFAULT_LIMIT, MAX_LIMIT)
         prefix = keys.events(ns, object_type_name(object_type), uuid)
         if page_token and not page_token.startswith(prefix):
-            raise errors.invalid('page_token: not a token of this listing')
+            raise errors.InvalidArgument('page_token: not a token of this listing')
         out, before, revision = [], page_token or None, 0
         while True:
             page = await self.core.store.get_prefix(prefix, limit=_READ_PAGE, reverse=True,
@@ -55,7 +55,7 @@ class Events:
         # An etcd revision: ASCII digits that fit an int64 (str.isdigit() also
         # takes '²', which int() refuses, and etcd refuses what is too large).
         if cursor and not _CURSOR.fullmatch(cursor):
-            raise errors.invalid('cursor: not a cursor returned by this server')
+            raise errors.InvalidArgument('cursor: not a cursor returned by this server')
         wanted = set(event_types)
         if not cursor:      # from now: the store's current revision
             cursor = str((await self.core.store.get_prefix(prefix, limit=1, keys_only=True)).revision)
@@ -73,7 +73,7 @@ class Events:
                     if not wanted or ev.type in wanted:
                         yield event_service_pb2.WatchEventsResponse(event=ev, cursor=str(change.mod_revision))
             except StoreCompacted:
-                raise errors.cursor_expired(
+                raise errors.CursorExpired(
                     'the cursor is older than the event history kept: list the events again, '
                     'then watch from the watch_cursor of that listing')
 

@@ -78,7 +78,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
             else:
                 who = auth().authenticate(md.get('authorization'), request_id)
                 if access == SYSTEM and not who.is_system:
-                    raise errors.permission_denied('only the system namespace may do this')
+                    raise errors.PermissionDenied('only the system namespace may do this')
             caller.set_current(who)
             caller.current_method.set(method)
 
@@ -87,15 +87,15 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 err = e
             elif isinstance(e, StoreError):
                 log.warning('%s: store failure: %s', method, e)
-                err = errors.unavailable('the state store is unavailable; retry')
+                err = errors.Unavailable('the state store is unavailable; retry')
             elif isinstance(e, TimeoutError):
-                err = errors.unavailable('timed out waiting for the state store; retry')
+                err = errors.Unavailable('timed out waiting for the state store; retry')
             elif isinstance(e, NotImplementedError):
                 # An RPC of the schema whose implementation has not landed yet.
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f'{method} is not implemented yet')
             else:
                 log.exception('%s failed', method)
-                err = errors.internal('internal error')
+                err = errors.Internal('internal error')
             await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
 
         def unary(behaviour):
@@ -152,7 +152,7 @@ def node_of(context) -> str:
     names = context.auth_context().get('x509_common_name') or [b'']
     cn = names[0].decode(errors='replace')
     if not cn.startswith(NODE_CN_PREFIX) or len(cn) == len(NODE_CN_PREFIX):
-        raise errors.unauthenticated('the node API needs a node certificate of this cluster, '
+        raise errors.Unauthenticated('the node API needs a node certificate of this cluster, '
                                      'on the node port')
     return cn[len(NODE_CN_PREFIX):]
 
@@ -178,7 +178,7 @@ class _Undecodable:
         self.problem = problem
 
     def error(self):
-        return errors.invalid(f'the request message could not be parsed: {self.problem}')
+        return errors.InvalidArgument(f'the request message could not be parsed: {self.problem}')
 
 
 def _tolerant(deserializer):

@@ -76,7 +76,7 @@ def _scalar(field, lim):
 
         def length(value, path):
             if len(value) > most:
-                raise errors.invalid(f'{path}: at most {most} {unit} (got {len(value)})')
+                raise errors.InvalidArgument(f'{path}: at most {most} {unit} (got {len(value)})')
         return length
     if lim.HasField('minimum') or lim.HasField('maximum'):
         lo = lim.minimum if lim.HasField('minimum') else float('-inf')
@@ -85,7 +85,7 @@ def _scalar(field, lim):
 
         def bounded(value, path):
             if not lo <= value <= hi:       # NaN is outside every range
-                raise errors.invalid(f'{path}: {text} (got {value})')
+                raise errors.InvalidArgument(f'{path}: {text} (got {value})')
         return bounded
     return None
 
@@ -97,15 +97,15 @@ def _struct(lim):
     def check(value, path):
         fields = value.fields
         if keys and len(fields) > keys:
-            raise errors.invalid(f'{path}: at most {keys} keys (got {len(fields)})')
+            raise errors.InvalidArgument(f'{path}: at most {keys} keys (got {len(fields)})')
         if key_length:
             for key in fields:
                 if len(key) > key_length:
                     shown = key if len(key) <= _KEY_SHOWN else key[:_KEY_SHOWN] + '...'
-                    raise errors.invalid(f'{path}: keys are at most {key_length} characters '
+                    raise errors.InvalidArgument(f'{path}: keys are at most {key_length} characters '
                                          f'(got {len(key)}: {shown!r})')
         if size and (n := value.ByteSize()) > size:
-            raise errors.too_large(f'{path}: at most {size} bytes (got {n})')
+            raise errors.PayloadTooLarge(f'{path}: at most {size} bytes (got {n})')
     return check
 
 
@@ -114,7 +114,7 @@ def _sized(lim):
 
     def check(value, path):
         if (n := value.ByteSize()) > size:
-            raise errors.too_large(f'{path}: at most {size} bytes (got {n})')
+            raise errors.PayloadTooLarge(f'{path}: at most {size} bytes (got {n})')
     return check
 
 
@@ -148,7 +148,7 @@ def _field(field):
             entries = getattr(m, attr)
             path = prefix + label
             if most and len(entries) > most:
-                raise errors.invalid(f'{path}: at most {most} keys (got {len(entries)})')
+                raise errors.InvalidArgument(f'{path}: at most {most} keys (got {len(entries)})')
             for key, value in entries.items():
                 if key_check:
                     key_check(key, f'{path} key')
@@ -166,7 +166,7 @@ def _field(field):
             items = getattr(m, attr)
             path = prefix + label
             if most and len(items) > most:
-                raise errors.invalid(f'{path}: at most {most} items (got {len(items)})')
+                raise errors.InvalidArgument(f'{path}: at most {most} items (got {len(items)})')
             if item:
                 for i, value in enumerate(items):
                     item(value, f'{path}[{i}]')
@@ -199,13 +199,13 @@ class _Plan:
     def check(self, m, prefix=''):
         for attr, most, label in self.strings:
             if len(getattr(m, attr)) > most:
-                raise errors.invalid(f'{prefix}{label}: at most {most} characters '
+                raise errors.InvalidArgument(f'{prefix}{label}: at most {most} characters '
                                      f'(got {len(getattr(m, attr))})')
         for check in self.others:
             check(m, prefix)
         if self.max_bytes and (n := m.ByteSize()) > self.max_bytes:
             what = f'{prefix[:-1]}: a' if prefix else 'the request is too large: a'
-            raise errors.too_large(f'{what} {self.type_name} is at most {self.max_bytes} bytes in '
+            raise errors.PayloadTooLarge(f'{what} {self.type_name} is at most {self.max_bytes} bytes in '
                             f'protobuf encoding (got {n})')
 
 

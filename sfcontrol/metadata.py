@@ -17,9 +17,9 @@ class Metadata:
 
     async def set(self, key: str, request, response):
         if not request.key:
-            raise errors.invalid('key: a metadata key is required')
+            raise errors.InvalidArgument('key: a metadata key is required')
         if not request.HasField('value'):
-            raise errors.invalid('no value specified')
+            raise errors.InvalidArgument('no value specified')
         value = json_format.MessageToDict(request.value)
         return await self._change(key, request, response,
                                   lambda md: md.update({request.key: value}))
@@ -27,7 +27,7 @@ class Metadata:
     async def delete(self, key: str, request, response):
         def change(md):
             if request.key not in md:
-                raise errors.not_found(f'metadata key {request.key} not found')
+                raise errors.NotFound(f'metadata key {request.key} not found')
             del md[request.key]
         return await self._change(key, request, response, change)
 
@@ -35,7 +35,7 @@ class Metadata:
         def build():
             entry = self.core.cache.get(key)
             if entry is None:
-                raise errors.not_found('object not found')
+                raise errors.NotFound('object not found')
             obj = type(entry.value)()
             obj.CopyFrom(entry.value)
             change(obj.metadata)

@@ -25,9 +25,9 @@ def parse_netblock(netblock: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(netblock, strict=False)
     except ValueError as e:
-        raise errors.invalid(f'cannot parse netblock: {e}')
+        raise errors.InvalidArgument(f'cannot parse netblock: {e}')
     if net.prefixlen > MIN_PREFIX:
-        raise errors.invalid(f'network is below minimum size of /{MIN_PREFIX}')
+        raise errors.InvalidArgument(f'network is below minimum size of /{MIN_PREFIX}')
     return net
 
 
@@ -52,20 +52,20 @@ class Networks:
         me = caller.current()
         ns = namespace or me.namespace
         if namespace and not me.can_see(namespace):
-            raise errors.not_found('network not found')
+            raise errors.NotFound('network not found')
         entry = self.core.cache.by_uuid(keys.NETWORKS, ref)
         if entry is None:
             matches, _ = self.core.cache.range(keys.networks(ns), filter=lambda n: n.name == ref
                                                and n.state != NET.Value('NETWORK_STATE_DELETED'))
             entry = matches[0] if len(matches) == 1 else None
         if entry is None or not me.can_see(entry.value.namespace):
-            raise errors.not_found('network not found')
+            raise errors.NotFound('network not found')
         return entry
 
     def interface(self, uuid: str):
         entry = self.core.cache.get(keys.interface(uuid))
         if entry is None or not self._visible(entry.value):
-            raise errors.not_found('interface not found')
+            raise errors.NotFound('interface not found')
         return entry
 
     def _visible(self, iface) -> bool:
@@ -89,21 +89,21 @@ class Networks:
         me = caller.current()
         ns = req.namespace if req.HasField('namespace') else me.namespace
         if not me.can_see(ns):
-            raise errors.not_found('namespace not found')
+            raise errors.NotFound('namespace not found')
         if not req.name:
-            raise errors.invalid('name: a network needs a name')
+            raise errors.InvalidArgument('name: a network needs a name')
         net = parse_netblock(req.netblock)
 
         def build():
             if self.core.cache.get(keys.namespace(ns)) is None:
-                raise errors.not_found('namespace not found')
+                raise errors.NotFound('namespace not found')
             # Checked in build, so that a create that lost a race for the name guard
             # sees the winner when it is retried (rather than retrying until UNAVAILABLE).
             name_taken = self.core.cache.range(
                 keys.networks(ns), filter=lambda n: n.name == req.name
                 and n.state != NET.Value('NETWORK_STATE_DELETED'))[0]
             if name_taken:
-                raise errors.already_exists(f'a network named {req.name} already exists')
+                raise errors.AlreadyExists(f'a network named {req.name} already exists')
             network = pb.Network(
                 uuid=str(uuidlib.uuid4()), name=req.name, namespace=ns, netblock=str(net),
                 provide_dhcp=req.provide_dhcp, provide_nat=req.provide_nat,
@@ -135,7 +135,7 @@ class Networks:
             current = self.core.cache.get(entry.key)
             network = current.value
             if network.state == NET.Value('NETWORK_STATE_DELETED'):
-                raise errors.not_found('network not found')
+                raise errors.NotFound('network not found')
             txn = Txn().check_revision(current.key, current.mod_revision)
             self._delete_network(txn, network)
             return txn, api.DeleteNetworkResponse(network=network)
@@ -144,7 +144,7 @@ class Networks:
     def _delete_network(self, txn: Txn, network: pb.Network):
         in_use = self.interfaces_on(network.uuid)
         if in_use:
-            raise errors.conflict(f'network {network.uuid} is in use by {len(in_use)} interfaces')
+            raise errors.StateConflict(f'network {network.uuid} is in use by {len(in_use)} interfaces')
         gone = pb.Network()
         gone.CopyFrom(network)
         gone.state = NET.Value('NETWORK_STATE_DELETED')
@@ -185,9 +185,9 @@ class Networks:
         entry = self.resolve(spec.network_uuid, ns)
         network = entry.value
         if network.namespace != ns:
-            raise errors.not_found('network not found')
+            raise errors.NotFound('network not found')
         if network.state != NET.Value('NETWORK_STATE_CREATED'):
-            raise errors.not_ready(f'network {network.uuid} is not ready ({pb.NetworkState.Name(network.state)})')
+            raise errors.NotReady(f'network {network.uuid} is not ready ({pb.NetworkState.Name(network.state)})')
         net = ipaddress.IPv4Network(network.netblock)
         iface = pb.NetworkInterface(
             uuid=str(uuidlib.uuid4()), state=IFACE.Value('NETWORK_INTERFACE_STATE_INITIAL'),
@@ -201,18 +201,18 @@ class Networks:
             try:
                 address = ipaddress.IPv4Address(spec.address)
             except ValueError:
-                raise errors.invalid(f'address {spec.address} is not an IPv4 address')
+                raise errors.InvalidArgument(f'address {spec.address} is not an IPv4 address')
             if not _assignable(net, address):
-                raise errors.invalid(f'address {address} is not in the range of network {network.uuid}')
+                raise errors.InvalidArgument(f'address {address} is not in the range of network {network.uuid}')
             if str(address) in used:
-                raise errors.already_exists(f'address {address} is already in use')
+                raise errors.AlreadyExists(f'address {address} is already in use')
             iface.ipv4 = str(address)
         if iface.HasField('ipv4'):
             txn.create(keys.address(network.uuid, iface.ipv4), iface.uuid.encode())
         macs = _pending(txn, keys.mac(''))
         if spec.HasField('macaddress'):
             if spec.macaddress in macs or self._mac_in_use(spec.macaddress):
-                raise errors.already_exists(f'mac address {spec.macaddress} is already in use')
+                raise errors.AlreadyExists(f'mac address {spec.macaddress} is already in use')
             iface.macaddr = spec.macaddress
         else:
             # A clash with a committed MAC fails the guard and the build is retried.
@@ -247,7 +247,7 @@ class Networks:
     def _random_free(self, net, used):
         hosts = net.num_addresses - 3
         if hosts - len(used) <= 0:
-            raise errors.insufficient(f'network {net} has no free addresses')
+            raise errors.InsufficientResources(f'network {net} has no free addresses')
         for _ in range(64):
             address = net.network_address + random.randint(2, net.num_addresses - 2)
             if _assignable(net, address) and str(address) not in used:
@@ -255,7 +255,7 @@ class Networks:
         for address in net.hosts():       # nearly full: search in order
             if _assignable(net, address) and str(address) not in used:
                 return address
-        raise errors.insufficient(f'network {net} has no free addresses')
+        raise errors.InsufficientResources(f'network {net} has no free addresses')
 
     def _floating_used(self, txn: Txn) -> set[str]:
         with untracked():
@@ -277,7 +277,7 @@ class Networks:
             iface = pb.NetworkInterface()
             iface.CopyFrom(current.value)
             if iface.state == IFACE.Value('NETWORK_INTERFACE_STATE_DELETED'):
-                raise errors.not_found('interface not found')
+                raise errors.NotFound('interface not found')
             txn = Txn().check_revision(current.key, current.mod_revision)
             if floating and not iface.HasField('floating'):
                 self._float_into(txn, iface)

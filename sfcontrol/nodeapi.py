@@ -17,7 +17,7 @@ def _me(claimed: str) -> str:
     """The calling node, which must be the node the request names."""
     node = caller.current().node
     if claimed != node:
-        raise errors.permission_denied(f'this credential is node {node}\'s, not {claimed!r}\'s')
+        raise errors.PermissionDenied(f'this credential is node {node}\'s, not {claimed!r}\'s')
     return node
 
 
@@ -54,13 +54,13 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
     async def PutBlob(self, request_iterator, context):
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof('part') != 'header':
-            raise errors.invalid('a blob stream starts with its header')
+            raise errors.InvalidArgument('a blob stream starts with its header')
         header = first.header
 
         async def chunks():
             async for part in request_iterator:
                 if part.WhichOneof('part') != 'data':
-                    raise errors.invalid('only the first message of a blob stream is a header')
+                    raise errors.InvalidArgument('only the first message of a blob stream is a header')
                 yield part.data
         blob = await self.reports.store_blob(_me(header.node), header.instance_uuid, chunks())
         return pb.PutBlobResponse(blob_uuid=blob.uuid, size=blob.size, sha512=blob.sha512)

@@ -27,14 +27,14 @@ class NodeClients:
     def _stub(self, node_name: str) -> node_pb2_grpc.NodeServiceStub:
         entry = self._cache.get(keys.node(node_name))
         if entry is None:
-            raise errors.unavailable(f'node {node_name} is not registered')
+            raise errors.Unavailable(f'node {node_name} is not registered')
         if entry.value.unreachable:
-            raise errors.unavailable(f'node {node_name} is unreachable')
+            raise errors.Unavailable(f'node {node_name} is unreachable')
         address = entry.value.address
         known = self._channels.get(node_name)
         if known is None or known[0] != address:
             if self._credentials is None:
-                raise errors.unavailable('this controller has no certificate to call nodes with')
+                raise errors.Unavailable('this controller has no certificate to call nodes with')
             channel = grpc.aio.secure_channel(address, self._credentials, options=[
                 ('grpc.ssl_target_name_override', pki.node_server_name(node_name))])
             self._channels[node_name] = (address, channel)
@@ -51,8 +51,8 @@ class NodeClients:
                 raise carried
             if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                             grpc.StatusCode.FAILED_PRECONDITION):
-                raise errors.conflict(f'node {node_name}: {e.details()}')
-            raise errors.unavailable(f'node {node_name} did not answer {method}: {e.code().name}')
+                raise errors.StateConflict(f'node {node_name}: {e.details()}')
+            raise errors.Unavailable(f'node {node_name} did not answer {method}: {e.code().name}')
 
     async def close(self):
         for _, channel in self._channels.values():

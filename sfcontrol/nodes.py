@@ -60,7 +60,7 @@ class NodeRegistry:
         """The node's record (NOT_FOUND if it never registered, or was forgotten)."""
         entry = self.core.cache.get(keys.node(name))
         if entry is None:
-            raise errors.not_found(f'node {name} is not registered')
+            raise errors.NotFound(f'node {name} is not registered')
         return entry
 
     # -- membership ------------------------------------------------------------
@@ -68,7 +68,7 @@ class NodeRegistry:
         """Record the node (again, after a restart) and start its liveness; returns
         the heartbeat interval it is to keep."""
         if not request.address:
-            raise errors.invalid('a node needs the address of its NodeService')
+            raise errors.InvalidArgument('a node needs the address of its NodeService')
         name = request.name
 
         def build():
@@ -154,7 +154,7 @@ class NodeReports:
         """An instance placed on node (NOT_FOUND for any other, as for a foreign namespace)."""
         entry = self.core.cache.by_uuid(keys.INSTANCES, instance_uuid)
         if entry is None or entry.value.node != node:
-            raise errors.not_found(f'instance {instance_uuid} is not placed on node {node}')
+            raise errors.NotFound(f'instance {instance_uuid} is not placed on node {node}')
         return entry
 
     # -- instance status -----------------------------------------------------------
@@ -168,7 +168,7 @@ class NodeReports:
             inst = instance_pb2.Instance()
             inst.CopyFrom(current.value)
             if inst.node != node:
-                raise errors.conflict(f'instance {inst.uuid} is not placed on {node}')
+                raise errors.StateConflict(f'instance {inst.uuid} is not placed on {node}')
             txn = Txn().check_revision(current.key, current.mod_revision)
             if request.HasField('state') and request.state != inst.state:
                 self._apply_state(txn, inst, request)
@@ -195,7 +195,7 @@ class NodeReports:
         new = request.state
         if new == states.DELETED:
             if inst.state not in (states.DELETE_WAIT, *states.ERROR_OF.values()):
-                raise errors.conflict(f'instance {inst.uuid} is {states.name(inst.state)}, not being deleted')
+                raise errors.StateConflict(f'instance {inst.uuid} is {states.name(inst.state)}, not being deleted')
             self.instances.finish_delete(txn, inst)
             return
         states.check(inst.state, new)
@@ -225,10 +225,10 @@ class NodeReports:
                 if inst is None:
                     continue        # deleted since: its events go with it
                 if inst.value.node != node:
-                    raise errors.not_found(f'instance {ev.object_uuid} is not placed on node {node}')
+                    raise errors.NotFound(f'instance {ev.object_uuid} is not placed on node {node}')
                 ns = inst.value.namespace
             elif ev.object_type != OBJ_NODE or ev.object_uuid != node:
-                raise errors.permission_denied('a node records events of its instances and itself only')
+                raise errors.PermissionDenied('a node records events of its instances and itself only')
             type_name = event_pb2.ObjectType.Name(ev.object_type)[len('OBJECT_TYPE_'):].lower()
             txn.put(keys.event(ns, type_name, ev.object_uuid), ev.SerializeToString())
         if txn.ops:
@@ -239,10 +239,10 @@ class NodeReports:
         """Progress of an agent operation, from the node its instance is placed on only."""
         op = self.core.cache.get(keys.agentop(request.uuid))
         if op is None:
-            raise errors.not_found('agent operation not found')
+            raise errors.NotFound('agent operation not found')
         inst = self.core.cache.by_uuid(keys.INSTANCES, op.value.instance_uuid)
         if inst is None or inst.value.node != node:
-            raise errors.conflict(f'agent operation {request.uuid} is not for an instance '
+            raise errors.StateConflict(f'agent operation {request.uuid} is not for an instance '
                                   f'placed on {node}')
         await self.agentops.update(
             request.uuid, request.state, results=dict(request.results),
@@ -259,7 +259,7 @@ class NodeReports:
         """A blob node is to put into a guest: only one an unfinished agent operation of
         an instance on node puts (NOT_FOUND for any other)."""
         if not self._blob_is_given_to(node, blob_uuid):
-            raise errors.not_found(f'blob {blob_uuid} is not for node {node}')
+            raise errors.NotFound(f'blob {blob_uuid} is not for node {node}')
         return self.blobs.stream(blob_uuid, offset)
 
     def _blob_is_given_to(self, node: str, blob_uuid: str) -> bool:
@@ -278,5 +278,5 @@ class NodeReports:
         who = self.auth.authenticate(f'Bearer {token}')
         if not who.can_see(entry.value.namespace):
             # As the public API answers a foreign namespace: nothing to see here.
-            raise errors.not_found(f'instance {instance_uuid} not found')
+            raise errors.NotFound(f'instance {instance_uuid} not found')
         return who.namespace

@@ -70,13 +70,13 @@ def _choose(cache: ObjectCache, size, namespace: str, affinity: dict, placed_on:
     if placed_on:
         entry = cache.get(keys.node(placed_on))
         if entry is None:
-            raise errors.not_found(f'node {placed_on} not found')
+            raise errors.NotFound(f'node {placed_on} not found')
         if entry.value.unreachable or not _fits(entry.value, size):
-            raise errors.insufficient(f'node {placed_on} does not have the capacity for this instance')
+            raise errors.InsufficientResources(f'node {placed_on} does not have the capacity for this instance')
         return entry
     nodes = [e for e in cache.range(keys.NODES)[0] if not e.value.unreachable and _fits(e.value, size)]
     if not nodes:
-        raise errors.insufficient('no node has the capacity for this instance')
+        raise errors.InsufficientResources('no node has the capacity for this instance')
     if affinity:
         scores = {e.key: affinity_score(cache, e.value.name, namespace, affinity) for e in nodes}
         best = max(scores.values())

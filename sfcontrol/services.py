@@ -197,13 +197,13 @@ class UploadService(blob_service_pb2_grpc.UploadServiceServicer):
     async def WriteUpload(self, request_iterator, context):
         first = await anext(request_iterator, None)
         if first is None:
-            raise errors.invalid('an upload write needs at least one message')
+            raise errors.InvalidArgument('an upload write needs at least one message')
 
         async def chunks():
             yield first.data.data
             async for message in request_iterator:
                 if message.upload_uuid and message.upload_uuid != first.upload_uuid:
-                    raise errors.invalid('every message of an upload write names the same upload')
+                    raise errors.InvalidArgument('every message of an upload write names the same upload')
                 yield message.data.data
         declared = dict(context.invocation_metadata() or ()).get('x-body-length')   # from the gateway
         expected = int(declared) if declared and declared.isdigit() and len(declared) < 20 else None

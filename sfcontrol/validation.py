@@ -18,62 +18,62 @@ BLANK_BASES = ('', 'none')
 def check_create(req: api.CreateInstanceRequest, images: ImagePolicy):
     """Raise INVALID_ARGUMENT for the first problem found, in Shaken Fist's order."""
     if not HOSTNAME.match(req.name):
-        raise errors.invalid('name: an instance name must be a hostname: 1 to 63 characters '
+        raise errors.InvalidArgument('name: an instance name must be a hostname: 1 to 63 characters '
                              'of a-z, A-Z, 0-9 and -')
     if req.cpus < 1:
-        raise errors.invalid('cpus: an instance needs at least one cpu')
+        raise errors.InvalidArgument('cpus: an instance needs at least one cpu')
     if req.memory < 1:
-        raise errors.invalid('memory: an instance needs memory (in MiB)')
+        raise errors.InvalidArgument('memory: an instance needs memory (in MiB)')
     if req.secure_boot and not req.uefi:
-        raise errors.invalid('secure boot requires UEFI: set uefi as well')
+        raise errors.InvalidArgument('secure boot requires UEFI: set uefi as well')
     if not req.disk:
-        raise errors.invalid('disk: an instance must specify at least one disk')
+        raise errors.InvalidArgument('disk: an instance must specify at least one disk')
     for i, disk in enumerate(req.disk):
         if disk.bus == specs_pb2.DISK_BUS_IDE:
-            raise errors.invalid(f'disk[{i}].bus: the ide bus is not supported (removed in '
+            raise errors.InvalidArgument(f'disk[{i}].bus: the ide bus is not supported (removed in '
                                  'Shaken Fist v0.7 for its poor performance); use sata')
         if disk.HasField('size') and disk.size < 0:
-            raise errors.invalid(f'disk[{i}].size: a disk size cannot be negative')
+            raise errors.InvalidArgument(f'disk[{i}].size: a disk size cannot be negative')
         base = disk.base if disk.HasField('base') else ''
         if disk.type == specs_pb2.DISK_TYPE_CDROM and base.lower() in BLANK_BASES:
-            raise errors.invalid(f'disk[{i}]: a cdrom needs a base image')
+            raise errors.InvalidArgument(f'disk[{i}]: a cdrom needs a base image')
         if base.startswith(('label:', 'sf://')):
             # Labels, artifacts and blobs as disk bases come with the blob store.
-            raise errors.not_found(f'disk[{i}].base: {base} not found')
+            raise errors.NotFound(f'disk[{i}].base: {base} not found')
         if urllib.parse.urlsplit(base).scheme:      # else a shorthand, the node's to know
             try:
                 images.check(base)
             except errors.ApiError as e:
-                raise errors.invalid(f'disk[{i}].base: {e.message}')
+                raise errors.InvalidArgument(f'disk[{i}].base: {e.message}')
     for i, net in enumerate(req.network):
         if not net.network_uuid:
-            raise errors.invalid(f'network[{i}]: a networkspec must name a network_uuid')
+            raise errors.InvalidArgument(f'network[{i}]: a networkspec must name a network_uuid')
     if req.HasField('video') and (not req.video.model or not req.video.HasField('memory')):
-        raise errors.invalid('video: a video specification must include model and memory')
+        raise errors.InvalidArgument('video: a video specification must include model and memory')
     if req.HasField('video') and req.video.memory <= 0:
-        raise errors.invalid('video.memory: video memory must be positive (KiB)')
+        raise errors.InvalidArgument('video.memory: video memory must be positive (KiB)')
     if req.HasField('metadata'):
         for key, value in json_format.MessageToDict(req.metadata).items():
             check_metadata(key, value)
     if req.HasField('side_channels'):
         for channel in req.side_channels.side_channels:
             if channel == instance_pb2.SIDE_CHANNEL_UNSPECIFIED:
-                raise errors.invalid('side_channels: unspecified is not a known side channel type')
+                raise errors.InvalidArgument('side_channels: unspecified is not a known side channel type')
 
 
 def check_metadata(key: str, value):
     """tags must be a list of strings; affinity an object of numeric weights by tag."""
     if not key:
-        raise errors.invalid('metadata: keys cannot be empty')
+        raise errors.InvalidArgument('metadata: keys cannot be empty')
     if isinstance(value, struct_pb2.Value):
         value = json_format.MessageToDict(value)
     if key == 'tags':
         if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-            raise errors.invalid('metadata tags must be a JSON list of strings')
+            raise errors.InvalidArgument('metadata tags must be a JSON list of strings')
     elif key == 'affinity':
         if not isinstance(value, dict) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
-            raise errors.invalid('metadata affinity must be a JSON object of {tag: weight}, '
+            raise errors.InvalidArgument('metadata affinity must be a JSON object of {tag: weight}, '
                                  'for example {"webserver": -10}')
 
 

@@ -52,5 +52,5 @@ async def build(path: pathlib.Path, instance, networks: dict):
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()
         if proc.returncode != 0:
-            raise errors.internal(f'building the config drive failed: {err.decode()[-300:]}')
+            raise errors.Internal(f'building the config drive failed: {err.decode()[-300:]}')
         partial.replace(path)

@@ -51,7 +51,7 @@ def resolve(base: str | None, table: dict[str, str]) -> tuple[str, bool] | None:
         return table[base], True
     if urllib.parse.urlsplit(base).scheme:
         return base, False
-    raise errors.invalid(f'unknown image {base!r}: not a URL or a known shorthand '
+    raise errors.InvalidArgument(f'unknown image {base!r}: not a URL or a known shorthand '
                          f'({", ".join(sorted(table))})')
 
 
@@ -96,7 +96,7 @@ class ImageCache:
                         await progress(done * 100 // total)
             except (aiohttp.ClientError, OSError) as e:
                 tmp.unlink(missing_ok=True)
-                raise errors.unavailable(f'fetching {url} failed: {e}')
+                raise errors.Unavailable(f'fetching {url} failed: {e}')
             final = self.root / 'content' / digest.hexdigest()
             if tmp.exists():
                 os.replace(tmp, final)
@@ -177,7 +177,7 @@ async def qemu_img(*args) -> str:
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise errors.internal(f'qemu-img {args[0]} failed: {err.decode().strip()[-300:]}')
+        raise errors.Internal(f'qemu-img {args[0]} failed: {err.decode().strip()[-300:]}')
     return out.decode()
 
 

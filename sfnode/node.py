@@ -89,7 +89,7 @@ async def _ip(*args, check=True):
                                                 stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
     if check and proc.returncode != 0:
-        raise errors.internal(f'ip {" ".join(args)} failed: {err.decode().strip()}')
+        raise errors.Internal(f'ip {" ".join(args)} failed: {err.decode().strip()}')
 
 
 # Shaken Fist's default overcommit ratios: vCPUs are cheap while idle, memory less so.
@@ -296,7 +296,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
     def _worker(self, uuid) -> InstanceWorker:
         worker = self.workers.get(uuid)
         if worker is None:
-            raise errors.not_found(f'instance {uuid} is not on node {self.name}')
+            raise errors.NotFound(f'instance {uuid} is not on node {self.name}')
         return worker
 
     @errors.reported
@@ -326,7 +326,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
     async def RunAgentOperation(self, request, context):
         worker = self._worker(request.operation.instance_uuid)
         if worker.agent is None:
-            raise errors.agent_not_ready('the instance has no sf-agent2 side channel')
+            raise errors.AgentNotReady('the instance has no sf-agent2 side channel')
         # The operation reports its own progress and end; this call only hands it over.
         self.tasks.spawn(worker.agent.run_operation(request.operation),
                          name=f'operation-{request.operation.uuid}')

@@ -60,7 +60,7 @@ class Instances(inst_grpc.InstanceServiceServicer):
         self.seen.record('GetInstance', request, context)
         ref = request.instance_ref
         if ref == 'notready':
-            err = errors.not_ready('instance i-2 is not ready (creating)')
+            err = errors.NotReady('instance i-2 is not ready (creating)')
             await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
         if ref == 'plain':
             await context.abort(grpc.StatusCode.NOT_FOUND, 'nothing called plain')
@@ -108,7 +108,7 @@ class Blobs(blob_grpc.BlobServiceServicer):
     async def ReadBlobData(self, request, context):
         self.seen.record('ReadBlobData', request, context)
         if request.blob_uuid == 'missing':
-            err = errors.not_found('blob not found')
+            err = errors.NotFound('blob not found')
             await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
         for i, chunk in enumerate(BLOB_CHUNKS):
             if request.blob_uuid == 'broken' and i == 1:
@@ -138,7 +138,7 @@ class Events(event_grpc.EventServiceServicer):
         self.seen.record('WatchEvents', request, context)
         for i, kind in enumerate([event_pb2.EVENT_TYPE_AUDIT, event_pb2.EVENT_TYPE_STATUS]):
             if i == 1 and request.cursor == 'old':
-                err = errors.cursor_expired('cursor c0 is too old')
+                err = errors.CursorExpired('cursor c0 is too old')
                 await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
             yield event_svc.WatchEventsResponse(
                 cursor=f'c{i}', event=event_pb2.Event(

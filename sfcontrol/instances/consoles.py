@@ -21,7 +21,7 @@ class Consoles:
         entry = self.instances.resolve(req.instance_ref)
         length = req.length if req.HasField('length') else CONSOLE_DEFAULT_LENGTH
         if length < -1:
-            raise errors.invalid('length must be -1 (everything) or a number of bytes')
+            raise errors.InvalidArgument('length must be -1 (everything) or a number of bytes')
         if not entry.value.HasField('node') or entry.value.state in (states.DELETED,):
             return api.GetConsoleDataResponse(console={'content_type': 'application/octet-stream'})
         reply = await self.instances.nodes.call(entry.value.node, 'GetConsoleData', node_pb2.GetConsoleDataRequest(
@@ -44,7 +44,7 @@ class Consoles:
         entry = self.instances.resolve(req.instance_ref)
         inst = entry.value
         if not inst.HasField('vdi_port'):
-            raise errors.not_ready(f'instance {inst.uuid} has no console yet')
+            raise errors.NotReady(f'instance {inst.uuid} has no console yet')
         node = self.instances.core.cache.get(keys.node(inst.node))
         vdi = 'vnc' if inst.video.vdi == specs_pb2.VDI_TYPE_VNC else 'spice'
         placement = self.instances.core.cache.get(keys.placement(inst.node, inst.uuid))

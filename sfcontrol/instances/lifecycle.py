@@ -61,23 +61,23 @@ class Instances:
         me = caller.current()
         if namespace is not None:
             if not me.can_see(namespace):
-                raise errors.not_found('namespace not found')
+                raise errors.NotFound('namespace not found')
             if self.core.cache.get(keys.namespace(namespace)) is None:
-                raise errors.not_found('namespace not found')
+                raise errors.NotFound('namespace not found')
         entry = self.core.cache.by_uuid(keys.INSTANCES, ref)
         if entry is not None:
             if not me.can_see(entry.value.namespace) or (
                     namespace is not None and entry.value.namespace != namespace):
-                raise errors.not_found('instance not found')
+                raise errors.NotFound('instance not found')
             return entry
         scope = namespace or (None if me.is_system else me.namespace)
         prefix = keys.instances(scope)
         matches, _ = self.core.cache.range(
             prefix, filter=lambda i: i.name == ref and states.is_active(i.state))
         if not matches:
-            raise errors.not_found('instance not found')
+            raise errors.NotFound('instance not found')
         if len(matches) > 1:
-            raise errors.invalid(f'multiple instances have the name "{ref}" in namespace '
+            raise errors.InvalidArgument(f'multiple instances have the name "{ref}" in namespace '
                                  f'"{scope or "all"}"')
         return matches[0]
 
@@ -94,7 +94,7 @@ class Instances:
         """For power, console and agent calls: NOT_READY (406) unless created."""
         entry = self.resolve(ref)
         if entry.value.state != states.CREATED:
-            raise errors.not_ready(f'instance {entry.value.uuid} is not ready '
+            raise errors.NotReady(f'instance {entry.value.uuid} is not ready '
                                    f'({states.name(entry.value.state)})')
         return entry
 
@@ -103,7 +103,7 @@ class Instances:
         me = caller.current()
         ns = req.namespace if req.HasField('namespace') else me.namespace
         if not me.can_see(ns) or self.core.cache.get(keys.namespace(ns)) is None:
-            raise errors.not_found('namespace not found')
+            raise errors.NotFound('namespace not found')
         validation.check_create(req, self.images)
         affinity = {}
         if req.HasField('metadata') and 'affinity' in req.metadata:
@@ -112,7 +112,7 @@ class Instances:
 
         def build():
             if self.core.cache.get(keys.namespace(ns)) is None:    # read here: it guards the create
-                raise errors.not_found('namespace not found')
+                raise errors.NotFound('namespace not found')
             txn = Txn()
             inst = pb.Instance(
                 uuid=str(uuidlib.uuid4()), state=states.INITIAL, version=1, name=req.name,
@@ -135,7 +135,7 @@ class Instances:
                 try:
                     base64.b64decode(req.user_data, validate=True)
                 except ValueError:
-                    raise errors.invalid('user_data: must be base64 encoded')
+                    raise errors.InvalidArgument('user_data: must be base64 encoded')
             if req.HasField('placed_on'):
                 inst.requested_placement = req.placed_on
             interfaces = [self.networks.new_interface(txn, spec, inst.uuid, order, ns)
@@ -199,7 +199,7 @@ class Instances:
         me = caller.current()
         ns = req.namespace if req.HasField('namespace') else (None if me.is_system else me.namespace)
         if ns is not None and not me.can_see(ns):
-            raise errors.not_found('namespace not found')
+            raise errors.NotFound('namespace not found')
         page, more = self.core.cache.range(
             keys.instances(ns), start_after=req.page_token or None,
             limit=req.page_size or DEFAULT_PAGE,
@@ -214,7 +214,7 @@ class Instances:
         def build():
             current = self.core.cache.get(entry.key)
             if current.value.state == states.DELETED:
-                raise errors.not_found('instance not found')
+                raise errors.NotFound('instance not found')
             txn = Txn()
             before = self.view(current.value)
             self._delete(txn, current)
@@ -284,19 +284,19 @@ class Instances:
     async def add_interface(self, req: api.AddInstanceInterfaceRequest):
         entry = self.resolve(req.instance_ref)
         if not req.HasField('network'):
-            raise errors.invalid('network: a networkspec is required')
+            raise errors.InvalidArgument('network: a networkspec is required')
         if not req.network.network_uuid:
-            raise errors.invalid('network: a networkspec must name a network_uuid')
+            raise errors.InvalidArgument('network: a networkspec must name a network_uuid')
 
         def build():
             current = self.core.cache.get(entry.key)
             inst = current.value
             if inst.state in states.TERMINAL:
-                raise errors.not_ready(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
+                raise errors.NotReady(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
             txn = Txn().check_revision(current.key, current.mod_revision)
             existing = self.networks.interfaces_of(inst.uuid)
             if len(existing) >= MAX_INTERFACES:
-                raise errors.invalid(f'network: an instance has at most {MAX_INTERFACES} '
+                raise errors.InvalidArgument(f'network: an instance has at most {MAX_INTERFACES} '
                                      f'interfaces (it has {len(existing)})')
             order = max((i.order for i in existing), default=-1) + 1
             iface = self.networks.new_interface(txn, req.network, inst.uuid, order, inst.namespace)
@@ -312,11 +312,11 @@ class Instances:
             current = self.core.cache.get(entry.key)
             inst = current.value
             if inst.state in states.TERMINAL:
-                raise errors.not_ready(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
+                raise errors.NotReady(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
             remaining = self.networks.interfaces_of(inst.uuid)
             gone = [i for i in remaining if i.uuid == req.interface_uuid]
             if not gone:
-                raise errors.not_found('interface not found')
+                raise errors.NotFound('interface not found')
             txn = Txn().check_revision(current.key, current.mod_revision)
             self.networks.release_interface(txn, gone[0])
             self.core.event(txn, inst.namespace, OBJ, inst.uuid, AUDIT, 'hot unplug interface request',
@@ -331,10 +331,10 @@ class Instances:
 
     async def set_metadata(self, req: api.SetInstanceMetadataRequest):
         if not req.key:
-            raise errors.invalid('key: a metadata key is required')
+            raise errors.InvalidArgument('key: a metadata key is required')
         value = json_format.MessageToDict(req.value) if req.HasField('value') else None
         if not value:
-            raise errors.invalid('no value specified')
+            raise errors.InvalidArgument('no value specified')
         validation.check_metadata(req.key, value)
 
         def change(inst):
@@ -345,7 +345,7 @@ class Instances:
     async def delete_metadata(self, req: api.DeleteInstanceMetadataRequest):
         def change(inst):
             if req.key not in inst.metadata:
-                raise errors.not_found(f'metadata key {req.key} not found')
+                raise errors.NotFound(f'metadata key {req.key} not found')
             del inst.metadata[req.key]
         return await self.change(req, 'delete metadata', change,
                                   api.DeleteInstanceMetadataResponse())
@@ -359,7 +359,7 @@ class Instances:
             current = self.core.cache.get(entry.key)
             inst = _copy(current.value)
             if ready and inst.state != states.CREATED:
-                raise errors.not_ready(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
+                raise errors.NotReady(f'instance {inst.uuid} is not ready ({states.name(inst.state)})')
             if check:
                 check(inst)
             change(inst)
@@ -398,7 +398,7 @@ class Instances:
         object_type = object_type_name(req.object_type) if req.object_type else ''
         if req.object_ref:
             if req.object_type != OBJ:
-                raise errors.invalid('object_ref: only instances can be watched by reference')
+                raise errors.InvalidArgument('object_ref: only instances can be watched by reference')
             inst = self.resolve(req.object_ref).value
             return keys.events(inst.namespace, object_type, inst.uuid), ''
         if me.is_system:

@@ -16,7 +16,7 @@ class Power:
     def _not_off(action):
         def check(inst):
             if inst.power_state in (OFF, P.Value('POWER_STATE_TRANSITION_TO_OFF')):
-                raise errors.conflict(f'Invalid lifecycle state: you cannot {action} a powered off instance')
+                raise errors.StateConflict(f'Invalid lifecycle state: you cannot {action} a powered off instance')
         return check
 
     async def power_off(self, req):
