@@ -1,0 +1,1 @@
+"""sfcontrol: the controller (public API, node API, peer blob copies), all state in etcd."""

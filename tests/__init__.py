@@ -1,0 +1,1 @@
+"""The test suite: real etcd, libvirt, QEMU guests and the real sf-client (README: Development)."""
