@@ -265,19 +265,24 @@ async def test_a_finished_operation_does_not_expire(system, node, controller, cl
     assert (await get_op(system, done.uuid)).state == COMPLETE
 
 
-async def test_deadlines_are_rearmed_after_a_controller_restart(etcd, tmp_path):
-    clock = ManualClock()
-    config = controller_config(etcd, tmp_path, clock=clock, heartbeat_timeout=3600)
+async def queued_by_a_stopped_controller(config, etcd, tmp_path):
+    """An operation queued (its node never answers) by a controller that then stopped."""
     ctl = await server.start(config)
     client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
     node = await NodeDouble(NodeApi.of(ctl, etcd.pki)).start()
     try:
         await ready_instance(client, node)
-        op = await execute(client, deadline_seconds=DEADLINE)
+        return await execute(client, deadline_seconds=DEADLINE)
     finally:
         await node.stop()
         await client.close()
         await ctl.stop(None)
+
+
+async def test_deadlines_are_rearmed_after_a_controller_restart(etcd, tmp_path):
+    clock = ManualClock()
+    config = controller_config(etcd, tmp_path, clock=clock, heartbeat_timeout=3600)
+    op = await queued_by_a_stopped_controller(config, etcd, tmp_path)
     clock.advance(DEADLINE / 2)         # while no controller runs: nothing to expire it
     ctl = await server.start(config)
     client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
@@ -295,16 +300,7 @@ async def test_deadlines_are_rearmed_after_a_controller_restart(etcd, tmp_path):
 async def test_a_deadline_passed_while_no_controller_ran_expires_at_start_up(etcd, tmp_path):
     clock = ManualClock()
     config = controller_config(etcd, tmp_path, clock=clock, heartbeat_timeout=3600)
-    ctl = await server.start(config)
-    client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))
-    node = await NodeDouble(NodeApi.of(ctl, etcd.pki)).start()
-    try:
-        await ready_instance(client, node)
-        op = await execute(client, deadline_seconds=DEADLINE)
-    finally:
-        await node.stop()
-        await client.close()
-        await ctl.stop(None)
+    op = await queued_by_a_stopped_controller(config, etcd, tmp_path)
     clock.advance(2 * DEADLINE)
     ctl = await server.start(config)
     client = await Client(f'127.0.0.1:{ctl.port}').login('system', system_key(tmp_path))

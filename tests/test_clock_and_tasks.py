@@ -37,14 +37,19 @@ async def test_sleep_on_a_manual_clock_ends_when_the_clock_passes_it():
     await asyncio.wait_for(sleeper, 5)
 
 
-async def test_timeout_at_cancels_the_block_and_raises_timeout_error():
-    clock = ManualClock(start=0.0)
-
+async def blocked_until(clock, when):
+    """A task blocked forever inside clock.timeout_at(when), its timer armed."""
     async def wait_forever():
-        async with clock.timeout_at(60):
+        async with clock.timeout_at(when):
             await asyncio.Event().wait()
     waiting = asyncio.create_task(wait_forever())
     await asyncio.sleep(0)
+    return waiting
+
+
+async def test_timeout_at_cancels_the_block_and_raises_timeout_error():
+    clock = ManualClock(start=0.0)
+    waiting = await blocked_until(clock, 60)
     clock.advance(60)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(waiting, 5)
@@ -52,12 +57,7 @@ async def test_timeout_at_cancels_the_block_and_raises_timeout_error():
 
 async def test_timeout_at_passes_on_a_cancellation_of_its_own():
     clock = ManualClock(start=0.0)
-
-    async def wait_forever():
-        async with clock.timeout_at(60):
-            await asyncio.Event().wait()
-    waiting = asyncio.create_task(wait_forever())
-    await asyncio.sleep(0)
+    waiting = await blocked_until(clock, 60)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
