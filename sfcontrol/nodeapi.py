@@ -39,6 +39,10 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         async for message in self.registry.desired(_me(request.name)):
             yield message
 
+    async def WatchDesiredNetworks(self, request: pb.WatchDesiredNetworksRequest, context):
+        async for message in self.registry.desired_networks(_me(request.name)):
+            yield message
+
     async def ReportInstanceStatus(self, request: pb.ReportInstanceStatusRequest, context):
         await self.reports.instance_status(_me(request.node), request)
         return pb.ReportInstanceStatusResponse()

@@ -22,6 +22,7 @@ from sfcontrol.agentops import AgentOperations
 from sfcontrol.core import Core
 from sfcontrol.feeds import NodeFeed
 from sfcontrol.instances import Instances
+from sfcontrol.meshes import NetworkFeed
 from sfcontrol.store import keys
 from sfcontrol.store.etcd import Txn
 from shakenfist.node.v1alpha1 import node_pb2 as pb
@@ -30,6 +31,7 @@ from shakenfist.v1 import event_pb2, instance_pb2
 
 log = logging.getLogger(__name__)
 OBJ_NODE, OBJ_INSTANCE = event_pb2.OBJECT_TYPE_NODE, event_pb2.OBJECT_TYPE_INSTANCE
+OBJ_NETWORK = event_pb2.OBJECT_TYPE_NETWORK
 STATUS = event_pb2.EVENT_TYPE_STATUS
 
 
@@ -75,7 +77,8 @@ class NodeRegistry:
             entry = self.core.cache.get(keys.node(name))
             record = records_pb2.NodeRecord(
                 name=name, address=request.address, console_host=request.console_host,
-                capacity=request.capacity, features=request.features, registered_at=self.clock.now())
+                capacity=request.capacity, features=request.features, registered_at=self.clock.now(),
+                mesh_address=request.mesh_address, network_node=request.network_node)
             if entry is not None:
                 # Kept as it is: every create and every finished delete changes it in the
                 # transaction that changes the placements, and an instance in delete-wait
@@ -112,6 +115,11 @@ class NodeRegistry:
         """The node's desired-state stream (sfcontrol/feeds.py)."""
         self.require(name)
         return NodeFeed(self.core.cache, name).stream()
+
+    def desired_networks(self, name: str):
+        """The node's desired-networks stream (sfcontrol/meshes.py)."""
+        self.require(name)
+        return NetworkFeed(self.core.cache, name).stream()
 
     # -- liveness --------------------------------------------------------------
     def _arm(self, name: str):
@@ -214,7 +222,7 @@ class NodeReports:
 
     # -- events -----------------------------------------------------------------------
     async def events(self, node: str, events):
-        """Record events node observed, of its instances and of itself only."""
+        """Record events node observed, of its instances, the networks it carries and itself only."""
         txn = Txn()
         for item in events:
             ev = item.event
@@ -227,6 +235,14 @@ class NodeReports:
                 if inst.value.node != node:
                     raise errors.NotFound(f'instance {ev.object_uuid} is not placed on node {node}')
                 ns = inst.value.namespace
+            elif ev.object_type == OBJ_NETWORK:
+                net = self.core.cache.by_uuid(keys.NETWORKS, ev.object_uuid)
+                me = self.core.cache.get(keys.node(node))
+                if net is None:
+                    continue
+                if me is None or not me.value.mesh_address:
+                    raise errors.PermissionDenied(f'node {node} carries no networks')
+                ns = net.value.namespace
             elif ev.object_type != OBJ_NODE or ev.object_uuid != node:
                 raise errors.PermissionDenied('a node records events of its instances and itself only')
             type_name = event_pb2.ObjectType.Name(ev.object_type)[len('OBJECT_TYPE_'):].lower()

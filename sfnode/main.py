@@ -6,6 +6,7 @@ import sys
 
 from sfcommon import pki, serve
 from sfcommon.settings import parse
+from sfnode.network.mesh import MeshConfig
 from sfnode.node import Node, NodeConfig
 from sfnode.settings import NodeSettings
 
@@ -35,7 +36,10 @@ async def start(settings: NodeSettings, stops: serve.Stops):
         console_listen=settings.console_listen, bridge_prefix=settings.bridge_prefix,
         image_table=settings.image_table, image_allow=settings.image_allow,
         extra_images=dict(settings.images), capacity=capacity, usage_interval=settings.usage_interval,
-        domain_type=domain_type, console_open=settings.console_open, metrics_listen=settings.metrics_listen)
+        domain_type=domain_type, console_open=settings.console_open, metrics_listen=settings.metrics_listen,
+        mesh=MeshConfig(address=settings.mesh_address, netns=settings.mesh_namespace,
+                        device=settings.mesh_device),
+        network_node=settings.network_node)
     node = await Node(config, hypervisor).start()
     stops.add('node', lambda: node.stop(stop_guests=settings.stop_guests_on_exit))
     log.info('node started', extra={'node': settings.name, 'port': node.port, 'domain_type': domain_type,

@@ -3,6 +3,7 @@ reconciles libvirt to it, and serves the controller's node actions."""
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -12,13 +13,18 @@ import grpc
 
 from sfcommon import errors, pki
 from sfcommon.clock import SYSTEM, Clock
+from sfcommon.metrics import ServerMetrics, start_metrics_server
 from sfcommon.tasks import Tasks
 from sfcommon.urlpolicy import ImagePolicy
-from sfcommon.metrics import ServerMetrics, start_metrics_server
 from sfnode import images, metrics
 from sfnode.instance import InstanceWorker
 from sfnode.link import ControllerLink
-from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
+from sfnode.network import ip as netip
+from sfnode.network.carrier import Carrier
+from sfnode.network.ip import NETWORK_MTU
+from sfnode.network.mesh import MeshConfig
+from shakenfist.node.v1alpha1 import node_pb2 as pb
+from shakenfist.node.v1alpha1 import node_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +47,15 @@ class NodeConfig:
     domain_type: str | None = None  # 'qemu' or 'kvm'; None probes
     console_open: bool = False      # serial consoles without a token (Shaken Fist's behaviour)
     metrics_listen: str | None = None   # host:port of GET /metrics (plain HTTP); None: off
+    # Where this node's VXLANs live (sfnode/network/); no address: it carries no networks.
+    mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(address=''))
+    network_node: bool = False      # serves DHCP and DNS for the networks (a network node)
 
 
 class Bridges:
-    """A Linux bridge per network on this node, named <prefix><vxlan id in hex>.
+    """A Linux bridge per network on this node, named <prefix><vxlan id in hex>, at the
+    network's MTU (set, so that it does not follow whichever port joined last, and
+    libvirt gives the taps it makes the bridge's MTU).
 
     Made and removed one change at a time (a lock): two teardowns at once must not
     both remove one bridge, nor a teardown remove the bridge a build has just made."""
@@ -64,8 +75,8 @@ class Bridges:
             if network.uuid in self._made:
                 return name
             if not pathlib.Path(f'/sys/class/net/{name}').exists():
-                await _ip('link', 'add', 'name', name, 'type', 'bridge')
-            await _ip('link', 'set', name, 'up')
+                await _ip('link', 'add', 'name', name, 'mtu', str(NETWORK_MTU), 'type', 'bridge')
+            await _ip('link', 'set', name, 'mtu', str(NETWORK_MTU), 'up')
             self._made[network.uuid] = name
         return name
 
@@ -76,6 +87,18 @@ class Bridges:
                 if uuid not in used:
                     await _ip('link', 'del', name, check=False)
                     self._made.pop(uuid, None)
+
+    async def release_orphans(self):
+        """Remove this node's bridges that nothing here uses and that have no ports (left
+        by a node that crashed; a bridge with a guest's tap on it stays)."""
+        async with self._lock:
+            made = set(self._made.values())
+            for name in await netip.links(self.prefix):
+                rest = name[len(self.prefix):]
+                if len(rest) != 6 or name in made or any(c not in '0123456789abcdef' for c in rest):
+                    continue
+                if not json.loads(await netip.ip('-j', 'link', 'show', 'master', name) or '[]'):
+                    await _ip('link', 'del', name, check=False)
 
     async def release_all(self):
         async with self._lock:
@@ -143,6 +166,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         self.link = ControllerLink(config.controller, config.pki, config.name)
         self.workers: dict[str, InstanceWorker] = {}
         self.bridges = Bridges(config.bridge_prefix, self._networks_in_use)
+        self.carrier = Carrier(self, config.mesh, config.network_node)
         self.console_listen = config.console_listen
         self.domain_type = config.domain_type or 'qemu'
         self.vsock = os.path.exists('/dev/vhost-vsock')      # guests may have a vsock device
@@ -155,7 +179,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
 
     def _networks_in_use(self) -> set[str]:
         return {i.network_uuid for w in self.workers.values() if not w.removed
-                for i in w.desired.instance.interfaces}
+                for i in w.desired.instance.interfaces} | self.carrier.in_use()
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self):
@@ -174,6 +198,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
                        asyncio.create_task(self._heartbeat(r.heartbeat_interval_seconds), name='heartbeat')]
         if self.config.usage_interval > 0:
             self._tasks.append(asyncio.create_task(self._usage(), name='usage'))
+        self.carrier.start()
         return self
 
     async def stop(self, stop_guests: bool = False):
@@ -190,6 +215,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
                 await w.console.stop()
         await asyncio.gather(*self._tasks, *(w.task for w in self.workers.values()),
                              self.tasks.close(), return_exceptions=True)
+        await self.carrier.stop(remove=stop_guests)
         if stop_guests:     # at once: each destroy waits a second or two for QEMU to exit
             await asyncio.gather(*(self.hypervisor.destroy(info.name)
                                    for info in await self.hypervisor.list_domains() if info.active))
@@ -217,7 +243,8 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         return pb.RegisterNodeRequest(
             name=self.name, address=f'{host}:{self.port}', console_host=self.console_listen,
             capacity=self.config.capacity or host_capacity(),
-            features=pb.NodeFeatures(kvm=self.domain_type == 'kvm', vsock=self.vsock))
+            features=pb.NodeFeatures(kvm=self.domain_type == 'kvm', vsock=self.vsock),
+            mesh_address=self.config.mesh.address, network_node=self.config.network_node)
 
     async def _follow(self):
         """Follow the desired state; on a broken stream, reconnect and resync."""

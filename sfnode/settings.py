@@ -41,9 +41,20 @@ class NodeSettings(Settings):
                                help='host:port of the NodeService the controller calls')
     console_listen: str = setting(NodeConfig.console_listen, env='SF_NODE_CONSOLE_LISTEN',
                                   help='address the serial and VNC consoles listen on')
-    bridge_prefix: str = setting(NodeConfig.bridge_prefix, env='SF_NODE_BRIDGE_PREFIX', max_length=9,
-                                 help="network bridges' name prefix, at most 9 characters (a bridge's name, "
-                                      'the prefix and 6 hex digits, is at most 15)')
+    bridge_prefix: str = setting(NodeConfig.bridge_prefix, env='SF_NODE_BRIDGE_PREFIX', max_length=8,
+                                 help="the prefix of this node's network devices and namespaces, at most 8 "
+                                      "characters (a VXLAN's name, the prefix, 'v' and 6 hex digits, is at "
+                                      'most 15); distinct per node and per plane on one machine')
+    mesh_address: str = setting('', env='SF_NODE_MESH_ADDRESS',
+                                help="this node's address on the mesh (the underlay its VXLANs use); "
+                                     'empty: the node carries no networks')
+    mesh_device: str | None = setting(None, env='SF_NODE_MESH_DEVICE',
+                                      help='the mesh interface (a real host: the NIC with the mesh address)')
+    mesh_namespace: str | None = setting(None, env='SF_NODE_MESH_NAMESPACE',
+                                         help="the network namespace holding the mesh device (sf-up's "
+                                              "per-node underlay); the VXLANs' sockets live there")
+    network_node: bool = setting(False, env='SF_NODE_NETWORK_NODE',
+                                 help='serve DHCP and DNS for the networks (a network node) (variable: 1 or 0)')
     image_table: str | None = setting(NodeConfig.image_table, env='SF_NODE_IMAGE_TABLE',
                                       help='JSON file of {shorthand: url} over the built-in table')
     image_allow: CommaList = setting(

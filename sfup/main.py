@@ -21,6 +21,7 @@ from sfcontrol.store import keys
 from sfup.etcd import EtcdServer
 from sfup.nodes import start_nodes
 from sfup.settings import UpSettings
+from sfup.underlay import Underlay
 
 log = logging.getLogger('sf-up')
 
@@ -70,8 +71,15 @@ async def start(settings: UpSettings, stops: serve.Stops):
     stops.add('gateway', runner.cleanup)
     rest = f'http://{host}:{rest_port}'
 
+    underlay = Underlay(state, settings.nodes)
+    if os.geteuid() == 0:       # namespaces need root; without them, nodes carry no networks
+        await underlay.start()
+        stops.add('underlay', underlay.stop)     # after the nodes: it takes their VXLANs with it
+    else:
+        log.warning('not root: the nodes get no underlay, and networks carry no packets')
+        underlay.nodes = []
     nodes = await start_nodes(state, pki, settings.nodes, node_target, host, settings.image_allow,
-                              lambda name: _registered(controller, name))
+                              lambda name: _registered(controller, name), underlay.nodes)
     stops.add('nodes', nodes.stop)
 
     _write_private(state / 'shakenfist.json', {'namespace': 'system', 'key': key, 'apiurl': rest})

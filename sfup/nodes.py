@@ -3,7 +3,6 @@ directory, libvirt root and bridge-name prefix, so several run on one machine.""
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -11,28 +10,34 @@ import pathlib
 import signal
 import sys
 
+from sfup.underlay import NodeUnderlay, plane_prefix
+
 log = logging.getLogger(__name__)
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TEST_IMAGE = REPO / 'build' / 'guest' / 'sftest.qcow2'
 
 
 def bridge_prefix(state: pathlib.Path, i: int) -> str:
-    """Node i's bridge-name prefix: distinct per plane (from its state directory) and
-    per node, and short, as a bridge name is at most 15 characters."""
-    plane = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:3]
-    return f'sf{plane}{i}-'
+    """Node i's device-name prefix: distinct per plane (from its state directory) and
+    per node, and short, as a link name is at most 15 characters."""
+    return f'{plane_prefix(state)}{i}-'
 
 
 def node_command(i: int, state: pathlib.Path, pki, node_target: str, host: str,
-                 image_allow=()) -> list[str]:
+                 image_allow=(), underlay: NodeUnderlay | None = None) -> list[str]:
+    """Node i's command line; node 0 is the network node. With an underlay (sfup/underlay.py)
+    the node carries networks over it."""
     images = {'sftest': TEST_IMAGE.as_uri()} if TEST_IMAGE.exists() else {}
+    mesh = [] if underlay is None else [
+        '--mesh-address', underlay.address, '--mesh-namespace', underlay.netns,
+        '--mesh-device', underlay.device, *(['--network-node'] if i == 0 else [])]
     return [sys.executable, '-m', 'sfnode.main', '--name', f'node{i}', '--controller', node_target,
             '--pki-dir', str(pki.node(f'node{i}').directory),
             '--state-dir', str(state / 'nodes' / f'node{i}'),
             '--bridge-prefix', bridge_prefix(state, i), '--listen', f'{host}:0', '--console-listen', host,
             '--metrics-listen', f'{host}:0',
             '--images', json.dumps(images), '--caps-cache', str(state / 'qemu-caps'),
-            '--stop-guests-on-exit', *(f'--image-allow={prefix}' for prefix in image_allow)]
+            '--stop-guests-on-exit', *(f'--image-allow={prefix}' for prefix in image_allow), *mesh]
 
 
 @dataclasses.dataclass
@@ -52,13 +57,14 @@ class Nodes:
 
 
 async def start_nodes(state: pathlib.Path, pki, n: int, node_target: str, host: str, image_allow,
-                      registered) -> Nodes:
+                      registered, underlays=()) -> Nodes:
     """Start n nodes and return once each has registered (registered(name) awaits that)."""
     procs = []
     for i in range(n):
         with open(state / f'node{i}.log', 'ab') as log_file:  # noqa: ASYNC230 -- a local file, at once
             procs.append(await asyncio.create_subprocess_exec(
-                *node_command(i, state, pki, node_target, host, image_allow), stdout=log_file, stderr=log_file,
+                *node_command(i, state, pki, node_target, host, image_allow,
+                              underlays[i] if underlays else None), stdout=log_file, stderr=log_file,
                 stdin=asyncio.subprocess.DEVNULL, env={**os.environ, 'PYTHONUNBUFFERED': '1'}))
     nodes = Nodes(procs)
     try:

@@ -59,7 +59,22 @@ class Plane:
             if str(self.state) in _cmdline(pid):     # still ours, not a reused PID
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        self._sweep_network()
         shutil.rmtree(self.state, ignore_errors=True)
+
+    def _sweep_network(self):
+        """Whatever network namespaces and links of this plane are left (a plane whose
+        nodes were killed): by the plane's prefix, which no other plane shares."""
+        from sfup.underlay import plane_prefix
+        prefix = plane_prefix(self.state)
+        namespaces = json.loads(subprocess.run(['ip', '-j', 'netns', 'list'], capture_output=True,
+                                               text=True, check=False).stdout or '[]')
+        for ns in namespaces:
+            if ns['name'].startswith(prefix):
+                subprocess.run(['ip', 'netns', 'del', ns['name']], capture_output=True, check=False)
+        for link in json.loads(subprocess.run(['ip', '-j', 'link'], capture_output=True, text=True, check=False).stdout):
+            if link['ifname'].startswith(prefix):
+                subprocess.run(['ip', 'link', 'del', link['ifname']], capture_output=True, check=False)
 
     def _guest_pids(self) -> set[int]:
         pids = set()

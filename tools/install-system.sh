@@ -12,6 +12,7 @@ PACKAGES=(
   python3-venv python3-dev gcc                  # the venv and libvirt-python's build
   nodejs npm                                    # buf comes from npm
   iproute2 curl jq
+  dnsmasq-base dnsmasq-utils                    # DHCP and DNS of a network node (dhcp_release)
 )
 
 # sfnode runs libvirt's QEMU driver in-process (qemu:///embed). As root it

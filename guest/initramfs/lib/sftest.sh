@@ -28,8 +28,14 @@ nic_added() {
   read -r mac <"/sys/class/net/$1/address"
   ip link set "$1" up
   say "nic-added: $1 $mac"
+  # Its address by DHCP (bin/sf-dhcp), in the background: a few tries, then quiet
+  # (an idle guest stays idle on a network without DHCP). -O mtu asks for the MTU.
+  udhcpc -i "$1" -s /bin/sf-dhcp -O mtu -f -n -t 8 -T 2 -x hostname:"$(hostname)" \
+    -p "/run/nics/$1/udhcpc.pid" >/dev/null 2>&1 &
 }
 nic_removed() {
-  rmdir "/run/nics/$1" 2>/dev/null || return 0
+  [ -d "/run/nics/$1" ] || return 0
+  [ -f "/run/nics/$1/udhcpc.pid" ] && kill "$(cat "/run/nics/$1/udhcpc.pid")" 2>/dev/null
+  rm -rf "/run/nics/$1"
   say "nic-removed: $1"
 }

@@ -1,0 +1,152 @@
+"""Follows the node's desired networks (WatchDesiredNetworks) and converges the
+mesh and, on a network node, DHCP and DNS to them.
+
+One converging task takes the networks whose desired state changed, in turn; a
+failure is logged and retried with backoff, never given up. When the first
+listing is complete, what exists but is no longer desired (a VXLAN, a DHCP
+namespace, dnsmasq: found by the node's prefix) is removed."""
+
+import asyncio
+import logging
+import pathlib
+
+import grpc
+
+from sfcommon.backoff import Backoff
+from sfcommon.events import make_event
+from sfnode.network.dhcp import Dhcp
+from sfnode.network.mesh import Mesh, MeshConfig
+from shakenfist.node.v1alpha1 import node_pb2 as pb
+from shakenfist.v1 import event_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Carrier:
+    def __init__(self, node, mesh: MeshConfig, network_node: bool):
+        self.node = node
+        self.enabled = bool(mesh.address)
+        self.network_node = network_node
+        self.mesh = Mesh(node.config.bridge_prefix, mesh)
+        self.dhcp = Dhcp(node.config.bridge_prefix, pathlib.Path(node.state_dir) / 'networks')
+        self.desired: dict[str, pb.DesiredNetwork] = {}
+        self._vni: dict[str, int] = {}              # network uuid -> VNI, of what was made
+        self._served: set[str] = set()
+        self._pending: dict[str, None] = {}
+        self._wake = asyncio.Event()
+        self._sweep = False
+        self.synced = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self):
+        if self.enabled:
+            self._tasks = [asyncio.create_task(self._follow(), name='networks-follow'),
+                           asyncio.create_task(self._converge(), name='networks-converge')]
+
+    async def stop(self, remove: bool = False):
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if remove:
+            for vni in await self.dhcp.present():
+                await self.dhcp.remove(vni)
+            for vni in await self.mesh.present():
+                await self.mesh.remove(vni)
+
+    def in_use(self) -> set[str]:
+        return set(self.desired)
+
+    def _mark(self, uuid: str):
+        self._pending[uuid] = None
+        self._wake.set()
+
+    async def _follow(self):
+        backoff = Backoff(0.1, 5.0)
+        while True:
+            try:
+                stream = self.node.link.control.WatchDesiredNetworks(
+                    pb.WatchDesiredNetworksRequest(name=self.node.name))
+                listed = set()
+                async for change in stream:
+                    backoff.reset()
+                    kind = change.WhichOneof('change')
+                    if kind == 'upsert':
+                        uuid = change.upsert.network.uuid
+                        listed.add(uuid)
+                        self.desired[uuid] = change.upsert
+                        self._mark(uuid)
+                    elif kind == 'remove_uuid':
+                        self.desired.pop(change.remove_uuid, None)
+                        self._mark(change.remove_uuid)
+                    else:
+                        for uuid in set(self.desired) - listed:
+                            del self.desired[uuid]
+                            self._mark(uuid)
+                        self._sweep = True
+                        self._wake.set()
+            except grpc.aio.AioRpcError as e:
+                log.warning('desired-networks stream lost (%s); reconnecting', e.code().name)
+            await backoff.sleep()
+
+    async def _converge(self):
+        backoff = Backoff(0.2, 10.0)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                while self._pending:
+                    uuid = next(iter(self._pending))
+                    del self._pending[uuid]     # first: a change while it converges marks it again
+                    try:
+                        await self._one(uuid)
+                    except BaseException:
+                        self._pending[uuid] = None
+                        raise
+                if self._sweep:
+                    await self._remove_orphans()
+                    self._sweep = False
+                    self.synced.set()
+                backoff.reset()
+            except Exception:
+                log.exception('converging networks failed; retrying')
+                await backoff.sleep()
+                self._wake.set()
+
+    async def _one(self, uuid: str):
+        desired = self.desired.get(uuid)
+        if desired is None:
+            vni = self._vni.pop(uuid, None)
+            if vni is not None:
+                await self.dhcp.remove(vni)
+                await self.mesh.remove(vni)
+                self._served.discard(uuid)
+            await self.node.bridges.release_unused()
+            return
+        network = desired.network
+        self._vni[uuid] = network.vxlan_id
+        bridge = await self.node.bridges.ensure(network)
+        await self.mesh.ensure(network.vxlan_id, bridge, list(desired.peers))
+        if desired.serve:
+            started = await self.dhcp.ensure(network, bridge, desired.hosts)
+            if started or uuid not in self._served:
+                self._served.add(uuid)
+                await self._event(network, f'network served by {self.node.name}: DHCP and DNS',
+                                  {'node': self.node.name, 'started': started})
+        elif uuid in self._served:
+            await self.dhcp.remove(network.vxlan_id)
+            self._served.discard(uuid)
+
+    async def _remove_orphans(self):
+        wanted = {d.network.vxlan_id for d in self.desired.values()}
+        served = {d.network.vxlan_id for d in self.desired.values() if d.serve}
+        for vni in await self.dhcp.present() - served:
+            log.info('removing orphan network services', extra={'vni': vni})
+            await self.dhcp.remove(vni)
+        for vni in set(await self.mesh.present()) - wanted:
+            log.info('removing orphan vxlan', extra={'vni': vni})
+            await self.mesh.remove(vni)
+        await self.node.bridges.release_orphans()
+
+    async def _event(self, network, message: str, extra: dict):
+        await self.node.link.record(make_event(self.node.name, event_pb2.OBJECT_TYPE_NETWORK, network.uuid,
+                                               event_pb2.EVENT_TYPE_STATUS, message, extra))

@@ -1,0 +1,38 @@
+"""iproute2 and friends as argument-list subprocesses (the reference found them
+simpler and sturdier than pyroute2, whose API differs between versions)."""
+
+import asyncio
+import json
+
+from sfcommon import errors
+
+# A VXLAN header costs 50 bytes of the underlay's 1500.
+VXLAN_OVERHEAD = 50
+UNDERLAY_MTU = 1500
+NETWORK_MTU = UNDERLAY_MTU - VXLAN_OVERHEAD
+
+
+async def run(*argv: str, check: bool = True) -> str:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE,
+                                                stdin=asyncio.subprocess.DEVNULL)
+    out, err = await proc.communicate()
+    if check and proc.returncode != 0:
+        raise errors.Internal(f'{" ".join(argv)} failed: {err.decode().strip()[-300:]}')
+    return out.decode()
+
+
+async def ip(*args: str, netns: str | None = None, check: bool = True) -> str:
+    return await run('ip', *(('-n', netns) if netns else ()), *args, check=check)
+
+
+async def links(prefix: str, netns: str | None = None) -> dict[str, dict]:
+    """The links whose names start with prefix, by name (ip -d -j link)."""
+    out = await ip('-d', '-j', 'link', 'show', netns=netns)
+    return {link['ifname']: link for link in json.loads(out or '[]')
+            if link['ifname'].startswith(prefix)}
+
+
+async def namespaces(prefix: str) -> set[str]:
+    out = await run('ip', '-j', 'netns', 'list')
+    return {ns['name'] for ns in json.loads(out or '[]') if ns['name'].startswith(prefix)}

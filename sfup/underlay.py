@@ -1,0 +1,81 @@
+"""The nodes' underlay on one machine: what the VXLANs of sf-up's nodes run over.
+
+As measured (shared/reference/network-dataplane.md): a fabric namespace of the
+plane's own holds a bridge; each node gets an underlay namespace with a veth
+on that bridge holding its mesh address (198.51.100.10+i, a documentation range
+that is never the machine's own). A node's VXLANs are created in its underlay
+namespace (their sockets stay there, so each node is its own VTEP on one
+machine) and moved into the root namespace, beside the node's bridges and the
+guests' taps (sfnode/network/). sfnode itself runs in the root namespace: its
+gRPC to the controller, its consoles and libvirt need nothing new.
+
+Nothing is added to the root namespace: no address, route, forwarding or
+firewall. Every namespace is named sf<plane>..., from the state directory, so
+planes on one machine never share one. Deleting an underlay namespace deletes
+the VXLANs made in it: stop() runs after the nodes have stopped.
+"""
+
+import asyncio
+import dataclasses
+import hashlib
+import ipaddress
+import pathlib
+
+MESH = ipaddress.IPv4Network('198.51.100.0/24')
+FIRST_HOST = 10
+
+
+def plane_prefix(state: pathlib.Path) -> str:
+    """What every device and namespace of the plane's name starts with."""
+    return 'sf' + hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:3]
+
+
+@dataclasses.dataclass
+class NodeUnderlay:
+    netns: str
+    device: str
+    address: str
+
+
+async def _run(*argv, check=True):
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if check and proc.returncode != 0:
+        raise RuntimeError(f'{" ".join(argv)} failed: {err.decode().strip()}')
+    return proc.returncode
+
+
+class Underlay:
+    def __init__(self, state: pathlib.Path, nodes: int):
+        self.prefix = plane_prefix(state)
+        self.fabric = f'{self.prefix}-fabric'
+        self.nodes = [NodeUnderlay(f'{self.prefix}{i}-ul', 'ul0', str(MESH.network_address + FIRST_HOST + i))
+                      for i in range(nodes)]
+
+    async def _exists(self, ns: str) -> bool:
+        return await _run('ip', 'netns', 'exec', ns, 'true', check=False) == 0
+
+    async def start(self):
+        """Make what is missing (a second start finds it made)."""
+        if not await self._exists(self.fabric):
+            await _run('ip', 'netns', 'add', self.fabric)
+            await _run('ip', '-n', self.fabric, 'link', 'add', 'fab0', 'type', 'bridge')
+            await _run('ip', '-n', self.fabric, 'link', 'set', 'fab0', 'up')
+        for i, node in enumerate(self.nodes):
+            if await self._exists(node.netns):
+                continue
+            await _run('ip', 'netns', 'add', node.netns)
+            await _run('ip', '-n', node.netns, 'link', 'set', 'lo', 'up')
+            await _run('ip', '-n', self.fabric, 'link', 'del', f'n{i}', check=False)
+            await _run('ip', '-n', self.fabric, 'link', 'add', f'n{i}', 'type', 'veth',
+                       'peer', 'name', node.device, 'netns', node.netns)
+            await _run('ip', '-n', self.fabric, 'link', 'set', f'n{i}', 'master', 'fab0', 'up')
+            await _run('ip', '-n', node.netns, 'addr', 'add', f'{node.address}/{MESH.prefixlen}',
+                       'dev', node.device)
+            await _run('ip', '-n', node.netns, 'link', 'set', node.device, 'up')
+
+    async def stop(self):
+        for node in self.nodes:
+            await _run('ip', 'netns', 'del', node.netns, check=False)
+        await _run('ip', 'netns', 'del', self.fabric, check=False)

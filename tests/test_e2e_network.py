@@ -1,0 +1,154 @@
+"""End to end, networks that carry packets: two real TCG guests on one DHCP network,
+pinned to two nodes of one plane (sf-up's per-node underlays, node0 the network
+node), get their addresses by DHCP, reach each other over the VXLAN mesh by
+address and by name, with no MTU black hole; deleting it all leaves nothing of
+the plane's behind."""
+
+import asyncio
+import json
+import re
+import subprocess
+
+import pytest
+import pytest_asyncio
+
+from sfup.underlay import plane_prefix
+from shakenfist.v1 import agent_operation_service_pb2 as aop
+from shakenfist.v1 import event_pb2, specs_pb2
+from shakenfist.v1 import event_service_pb2 as ev
+from shakenfist.v1 import instance_pb2 as pb
+from shakenfist.v1 import instance_service_pb2 as api
+from shakenfist.v1 import network_service_pb2 as net
+from tests.plane import Plane
+from tests.waiting import eventually
+
+pytestmark = [pytest.mark.real_vm, pytest.mark.asyncio(loop_scope='module')]
+BOOT = 150          # a boot, two guests at once, on a busy 2-core machine under TCG
+NETBLOCK = '198.18.10.0/24'
+
+
+@pytest.fixture(scope='module')
+def plane():
+    p = Plane(nodes=2).start()
+    yield p
+    p.stop()
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='module')
+async def client(plane):
+    c = await plane.client()
+    yield c
+    await c.close()
+
+
+async def get(client, ref):
+    return (await client.instances.GetInstance(api.GetInstanceRequest(instance_ref=ref))).instance
+
+
+async def run(client, ref, command, timeout=60):
+    """Run a command in the guest through its agent: (exit code, stdout)."""
+    op = (await client.agentops.ExecuteCommand(aop.ExecuteCommandRequest(
+        instance_ref=ref, command_line=command, deadline_seconds=timeout))).agent_operation
+
+    async def ended():
+        r = (await client.agentops.GetAgentOperation(aop.GetAgentOperationRequest(
+            agent_operation_uuid=op.uuid))).agent_operation
+        return r if r.state in (5, 6, 7) else None
+    done = await eventually(ended, timeout + 10, interval=0.5, what=f'{command!r} ended')
+    assert done.state == 5, done
+    return done.results['0'].return_code, done.results['0'].stdout
+
+
+def plane_things(plane) -> dict[str, list[str]]:
+    """Every link, namespace and dnsmasq of the plane's nodes (sf-up's own underlay aside)."""
+    prefix = plane_prefix(plane.state)
+    links = [link['ifname'] for link in json.loads(subprocess.run(
+        ['ip', '-j', 'link'], capture_output=True, text=True, check=False).stdout) if link['ifname'].startswith(prefix)]
+    namespaces = [ns['name'] for ns in json.loads(subprocess.run(
+        ['ip', '-j', 'netns', 'list'], capture_output=True, text=True, check=False).stdout or '[]')
+        if ns['name'].startswith(prefix) and not ns['name'].endswith(('-ul', '-fabric'))]
+    dnsmasqs = [line for line in subprocess.run(['ps', '-eo', 'args'], capture_output=True,
+                                                text=True, check=False).stdout.splitlines()
+                if line.startswith('dnsmasq') and str(plane.state) in line]
+    return {'links': links, 'namespaces': namespaces, 'dnsmasq': dnsmasqs}
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='module')
+async def network_events(client):
+    """The networks' events from before the network is made (a watch from now on)."""
+    seen = []
+    call = client.events.WatchEvents(ev.WatchEventsRequest(object_type=event_pb2.OBJECT_TYPE_NETWORK))
+
+    async def collect():
+        async for r in call:
+            seen.append(r.event)
+    task = asyncio.create_task(collect())
+    await call.wait_for_connection()
+    yield seen
+    task.cancel()
+    call.cancel()
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='module')
+async def guests(plane, client, network_events):
+    await client.networks.CreateNetwork(net.CreateNetworkRequest(
+        name='lan', netblock=NETBLOCK, provide_dhcp=True, provide_dns=True))
+    made = []
+    for name, node in (('alpha', 'node0'), ('beta', 'node1')):
+        made.append((await client.instances.CreateInstance(api.CreateInstanceRequest(
+            name=name, cpus=1, memory=128, disk=[specs_pb2.DiskSpec(size=1, base='sftest')],
+            network=[specs_pb2.NetworkSpec(network_uuid='lan')], placed_on=node))).instance)
+    for inst in made:
+        async def ready(inst=inst):
+            i = await get(client, inst.uuid)
+            return i.state == pb.INSTANCE_STATE_CREATED and i.agent_state == pb.AGENT_STATE_READY
+        await eventually(ready, BOOT, interval=0.5, what=f'{inst.name} created with its agent ready')
+    return [await get(client, i.uuid) for i in made]
+
+
+async def test_guests_on_two_nodes_get_their_addresses_by_dhcp(plane, guests):
+    assert {g.node for g in guests} == {'node0', 'node1'}
+    for g in guests:
+        address = g.interfaces[0].ipv4
+        marker = re.compile(rf'SFTEST net: eth0 {re.escape(address)}/24 mtu=1450')
+        await eventually(lambda g=g, marker=marker: marker.search(plane.console(g.node, g.uuid)), 60, interval=0.5,
+                         what=f'{g.name} reports {address}/24 from DHCP')
+
+
+async def test_the_network_says_where_it_is_served(client, guests, network_events):
+    served = [e for e in network_events if e.type == event_pb2.EVENT_TYPE_STATUS
+              and 'served by node0' in e.message]
+    assert served, [e.message for e in network_events]
+
+
+async def test_guests_reach_each_other_by_address_and_by_name_without_an_mtu_black_hole(client, guests):
+    alpha, beta = guests
+    for me, other in ((alpha, beta), (beta, alpha)):
+        address = other.interfaces[0].ipv4
+        rc, out = await run(client, me.name, f'ping -c 3 -W 5 {address}')
+        assert rc == 0, out
+        rc, out = await run(client, me.name, f'nslookup {other.name}')
+        assert rc == 0 and address in out, out
+        # 1422 bytes of data is a 1450-byte packet: the network's MTU, which the guest
+        # learnt by DHCP (a 1500-MTU guest would send frames the VXLAN cannot carry).
+        rc, out = await run(client, me.name, 'cat /sys/class/net/eth0/mtu')
+        assert out.strip() == '1450'
+        for size in (1400, 1422):
+            rc, out = await run(client, me.name, f'ping -c 2 -W 5 -s {size} {address}')
+            assert rc == 0, out
+
+
+async def test_deleting_everything_leaves_nothing_of_the_plane_behind(plane, client, guests):
+    assert plane_things(plane)['dnsmasq'], 'the network node serves the network'
+    for g in guests:
+        await client.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref=g.uuid))
+    for g in guests:
+        await eventually(lambda g=g: _deleted(client, g.uuid), 120, interval=0.5, what=f'{g.name} deleted')
+    await client.networks.DeleteNetwork(net.DeleteNetworkRequest(network_ref='lan'))
+    empty = {'links': [], 'namespaces': [], 'dnsmasq': []}
+    await eventually(lambda: plane_things(plane) == empty, 30, interval=0.25,
+                     what='no link, namespace or dnsmasq of the plane left')
+
+
+async def _deleted(client, uuid):
+    return (await get(client, uuid)).state == pb.INSTANCE_STATE_DELETED
