@@ -1,0 +1,94 @@
+"""Each network's mesh, as the controller decides it (sfcontrol/meshes.py): the
+nodes with an interface on it plus the network nodes, each told the others'
+mesh addresses; the network node also gets the fixed leases of a DHCP
+network. Nodes without a mesh address carry nothing."""
+
+import asyncio
+
+import pytest_asyncio
+
+from shakenfist.node.v1alpha1 import node_pb2 as pb
+from shakenfist.node.v1alpha1 import node_pb2_grpc
+from shakenfist.v1 import network_service_pb2 as net
+from tests.helpers import create, network
+
+NETWORK_NODE, OTHER = '198.51.100.10', '198.51.100.11'
+
+
+class Stream:
+    """One node's WatchDesiredNetworks, read into what the node would hold."""
+
+    def __init__(self, stub, name):
+        self.call = stub.WatchDesiredNetworks(pb.WatchDesiredNetworksRequest(name=name))
+        self.desired: dict[str, pb.DesiredNetwork] = {}
+
+    async def until_synced(self):
+        while (await self.read()) != 'sync_complete':
+            pass
+
+    async def read(self) -> str:
+        change = await asyncio.wait_for(self.call.read(), 5)
+        kind = change.WhichOneof('change')
+        if kind == 'upsert':
+            self.desired[change.upsert.network.uuid] = change.upsert
+        elif kind == 'remove_uuid':
+            self.desired.pop(change.remove_uuid)
+        return kind
+
+    async def until(self, check):
+        while not check(self.desired):
+            await self.read()
+
+
+@pytest_asyncio.fixture
+async def nodes(node_api):
+    """nodea, a network node, and nodeb, registered with mesh addresses; their streams."""
+    channels, streams = [], {}
+    for name, address, network_node in (('nodea', NETWORK_NODE, True), ('nodeb', OTHER, False)):
+        channel = node_api.channel(name)
+        channels.append(channel)
+        stub = node_pb2_grpc.NodeControlServiceStub(channel)
+        await stub.RegisterNode(pb.RegisterNodeRequest(
+            name=name, address='127.0.0.1:9', mesh_address=address, network_node=network_node,
+            capacity=pb.NodeCapacity(cpus=64, memory_mib=65536, disk_gib=2000)))
+        streams[name] = Stream(stub, name)
+        await streams[name].until_synced()
+    yield streams
+    for s in streams.values():
+        s.call.cancel()
+    for c in channels:
+        await c.close()
+
+
+async def test_a_network_is_carried_by_the_network_node_until_an_instance_brings_another(system, nodes):
+    a, b = nodes['nodea'], nodes['nodeb']
+    lan = await network(system, 'lan', '198.18.20.0/24', provide_dhcp=True)
+    await a.until(lambda d: lan.uuid in d)
+    assert a.desired[lan.uuid].serve and list(a.desired[lan.uuid].peers) == []
+    assert b.desired == {}
+
+    inst = await create(system, 'web', networks=[lan.uuid], placed_on='nodeb')
+    iface = inst.interfaces[0]
+    await a.until(lambda d: list(d[lan.uuid].peers) == [OTHER] and d[lan.uuid].hosts)
+    assert [(h.macaddr, h.ipv4, h.hostname) for h in a.desired[lan.uuid].hosts] == \
+        [(iface.macaddr, iface.ipv4, 'web')]
+    await b.until(lambda d: lan.uuid in d)
+    carried = b.desired[lan.uuid]
+    assert list(carried.peers) == [NETWORK_NODE] and not carried.serve and not carried.hosts
+    assert carried.network.vxlan_id == lan.vxlan_id
+
+
+async def test_a_network_without_dhcp_is_carried_but_not_served_and_goes_when_deleted(system, nodes):
+    a = nodes['nodea']
+    plain = await network(system, 'plain', '198.18.21.0/24')
+    await a.until(lambda d: plain.uuid in d)
+    assert not a.desired[plain.uuid].serve
+    await system.networks.DeleteNetwork(net.DeleteNetworkRequest(network_ref=plain.uuid))
+    await a.until(lambda d: plain.uuid not in d)
+
+
+async def test_a_node_without_a_mesh_address_carries_nothing(system, node, node_api):
+    await network(system, 'lan', '198.18.22.0/24', provide_dhcp=True)
+    stream = Stream(node.node_control, node.name)
+    assert await stream.read() == 'sync_complete' and stream.desired == {}
+    stream.call.cancel()
