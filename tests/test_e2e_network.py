@@ -1,18 +1,25 @@
 """End to end, networks that carry packets: two real TCG guests on one DHCP network,
 pinned to two nodes of one plane (sf-up's per-node underlays, node0 the network
 node), get their addresses by DHCP, reach each other over the VXLAN mesh by
-address and by name, with no MTU black hole; deleting it all leaves nothing of
-the plane's behind."""
+address and by name, with no MTU black hole. The network node killed with
+SIGKILL and restarted serves again with nothing duplicated; hot-plugged NICs get
+their addresses; an address given up goes to the next MAC. Deleting it all
+leaves no link, namespace or dnsmasq of the plane behind."""
 
 import asyncio
 import json
+import os
 import re
+import signal
 import subprocess
 
+import grpc
 import pytest
 import pytest_asyncio
 
-from sfup.underlay import plane_prefix
+from sfcommon.pki import LocalPki
+from sfup.nodes import node_command
+from sfup.underlay import Underlay, plane_prefix
 from shakenfist.v1 import agent_operation_service_pb2 as aop
 from shakenfist.v1 import event_pb2, specs_pb2
 from shakenfist.v1 import event_service_pb2 as ev
@@ -24,13 +31,17 @@ from tests.waiting import eventually
 
 pytestmark = [pytest.mark.real_vm, pytest.mark.asyncio(loop_scope='module')]
 BOOT = 150          # a boot, two guests at once, on a busy 2-core machine under TCG
-NETBLOCK = '198.18.10.0/24'
+NETBLOCK, NETBLOCK2 = '198.18.10.0/24', '198.18.11.0/24'
 
 
 @pytest.fixture(scope='module')
 def plane():
     p = Plane(nodes=2).start()
+    p.restarted = []        # nodes the tests started again, stopped before the plane
     yield p
+    for proc in p.restarted:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
     p.stop()
 
 
@@ -138,13 +149,80 @@ async def test_guests_reach_each_other_by_address_and_by_name_without_an_mtu_bla
             assert rc == 0, out
 
 
+async def test_the_network_node_killed_and_restarted_serves_again_with_nothing_duplicated(
+        plane, client, guests):
+    alpha, beta = guests
+    before = plane_things(plane)
+    for pid in plane.node_pids('node0'):
+        os.kill(pid, signal.SIGKILL)
+    # The guests keep their connectivity while the node is away: the kernel holds it.
+    rc, out = await run(client, beta.name, f'ping -c 2 -W 5 {alpha.interfaces[0].ipv4}')
+    assert rc == 0, out
+    underlay = Underlay(plane.state, 2).nodes[0]
+    command = node_command(0, plane.state, LocalPki(plane.state / 'pki'), plane.endpoints['node_api'],
+                           '127.0.0.1', underlay=underlay)
+    with open(plane.state / 'node0-restart.log', 'ab') as log:  # noqa: ASYNC230 -- a local file, at once
+        plane.restarted.append(subprocess.Popen(  # noqa: ASYNC220 -- a node of its own, not awaited
+            command, stdout=log, stderr=log, env={**os.environ, 'SF_NODE_DOMAIN_TYPE': 'qemu'},
+            start_new_session=True))
+    # Served again: the restarted node found its dnsmasq, VXLAN and bridge and kept them.
+    restarted = re.compile(r'"message": "node started"')
+    await eventually(lambda: restarted.search((plane.state / 'node0-restart.log').read_text()), 60,
+                     interval=0.5, what='node0 restarted')
+    rc, out = await run(client, beta.name, f'nslookup {alpha.name}')
+    assert rc == 0 and alpha.interfaces[0].ipv4 in out, out
+    assert plane_things(plane) == before
+
+
+async def test_a_hot_plugged_nic_gets_its_address_on_a_second_network(plane, client, guests):
+    alpha = guests[0]
+    await client.networks.CreateNetwork(net.CreateNetworkRequest(
+        name='lan2', netblock=NETBLOCK2, provide_dhcp=True))
+    added = []
+    for g in guests:
+        added.append((await client.instances.AddInstanceInterface(api.AddInstanceInterfaceRequest(
+            instance_ref=g.uuid, network=specs_pb2.NetworkSpec(network_uuid='lan2')))).network_interface)
+    for g, iface in zip(guests, added):
+        marker = re.compile(rf'SFTEST net: eth1 {re.escape(iface.ipv4)}/24 mtu=1450')
+        await eventually(lambda g=g, marker=marker: marker.search(plane.console(g.node, g.uuid)), 90,
+                         interval=0.5, what=f'{g.name} reports {iface.ipv4} on eth1')
+    rc, out = await run(client, alpha.name, f'ping -c 2 -W 5 {added[1].ipv4}')
+    assert rc == 0, out
+
+
+async def test_an_address_given_up_is_leased_to_the_next_mac_that_gets_it(plane, client, guests):
+    """alpha's eth1 is unplugged and its address given to a new NIC of beta's: the
+    network node releases the old lease, or dnsmasq would refuse the new MAC."""
+    alpha, beta = guests
+    old = next(i for i in (await get(client, alpha.uuid)).interfaces if i.order == 1)
+    await client.instances.RemoveInstanceInterface(api.RemoveInstanceInterfaceRequest(
+        instance_ref=alpha.uuid, interface_uuid=old.uuid))
+    await eventually(lambda: 'SFTEST nic-removed: eth1' in plane.console(alpha.node, alpha.uuid), 60,
+                     interval=0.5, what='eth1 unplugged from alpha')
+
+    async def plugged():
+        try:
+            return (await client.instances.AddInstanceInterface(api.AddInstanceInterfaceRequest(
+                instance_ref=beta.uuid, network=specs_pb2.NetworkSpec(network_uuid='lan2', address=old.ipv4)))
+                ).network_interface
+        except grpc.aio.AioRpcError as e:     # the address is free once the unplug is done
+            assert e.code() == grpc.StatusCode.ALREADY_EXISTS, e
+            return None
+    new = await eventually(plugged, 60, interval=0.5, what=f'{old.ipv4} free for beta')
+    assert new.macaddr != old.macaddr
+    marker = re.compile(rf'SFTEST net: eth2 {re.escape(old.ipv4)}/24 mtu=1450')
+    await eventually(lambda: marker.search(plane.console(beta.node, beta.uuid)), 90, interval=0.5,
+                     what=f'beta reports {old.ipv4} on eth2')
+
+
 async def test_deleting_everything_leaves_nothing_of_the_plane_behind(plane, client, guests):
     assert plane_things(plane)['dnsmasq'], 'the network node serves the network'
     for g in guests:
         await client.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref=g.uuid))
     for g in guests:
         await eventually(lambda g=g: _deleted(client, g.uuid), 120, interval=0.5, what=f'{g.name} deleted')
-    await client.networks.DeleteNetwork(net.DeleteNetworkRequest(network_ref='lan'))
+    for name in ('lan', 'lan2'):
+        await client.networks.DeleteNetwork(net.DeleteNetworkRequest(network_ref=name))
     empty = {'links': [], 'namespaces': [], 'dnsmasq': []}
     await eventually(lambda: plane_things(plane) == empty, 30, interval=0.25,
                      what='no link, namespace or dnsmasq of the plane left')
