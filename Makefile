@@ -1,5 +1,5 @@
 # The two commands (see README.md):
-#   make run    the whole plane on this machine
+#   make run    the whole plane on this machine (NODES=2: two nodes, each with its own underlay)
 #   make test   the test suite
 # Both install whatever is missing first, idempotently: Debian packages, the
 # venv, buf, and the generated API.
@@ -13,6 +13,7 @@ PROTOS := $(shell find protos third_party -name '*.proto') buf.yaml
 STATE_DIR ?= ./.sf-state
 GRPC_PORT ?= 13001
 REST_PORT ?= 13000
+NODES ?= 1
 PYTEST_ARGS ?=
 GUEST_DIR ?= build/guest
 GUEST_SRC := $(shell find guest/build-image.sh guest/syslinux.cfg guest/initramfs)
@@ -20,7 +21,7 @@ GUEST_SRC := $(shell find guest/build-image.sh guest/syslinux.cfg guest/initramf
 .PHONY: run test deps gen schema-check guest-image clean
 
 run: deps gen guest-image
-	$(VENV)/bin/sf-up --state-dir $(STATE_DIR) --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT)
+	$(VENV)/bin/sf-up --state-dir $(STATE_DIR) --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --nodes $(NODES)
 
 test: deps gen schema-check guest-image
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,7 +1,8 @@
 """sf-up: the whole plane on one machine, in the foreground.
 
 It starts a private etcd (data in STATE_DIR/etcd), the controller, the REST
-gateway and N node agents, writes STATE_DIR/endpoints.json and
+gateway and N node agents (each with an underlay namespace that its VXLANs use,
+sfup/underlay.py; node0 serves the networks' DHCP and DNS), writes STATE_DIR/endpoints.json and
 STATE_DIR/shakenfist.json (sf-client's configuration format) once everything
 is ready, and stops all of it on SIGTERM or Ctrl-C.
 """

@@ -9,7 +9,9 @@ from sfcommon.settings import CommaList, Settings, setting
 class UpSettings(Settings):
     state_dir: pathlib.Path = setting(env='SF_UP_STATE_DIR',
                                       help="the plane's etcd data, keys, certificates, nodes and logs")
-    nodes: int = setting(1, env='SF_UP_NODES', ge=0, help='node agents to run')
+    nodes: int = setting(1, env='SF_UP_NODES', ge=0,
+                         help='node agents to run, each with an underlay namespace of its own '
+                              '(as root); node0 is the network node (DHCP and DNS)')
     grpc_port: int = setting(13001, env='SF_UP_GRPC_PORT', ge=0, le=65535, help='0 picks a free port')
     rest_port: int = setting(13000, env='SF_UP_REST_PORT', ge=0, le=65535, help='0 picks a free port')
     host: str = setting('127.0.0.1', env='SF_UP_HOST', help='address to listen on')
