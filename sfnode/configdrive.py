@@ -3,11 +3,13 @@ config-2 with openstack/latest/{meta_data,network_data}.json and user_data."""
 
 import asyncio
 import base64
+import ipaddress
 import json
 import pathlib
 import tempfile
 
 from sfcommon import errors
+from sfnode.network.ip import NETWORK_MTU
 
 
 def contents(instance, networks: dict) -> dict[str, bytes]:
@@ -15,19 +17,29 @@ def contents(instance, networks: dict) -> dict[str, bytes]:
     meta = {'uuid': instance.uuid, 'name': instance.name, 'hostname': instance.name,
             'launch_index': 0, 'availability_zone': 'shakenfist',
             'public_keys': {'key': instance.ssh_key} if instance.HasField('ssh_key') else {}}
-    links, nets = [], []
+    links, nets, services = [], [], []
     for iface in instance.interfaces:
         link = f'eth{iface.order}'
-        links.append({'id': link, 'type': 'vif', 'ethernet_mac_address': iface.macaddr, 'mtu': 1450})
+        links.append({'id': link, 'type': 'vif', 'ethernet_mac_address': iface.macaddr,
+                      'mtu': NETWORK_MTU})
         if iface.HasField('ipv4'):
             net = networks.get(iface.network_uuid)
             netmask = net.netblock.split('/')[1] if net else '24'
-            nets.append({'id': f'network{iface.order}', 'link': link, 'type': 'ipv4',
-                         'ip_address': iface.ipv4, 'netmask': _mask(int(netmask)),
-                         'network_id': iface.network_uuid})
+            entry = {'id': f'network{iface.order}', 'link': link, 'type': 'ipv4',
+                     'ip_address': iface.ipv4, 'netmask': _mask(int(netmask)),
+                     'network_id': iface.network_uuid, 'routes': []}
+            if net is not None:
+                # The network node holds the gateway address (sfnode/network/dhcp.py): it
+                # answers DNS where the network is served, and routes out once NAT is on.
+                router = str(ipaddress.IPv4Network(net.netblock).network_address + 1)
+                if net.provide_nat:
+                    entry['routes'].append({'network': '0.0.0.0', 'netmask': '0.0.0.0', 'gateway': router})
+                if net.provide_dhcp and {'type': 'dns', 'address': router} not in services:
+                    services.append({'type': 'dns', 'address': router})
+            nets.append(entry)
     files = {'openstack/latest/meta_data.json': json.dumps(meta).encode(),
              'openstack/latest/network_data.json': json.dumps(
-                 {'links': links, 'networks': nets, 'services': []}).encode()}
+                 {'links': links, 'networks': nets, 'services': services}).encode()}
     if instance.HasField('user_data'):
         files['openstack/latest/user_data'] = base64.b64decode(instance.user_data)
     return files
