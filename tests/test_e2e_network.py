@@ -165,10 +165,16 @@ async def test_the_network_node_killed_and_restarted_serves_again_with_nothing_d
         plane.restarted.append(subprocess.Popen(  # noqa: ASYNC220 -- a node of its own, not awaited
             command, stdout=log, stderr=log, env={**os.environ, 'SF_NODE_DOMAIN_TYPE': 'qemu'},
             start_new_session=True))
-    # Served again: the restarted node found its dnsmasq, VXLAN and bridge and kept them.
-    restarted = re.compile(r'"message": "node started"')
-    await eventually(lambda: restarted.search((plane.state / 'node0-restart.log').read_text()), 60,
-                     interval=0.5, what='node0 restarted')
+    # Served again: the restarted node found its dnsmasq, VXLAN and bridge and kept them
+    # (its first listing converged, and what was not desired removed).
+    synced = re.compile(r'"message": "networks synced"')
+    log = plane.state / 'node0-restart.log'
+    try:
+        await eventually(lambda: synced.search(log.read_text()), 60, interval=0.5,
+                         what='node0 restarted and its networks synced')
+    except AssertionError as e:
+        raise AssertionError(f'{e}\n{log.read_text()[-3000:]}') from None
+    assert 'converging networks failed' not in log.read_text()
     rc, out = await run(client, beta.name, f'nslookup {alpha.name}')
     assert rc == 0 and alpha.interfaces[0].ipv4 in out, out
     assert plane_things(plane) == before

@@ -105,6 +105,8 @@ class Carrier:
                 if self._sweep:
                     await self._remove_orphans()
                     self._sweep = False
+                    if not self.synced.is_set():
+                        log.info('networks synced', extra={'networks': len(self.desired)})
                     self.synced.set()
                 backoff.reset()
             except Exception:

@@ -91,7 +91,7 @@ class Dhcp:
 
         d.mkdir(parents=True, exist_ok=True)
         released = self._write_hosts(d, hosts)
-        for ipv4, mac in released:
+        for ipv4, mac in released or ():
             await ip.run('ip', 'netns', 'exec', ns, 'dhcp_release', INNER, ipv4, mac, check=False)
         conf = d / 'dnsmasq.conf'
         text = config(net, str(router.ip), d)
