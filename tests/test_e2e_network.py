@@ -126,10 +126,12 @@ async def test_guests_on_two_nodes_get_their_addresses_by_dhcp(plane, guests):
                          what=f'{g.name} reports {address}/24 from DHCP')
 
 
-async def test_the_network_says_where_it_is_served(client, guests, network_events):
+async def test_the_network_says_where_it_is_served_and_who_carries_it(client, guests, network_events):
     served = [e for e in network_events if e.type == event_pb2.EVENT_TYPE_STATUS
               and 'served by node0' in e.message]
     assert served, [e.message for e in network_events]
+    meshes = {e.fqdn: dict(e.extra)['peers'] for e in network_events if e.message.startswith('mesh on')}
+    assert meshes == {'node0': ['198.51.100.11'], 'node1': ['198.51.100.10']}, meshes
 
 
 async def test_guests_reach_each_other_by_address_and_by_name_without_an_mtu_black_hole(client, guests):

@@ -32,6 +32,7 @@ class Carrier:
         self.desired: dict[str, pb.DesiredNetwork] = {}
         self._vni: dict[str, int] = {}              # network uuid -> VNI, of what was made
         self._served: set[str] = set()
+        self._peers: dict[str, list[str]] = {}      # network uuid -> peers, as last made
         self._pending: dict[str, None] = {}
         self._wake = asyncio.Event()
         self._sweep = False
@@ -122,12 +123,18 @@ class Carrier:
                 await self.dhcp.remove(vni)
                 await self.mesh.remove(vni)
                 self._served.discard(uuid)
+                self._peers.pop(uuid, None)
             await self.node.bridges.release_unused()
             return
         network = desired.network
         self._vni[uuid] = network.vxlan_id
         bridge = await self.node.bridges.ensure(network)
         await self.mesh.ensure(network.vxlan_id, bridge, list(desired.peers))
+        peers = sorted(desired.peers)
+        if self._peers.get(uuid) != peers:
+            self._peers[uuid] = peers
+            await self._event(network, f'mesh on {self.node.name}: {len(peers)} peers',
+                              {'node': self.node.name, 'peers': peers})
         if desired.serve:
             started = await self.dhcp.ensure(network, bridge, desired.hosts)
             if started or uuid not in self._served:
