@@ -16,5 +16,13 @@ DNS run in a namespace of their own per network, joined to the bridge by a veth.
 
 Nothing is changed in the root namespace but links that carry the node's
 prefix: no addresses, routes, forwarding or firewall. Every device and namespace
-is named with the prefix, so a restarted node finds its own by listing them.
+is named with the prefix, so a restarted node finds its own by listing them:
+the bridge <prefix><vni>, the VXLAN <prefix>v<vni>, the DHCP veth <prefix>h<vni>
+(int0 inside) and the namespace <prefix>dhcp-<vni>, the VNI as 6 hex digits.
+Links are at most 15 characters: the prefix is at most 8.
+
+All of a network's links are at NETWORK_MTU (1450: the underlay's 1500 less the
+VXLAN header); the guest learns it by DHCP (option 26, forced) and from the
+config drive. One network node per plane in this stage: two would both hold
+the gateway address.
 """

@@ -133,7 +133,7 @@ class Carrier:
         peers = sorted(desired.peers)
         if self._peers.get(uuid) != peers:
             self._peers[uuid] = peers
-            await self._event(network, f'mesh on {self.node.name}: {len(peers)} peers',
+            await self._event(network, f'mesh on {self.node.name}: peers {", ".join(peers) or "none"}',
                               {'node': self.node.name, 'peers': peers})
         if desired.serve:
             started = await self.dhcp.ensure(network, bridge, desired.hosts)
