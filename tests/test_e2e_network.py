@@ -2,7 +2,8 @@
 pinned to two nodes of one plane (sf-up's per-node underlays, node0 the network
 node), get their addresses by DHCP, reach each other over the VXLAN mesh by
 address and by name, with no MTU black hole. The network node killed with
-SIGKILL and restarted serves again with nothing duplicated; hot-plugged NICs get
+SIGKILL and restarted (each node, the network node too) carries and serves again
+with nothing duplicated; hot-plugged NICs get
 their addresses; an address given up goes to the next MAC. Deleting it all
 leaves no link, namespace or dnsmasq of the plane behind."""
 
@@ -151,34 +152,38 @@ async def test_guests_reach_each_other_by_address_and_by_name_without_an_mtu_bla
             assert rc == 0, out
 
 
-async def test_the_network_node_killed_and_restarted_serves_again_with_nothing_duplicated(
-        plane, client, guests):
-    alpha, beta = guests
+@pytest.mark.parametrize('index', [1, 0], ids=['node1', 'node0, the network node'])
+async def test_a_node_killed_and_restarted_carries_again_with_nothing_duplicated(plane, client, guests, index):
+    name = f'node{index}'
+    here = next(g for g in guests if g.node == name)
+    there = next(g for g in guests if g.node != name)
     before = plane_things(plane)
-    for pid in plane.node_pids('node0'):
+    for pid in plane.node_pids(name):
         os.kill(pid, signal.SIGKILL)
     # The guests keep their connectivity while the node is away: the kernel holds it.
-    rc, out = await run(client, beta.name, f'ping -c 2 -W 5 {alpha.interfaces[0].ipv4}')
+    rc, out = await run(client, there.name, f'ping -c 2 -W 5 {here.interfaces[0].ipv4}')
     assert rc == 0, out
-    underlay = Underlay(plane.state, 2).nodes[0]
-    command = node_command(0, plane.state, LocalPki(plane.state / 'pki'), plane.endpoints['node_api'],
+    underlay = Underlay(plane.state, 2).nodes[index]
+    command = node_command(index, plane.state, LocalPki(plane.state / 'pki'), plane.endpoints['node_api'],
                            '127.0.0.1', underlay=underlay)
-    with open(plane.state / 'node0-restart.log', 'ab') as log:  # noqa: ASYNC230 -- a local file, at once
+    log = plane.state / f'{name}-restart.log'
+    with open(log, 'ab') as f:  # noqa: ASYNC230 -- a local file, at once
         plane.restarted.append(subprocess.Popen(  # noqa: ASYNC220 -- a node of its own, not awaited
-            command, stdout=log, stderr=log, env={**os.environ, 'SF_NODE_DOMAIN_TYPE': 'qemu'},
+            command, stdout=f, stderr=f, env={**os.environ, 'SF_NODE_DOMAIN_TYPE': 'qemu'},
             start_new_session=True))
-    # Served again: the restarted node found its dnsmasq, VXLAN and bridge and kept them
-    # (its first listing converged, and what was not desired removed).
+    # The restarted node found its VXLAN, bridge (and dnsmasq) and kept them: its first
+    # listing converged, and what was not desired was removed.
     synced = re.compile(r'"message": "networks synced"')
-    log = plane.state / 'node0-restart.log'
     try:
         await eventually(lambda: synced.search(log.read_text()), 60, interval=0.5,
-                         what='node0 restarted and its networks synced')
+                         what=f'{name} restarted and its networks synced')
     except AssertionError as e:
         raise AssertionError(f'{e}\n{log.read_text()[-3000:]}') from None
     assert 'converging networks failed' not in log.read_text()
-    rc, out = await run(client, beta.name, f'nslookup {alpha.name}')
-    assert rc == 0 and alpha.interfaces[0].ipv4 in out, out
+    rc, out = await run(client, there.name, f'nslookup {here.name}')
+    assert rc == 0 and here.interfaces[0].ipv4 in out, out
+    rc, out = await run(client, here.name, f'ping -c 2 -W 5 {there.interfaces[0].ipv4}')
+    assert rc == 0, out
     assert plane_things(plane) == before
 
 
