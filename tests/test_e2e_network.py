@@ -1,11 +1,11 @@
 """End to end, networks that carry packets: two real TCG guests on one DHCP network,
 pinned to two nodes of one plane (sf-up's per-node underlays, node0 the network
 node), get their addresses by DHCP, reach each other over the VXLAN mesh by
-address and by name, with no MTU black hole. The network node killed with
-SIGKILL and restarted (each node, the network node too) carries and serves again
-with nothing duplicated; hot-plugged NICs get
-their addresses; an address given up goes to the next MAC. Deleting it all
-leaves no link, namespace or dnsmasq of the plane behind."""
+address and by name, with no MTU black hole. Each node (the network node too)
+killed with SIGKILL and restarted carries and serves again with nothing
+duplicated; hot-plugged NICs get their addresses; an address given up goes to
+the next MAC. Deleting it all leaves no link, namespace or dnsmasq of the plane
+behind."""
 
 import asyncio
 import json
