@@ -11,6 +11,7 @@ import pytest_asyncio
 
 from sfcommon.pki import LocalPki
 from sfup.nodes import node_command
+from sfup.underlay import Underlay
 from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api, specs_pb2
 from tests.plane import Plane
 from tests.waiting import eventually
@@ -82,7 +83,7 @@ async def test_a_node_killed_during_creates_recovers_them_all_without_duplicates
     # Restart it the way sf-up started it.
     log = open(plane.state / 'node0-restart.log', 'ab')
     command = node_command(0, plane.state, LocalPki(plane.state / 'pki'), plane.endpoints['node_api'],
-                           '127.0.0.1')
+                           '127.0.0.1', underlay=Underlay(plane.state, 3).nodes[0])
     proc = subprocess.Popen(command, stdout=log,
                             stderr=log, env={**os.environ, 'SF_NODE_DOMAIN_TYPE': 'qemu'},
                             start_new_session=True)
