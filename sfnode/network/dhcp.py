@@ -99,7 +99,7 @@ class Dhcp:
         conf.write_text(text)
         pid = self._pid(d)
         if pid is not None and changed:
-            os.kill(pid, signal.SIGTERM)
+            await _stop(pid)
             pid = None
         if pid is None:
             (d / 'dnsmasq.pid').unlink(missing_ok=True)
@@ -140,11 +140,16 @@ class Dhcp:
         d = self.dir / f'{vni:06x}'
         pid = self._pid(d)
         if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(50):
-                if not pathlib.Path(f'/proc/{pid}').exists():
-                    break
-                await asyncio.sleep(0.02)
+            await _stop(pid)
         await ip.ip('link', 'del', self.veth(vni), check=False)
         await ip.run('ip', 'netns', 'del', self.namespace(vni), check=False)
         shutil.rmtree(d, ignore_errors=True)
+
+
+async def _stop(pid: int, timeout: float = 2.0):
+    """SIGTERM dnsmasq and wait (a while) until it is gone, so its sockets are free."""
+    os.kill(pid, signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while pathlib.Path(f'/proc/{pid}').exists() and loop.time() < deadline:
+        await asyncio.sleep(0.02)
