@@ -58,6 +58,11 @@ _METADATA_VALUE = re.compile(r'[\x20-\x7e]+')  # what gRPC accepts in ASCII meta
 MAX_AUTHORIZATION = 4096
 _REQUEST_ID = re.compile(r'[\x21-\x7e]{1,128}')
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(',', ':')).encode
+# The channel to the controller. No retries: the gateway's calls are made once, as
+# its client asked (and the retry filter costs every call; bench P2). No proxy: the
+# controller is reached directly, whatever http_proxy says.
+CHANNEL_OPTIONS = (('grpc.max_receive_message_length', -1), ('grpc.enable_retries', 0),
+                   ('grpc.enable_http_proxy', 0))
 
 
 REQUESTS = Counter('sf_gateway_requests_total',
@@ -110,6 +115,23 @@ class HttpError(Exception):
     def __init__(self, status, message, headers=None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+
+
+class _RequestIds:
+    """Request IDs for requests that bring none: UUID-shaped, a random prefix drawn
+    once per process and a counter (uuid4 per request is a getrandom call and a UUID
+    object each; these only need to be unique and to look like UUIDs)."""
+
+    def __init__(self):
+        self._prefix = str(uuid.uuid4())[:24]   # 8-4-4-4- and nothing of the last group
+        self._next = 0
+
+    def __call__(self):
+        self._next += 1
+        return f'{self._prefix}{self._next & 0xffffffffffff:012x}'
+
+
+_new_request_id = _RequestIds()
 
 
 def _json_body(value):
@@ -198,7 +220,7 @@ class Gateway:
         self.body_timeout = body_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self.channel_options = [('grpc.max_receive_message_length', -1), *channel_options]
+        self.channel_options = [*CHANNEL_OPTIONS, *channel_options]
         self.channel = None
         self.endpoints = [Endpoint(b) for b in schema.bindings()]
         self.router = routes.Router()
@@ -239,7 +261,7 @@ class Gateway:
         route = None    # the target's RouteMetrics, once matched
         rid = request.headers.get('X-Request-ID')
         if rid is None or not _REQUEST_ID.fullmatch(rid):
-            rid = str(uuid.uuid4())
+            rid = _new_request_id()
         try:
             await _expect(request)
             target, params = self.router.match(request.method, request.rel_url.raw_path)
