@@ -39,6 +39,7 @@ import uuid as uuidlib
 import grpc
 
 from sfcommon import errors, pki
+from sfcommon.backoff import Backoff
 from sfcontrol.core import Core
 from sfcontrol.store import keys
 from sfcontrol.store.etcd import StoreError, Txn
@@ -346,7 +347,7 @@ class Replicas:
             self._wake.set()
 
     async def _repairs(self):
-        delay = RETRY_FIRST
+        backoff = Backoff(RETRY_FIRST, RETRY_MAX)
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -356,10 +357,9 @@ class Replicas:
                 log.exception('blob repair pass failed')
                 complete = False
             if complete:
-                delay = RETRY_FIRST
+                backoff.reset()
             else:
-                self._retry = asyncio.get_running_loop().call_later(delay, self._wake.set)
-                delay = min(delay * 2, RETRY_MAX)
+                self._retry = asyncio.get_running_loop().call_later(backoff.next(), self._wake.set)
 
     async def _repair_pass(self) -> bool:
         """Copy each blob that has too few holders, where this controller is the one to

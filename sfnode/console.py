@@ -17,6 +17,8 @@ import contextlib
 import logging
 import re
 
+from sfcommon.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 PROMPT = b'Shaken Fist serial console of instance %s.\r\nToken: '
@@ -77,16 +79,15 @@ class SerialConsole:
             self._pump = asyncio.create_task(self._follow_guest(), name=f'console-{self.uuid}')
 
     async def _follow_guest(self):
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0)
         while self.viewers:
             try:
                 reader, writer = await asyncio.open_unix_connection(self.socket_path)
             except OSError:
                 # The guest is off or QEMU restarts: try again while viewers wait.
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.sleep()
                 continue
-            delay = 0.1
+            backoff.reset()
             self._guest = writer
             self._connected.set()
             try:

@@ -15,6 +15,7 @@ import logging
 import grpc
 
 from sfcommon import pki
+from sfcommon.backoff import Backoff
 from sfcommon.metrics import ClientMetrics
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
 
@@ -35,17 +36,17 @@ class ControllerLink:
 
     async def call(self, method: str, request, *, timeout: float = 30.0, retry: bool = True):
         """Call a NodeControlService method; retry transient failures until it lands."""
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 return await getattr(self.control, method)(request, timeout=timeout)
             except grpc.aio.AioRpcError as e:
                 if not retry or e.code() not in RETRYABLE:
                     raise
+                delay = backoff.next()
                 log.warning('controller call %s failed (%s); retrying in %.1fs',
                             method, e.code().name, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def report(self, instance_uuid: str, **fields):
         await self.call('ReportInstanceStatus', pb.ReportInstanceStatusRequest(

@@ -12,6 +12,7 @@ import subprocess
 import grpc
 
 from sfcommon import errors, pki
+from sfcommon.backoff import Backoff
 from sfcommon.clock import SYSTEM, Clock
 from sfcommon.metrics import ServerMetrics, start_metrics_server
 from sfcommon.tasks import Tasks
@@ -248,14 +249,14 @@ class Node(node_pb2_grpc.NodeServiceServicer):
 
     async def _follow(self):
         """Follow the desired state; on a broken stream, reconnect and resync."""
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 stream = self.link.control.WatchDesiredInstances(
                     pb.WatchDesiredInstancesRequest(name=self.name))
                 listed = set()
                 async for change in stream:
-                    delay = 0.1
+                    backoff.reset()
                     kind = change.WhichOneof('change')
                     if kind == 'upsert':
                         listed.add(change.upsert.instance.uuid)
@@ -266,8 +267,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
                         await self._sync_complete(listed)
             except grpc.aio.AioRpcError as e:
                 log.warning('desired-state stream lost (%s); reconnecting', e.code().name)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await backoff.sleep()
 
     def _upsert(self, desired):
         worker = self.workers.get(desired.instance.uuid)

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Iterable, NamedTuple
 import grpc
 from aetcd import rpc
 
+from sfcommon.backoff import Backoff
 from sfcontrol import metrics
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,8 @@ class Store:
         revision it needs is gone; StoreUnavailable after max_outage s without etcd."""
         full = self.key(prefix)
         create = rpc.WatchCreateRequest(key=full, range_end=_prefix_end(full))
-        next_rev, delay, down_since = start_revision, _BACKOFF_FIRST, None
+        next_rev, down_since = start_revision, None
+        backoff = Backoff(_BACKOFF_FIRST, _BACKOFF_MAX)
         loop = asyncio.get_running_loop()
         while True:
             call = None
@@ -322,7 +324,8 @@ class Store:
                 created = await asyncio.wait_for(self._open_watch(call, create), self._timeout)
                 if next_rev == 0:
                     next_rev = created.header.revision + 1
-                delay, down_since = _BACKOFF_FIRST, None
+                down_since = None
+                backoff.reset()
                 if progress:
                     self._progress_calls.add(call)
                 while True:
@@ -359,10 +362,10 @@ class Store:
             down_since = down_since or loop.time()
             if max_outage is not None and loop.time() - down_since > max_outage:
                 raise StoreUnavailable(f"watch on {prefix!r}: etcd unreachable for {max_outage}s")
+            delay = backoff.next()
             log.warning("watch on %r lost (%s); resuming at revision %d in %.1fs",
                         prefix, reason, next_rev, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _BACKOFF_MAX)
 
     @staticmethod
     async def _open_watch(call, create: rpc.WatchCreateRequest) -> rpc.WatchResponse:
