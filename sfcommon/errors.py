@@ -128,23 +128,6 @@ BY_REASON: dict[int, type[ApiError]] = {
         AlreadyExists, PayloadTooLarge, InsufficientResources, CursorExpired, AgentNotReady,
         Unavailable, Internal, TooManyRequests)}
 
-# Transitional names, removed once every call site says the class (this session).
-invalid = InvalidArgument
-unauthenticated = Unauthenticated
-permission_denied = PermissionDenied
-not_found = NotFound
-not_ready = NotReady
-conflict = StateConflict
-already_exists = AlreadyExists
-insufficient = InsufficientResources
-too_large = PayloadTooLarge
-too_many_requests = TooManyRequests
-cursor_expired = CursorExpired
-agent_not_ready = AgentNotReady
-unavailable = Unavailable
-internal = Internal
-
-
 def from_rpc_error(err: grpc.RpcError) -> ApiError | None:
     """The ApiError a failed call carries in its ErrorInfo, if it carries one
     this schema knows (and its rich status agrees with the call's own)."""
