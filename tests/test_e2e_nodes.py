@@ -90,7 +90,8 @@ async def test_a_node_killed_during_creates_recovers_them_all_without_duplicates
     try:
         await all_created(client, uuids)
         running = domains()
-        assert all(running.get(u) == 1 for u in uuids), running
+        wrong = {u: running.get(u, 0) for u in uuids if running.get(u) != 1}
+        assert not wrong, f'QEMU processes per instance, where not one: {wrong}'
         ours = {u for u in running if (plane.state / 'nodes' / 'node0' / 'instances' / u).exists()}
         assert ours == set(uuids), 'an orphan or missing domain on node0'
     finally:
