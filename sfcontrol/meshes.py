@@ -5,7 +5,11 @@ it (where its instances are placed) plus every network node (they serve it).
 Each of those nodes gets a DesiredNetwork with the mesh addresses of the
 others (its VXLAN's head-end replication list); a network node also gets, for
 a network with provide_dhcp, the fixed leases of the network's interfaces
-(MAC -> address, from the controller's IPAM) and their instances' names.
+(MAC -> address, from the controller's IPAM) and their instances' names, and,
+for a network with provide_nat, NAT (its egress address is the network's
+floating_gateway) with the floating addresses of its interfaces and the pool
+they come from. A float or defloat is an interface change, so it reaches the
+network node as soon as the cache sees it.
 
 A NetworkFeed is a listener on the controller's cache, like NodeFeed
 (sfcontrol/feeds.py): it lists the node's networks when it starts, then, on any
@@ -42,7 +46,7 @@ def mesh_of(cache: ObjectCache, network, interfaces) -> dict[str, str]:
     return {name: nodes[name].mesh_address for name in sorted(members)}
 
 
-def desired_networks(cache: ObjectCache, node: str) -> dict[str, pb.DesiredNetwork]:
+def desired_networks(cache: ObjectCache, node: str, floating_netblock: str = '') -> dict[str, pb.DesiredNetwork]:
     """What node is to carry, by network uuid."""
     me = cache.get(keys.node(node))
     if me is None or not me.value.mesh_address:
@@ -66,6 +70,12 @@ def desired_networks(cache: ObjectCache, node: str) -> dict[str, pb.DesiredNetwo
                 inst = cache.by_uuid(keys.INSTANCES, iface.instance_uuid)
                 if iface.HasField('ipv4') and inst is not None:
                     desired.hosts.add(macaddr=iface.macaddr, ipv4=iface.ipv4, hostname=inst.value.name)
+        if me.value.network_node and network.provide_nat and network.HasField('floating_gateway'):
+            desired.nat = True
+            desired.floating_netblock = floating_netblock
+            for iface in sorted(interfaces, key=lambda i: i.uuid):
+                if iface.HasField('ipv4') and iface.HasField('floating'):
+                    desired.floating.add(interface_uuid=iface.uuid, ipv4=iface.ipv4, floating=iface.floating)
         found[network.uuid] = desired
     return found
 
@@ -75,9 +85,10 @@ class NetworkFeed:
 
     PREFIXES = (keys.NODES, keys.NETWORKS, keys.INTERFACES, keys.INSTANCES)
 
-    def __init__(self, cache: ObjectCache, node: str):
+    def __init__(self, cache: ObjectCache, node: str, floating_netblock: str = ''):
         self.cache = cache
         self.node = node
+        self.floating_netblock = floating_netblock
         self._sent: dict[str, bytes] = {}
         self._wake = asyncio.Event()
 
@@ -103,7 +114,7 @@ class NetworkFeed:
                 self.cache.unlisten(prefix, self._changed)
 
     def _diff(self):
-        desired = desired_networks(self.cache, self.node)
+        desired = desired_networks(self.cache, self.node, self.floating_netblock)
         for uuid in [u for u in self._sent if u not in desired]:
             del self._sent[uuid]
             yield pb.WatchDesiredNetworksResponse(remove_uuid=uuid)

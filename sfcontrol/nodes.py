@@ -37,8 +37,9 @@ STATUS = event_pb2.EVENT_TYPE_STATUS
 
 class NodeRegistry:
     def __init__(self, core: Core, clock: Clock = SYSTEM, heartbeat_interval: float = 5.0,
-                 heartbeat_timeout: float = 20.0):
+                 heartbeat_timeout: float = 20.0, floating_netblock: str = ''):
         self.core = core
+        self.floating_netblock = floating_netblock
         self.clock = clock
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -119,7 +120,7 @@ class NodeRegistry:
     def desired_networks(self, name: str):
         """The node's desired-networks stream (sfcontrol/meshes.py)."""
         self.require(name)
-        return NetworkFeed(self.core.cache, name).stream()
+        return NetworkFeed(self.core.cache, name, self.floating_netblock).stream()
 
     # -- liveness --------------------------------------------------------------
     def _arm(self, name: str):

@@ -146,7 +146,8 @@ async def start(config: Config) -> Controller:
     instances = Instances(core, networks, nodes, events, blobs, ImagePolicy(config.image_allow))
     agentops = AgentOperations(core, instances, nodes, config.clock)
     agentops.start()
-    registry = NodeRegistry(core, config.clock, config.heartbeat_interval, config.heartbeat_timeout)
+    registry = NodeRegistry(core, config.clock, config.heartbeat_interval, config.heartbeat_timeout,
+                            config.floating_netblock)
     registry.start()
     node_control = NodeControl(registry, NodeReports(core, instances, agentops, blobs, auth))
     metadata = Metadata(core)

@@ -39,7 +39,7 @@ async def start(settings: NodeSettings, stops: serve.Stops):
         domain_type=domain_type, console_open=settings.console_open, metrics_listen=settings.metrics_listen,
         mesh=MeshConfig(address=settings.mesh_address, netns=settings.mesh_namespace,
                         device=settings.mesh_device),
-        network_node=settings.network_node)
+        network_node=settings.network_node, edge_namespace=settings.edge_namespace)
     node = await Node(config, hypervisor).start()
     stops.add('node', lambda: node.stop(stop_guests=settings.stop_guests_on_exit))
     log.info('node started', extra={'node': settings.name, 'port': node.port, 'domain_type': domain_type,

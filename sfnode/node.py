@@ -51,6 +51,7 @@ class NodeConfig:
     # Where this node's VXLANs live (sfnode/network/); no address: it carries no networks.
     mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(address=''))
     network_node: bool = False      # serves DHCP and DNS for the networks (a network node)
+    edge_namespace: str | None = None   # a network node's outside, for NAT and floating addresses
 
 
 class Bridges:
@@ -167,7 +168,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         self.link = ControllerLink(config.controller, config.pki, config.name)
         self.workers: dict[str, InstanceWorker] = {}
         self.bridges = Bridges(config.bridge_prefix, self._networks_in_use)
-        self.carrier = Carrier(self, config.mesh, config.network_node)
+        self.carrier = Carrier(self, config.mesh, config.network_node, config.edge_namespace)
         self.console_listen = config.console_listen
         self.domain_type = config.domain_type or 'qemu'
         self.vsock = os.path.exists('/dev/vhost-vsock')      # guests may have a vsock device

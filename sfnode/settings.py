@@ -55,6 +55,10 @@ class NodeSettings(Settings):
                                               "per-node underlay); the VXLANs' sockets live there")
     network_node: bool = setting(False, env='SF_NODE_NETWORK_NODE',
                                  help='serve DHCP and DNS for the networks (a network node) (variable: 1 or 0)')
+    edge_namespace: str | None = setting(None, env='SF_NODE_EDGE_NAMESPACE',
+                                         help="a network node's outside: the namespace whose bridge edge0 "
+                                              "holds the floating pool's gateway (sf-up's edge); NAT egress "
+                                              'and floating addresses leave there')
     image_table: str | None = setting(NodeConfig.image_table, env='SF_NODE_IMAGE_TABLE',
                                       help='JSON file of {shorthand: url} over the built-in table')
     image_allow: CommaList = setting(

@@ -22,7 +22,7 @@ from sfcontrol.store import keys
 from sfup.etcd import EtcdServer
 from sfup.nodes import start_nodes
 from sfup.settings import UpSettings
-from sfup.underlay import Underlay
+from sfup.underlay import FLOATING, Underlay
 
 log = logging.getLogger('sf-up')
 
@@ -62,7 +62,7 @@ async def start(settings: UpSettings, stops: serve.Stops):
     controller = await server.start(server.Config(
         etcd_endpoints=[etcd.endpoint], etcd_tls=etcd.client_tls, pki=pki.controller(),
         listen=f'{host}:{settings.grpc_port}', node_listen=f'{host}:0', state_dir=state,
-        image_allow=settings.image_allow, metrics_listen=f'{host}:0'))
+        image_allow=settings.image_allow, metrics_listen=f'{host}:0', floating_netblock=str(FLOATING)))
     stops.add('controller', controller.stop)
     grpc_target = f'{host}:{controller.port}'
     node_target = f'{host}:{controller.node_port}'

@@ -30,7 +30,8 @@ def node_command(i: int, state: pathlib.Path, pki, node_target: str, host: str,
     images = {'sftest': TEST_IMAGE.as_uri()} if TEST_IMAGE.exists() else {}
     mesh = [] if underlay is None else [
         '--mesh-address', underlay.address, '--mesh-namespace', underlay.netns,
-        '--mesh-device', underlay.device, *(['--network-node'] if i == 0 else [])]
+        '--mesh-device', underlay.device, *(['--network-node'] if i == 0 else []),
+        *(['--edge-namespace', underlay.edge] if underlay.edge else [])]
     return [sys.executable, '-m', 'sfnode.main', '--name', f'node{i}', '--controller', node_target,
             '--pki-dir', str(pki.node(f'node{i}').directory),
             '--state-dir', str(state / 'nodes' / f'node{i}'),

@@ -11,7 +11,14 @@ gRPC to the controller, its consoles and libvirt need nothing new.
 
 Nothing is added to the root namespace: no address, route, forwarding or
 firewall. Every namespace is named sf<plane>..., from the state directory, so
-planes on one machine never share one. Deleting an underlay namespace deletes
+planes on one machine never share one.
+
+The edge (<prefix>-edge) is the network node's outside: a bridge edge0 holding
+the floating pool's first address (203.0.113.1/24, the pool's gateway), with
+ip_forward on in that namespace only. Each NAT network's namespace on the
+network node has a veth on edge0 (sfnode/network/nat.py); whatever stands for
+the world (a test's "outside" namespace) is joined to the edge by a veth of its
+own and routes the pool via the edge. Deleting an underlay namespace deletes
 the VXLANs made in it: stop() runs after the nodes have stopped.
 """
 
@@ -22,6 +29,8 @@ import ipaddress
 import pathlib
 
 MESH = ipaddress.IPv4Network('198.51.100.0/24')
+FLOATING = ipaddress.IPv4Network('203.0.113.0/24')
+EDGE_BRIDGE = 'edge0'
 FIRST_HOST = 10
 
 
@@ -35,6 +44,7 @@ class NodeUnderlay:
     netns: str
     device: str
     address: str
+    edge: str | None = None     # the edge namespace, for the network node
 
 
 async def _run(*argv, check=True):
@@ -50,7 +60,9 @@ class Underlay:
     def __init__(self, state: pathlib.Path, nodes: int):
         self.prefix = plane_prefix(state)
         self.fabric = f'{self.prefix}-fabric'
-        self.nodes = [NodeUnderlay(f'{self.prefix}{i}-ul', 'ul0', str(MESH.network_address + FIRST_HOST + i))
+        self.edge = f'{self.prefix}-edge'
+        self.nodes = [NodeUnderlay(f'{self.prefix}{i}-ul', 'ul0', str(MESH.network_address + FIRST_HOST + i),
+                                   self.edge if i == 0 else None)
                       for i in range(nodes)]
 
     async def _exists(self, ns: str) -> bool:
@@ -62,6 +74,14 @@ class Underlay:
             await _run('ip', 'netns', 'add', self.fabric)
             await _run('ip', '-n', self.fabric, 'link', 'add', 'fab0', 'type', 'bridge')
             await _run('ip', '-n', self.fabric, 'link', 'set', 'fab0', 'up')
+        if not await self._exists(self.edge):
+            await _run('ip', 'netns', 'add', self.edge)
+            await _run('ip', '-n', self.edge, 'link', 'set', 'lo', 'up')
+            await _run('ip', '-n', self.edge, 'link', 'add', EDGE_BRIDGE, 'type', 'bridge')
+            await _run('ip', '-n', self.edge, 'addr', 'add', f'{FLOATING.network_address + 1}/{FLOATING.prefixlen}',
+                       'dev', EDGE_BRIDGE)
+            await _run('ip', '-n', self.edge, 'link', 'set', EDGE_BRIDGE, 'up')
+            await _run('ip', 'netns', 'exec', self.edge, 'sysctl', '-qw', 'net.ipv4.ip_forward=1')
         for i, node in enumerate(self.nodes):
             if await self._exists(node.netns):
                 continue
@@ -78,4 +98,5 @@ class Underlay:
     async def stop(self):
         for node in self.nodes:
             await _run('ip', 'netns', 'del', node.netns, check=False)
+        await _run('ip', 'netns', 'del', self.edge, check=False)
         await _run('ip', 'netns', 'del', self.fabric, check=False)

@@ -78,7 +78,7 @@ def plane_things(plane) -> dict[str, list[str]]:
         ['ip', '-j', 'link'], capture_output=True, text=True, check=False).stdout) if link['ifname'].startswith(prefix)]
     namespaces = [ns['name'] for ns in json.loads(subprocess.run(
         ['ip', '-j', 'netns', 'list'], capture_output=True, text=True, check=False).stdout or '[]')
-        if ns['name'].startswith(prefix) and not ns['name'].endswith(('-ul', '-fabric'))]
+        if ns['name'].startswith(prefix) and not ns['name'].endswith(('-ul', '-fabric', '-edge'))]
     dnsmasqs = [line for line in subprocess.run(['ps', '-eo', 'args'], capture_output=True,
                                                 text=True, check=False).stdout.splitlines()
                 if line.startswith('dnsmasq') and str(plane.state) in line]

@@ -13,6 +13,7 @@ PACKAGES=(
   nodejs npm                                    # buf comes from npm
   iproute2 curl jq
   dnsmasq-base dnsmasq-utils                    # DHCP and DNS of a network node (dhcp_release)
+  nftables conntrack                            # NAT and floating addresses on a network node
 )
 
 # sfnode runs libvirt's QEMU driver in-process (qemu:///embed). As root it

@@ -1,5 +1,6 @@
 """Follows the node's desired networks (WatchDesiredNetworks) and converges the
-mesh and, on a network node, DHCP and DNS to them.
+mesh and, on a network node, DHCP and DNS, NAT egress and floating addresses
+(sfnode/network/nat.py) to them.
 
 One converging task takes the networks whose desired state changed, in turn; a
 failure is logged and retried with backoff, never given up. When the first
@@ -16,6 +17,7 @@ from sfcommon.backoff import Backoff
 from sfcommon.events import make_event
 from sfnode.network.dhcp import Dhcp
 from sfnode.network.mesh import Mesh, MeshConfig
+from sfnode.network.nat import Nat
 from shakenfist.node.v1alpha1 import node_pb2 as pb
 from shakenfist.v1 import event_pb2
 
@@ -23,15 +25,18 @@ log = logging.getLogger(__name__)
 
 
 class Carrier:
-    def __init__(self, node, mesh: MeshConfig, network_node: bool):
+    def __init__(self, node, mesh: MeshConfig, network_node: bool, edge: str | None = None):
         self.node = node
         self.enabled = bool(mesh.address)
         self.network_node = network_node
         self.mesh = Mesh(node.config.bridge_prefix, mesh)
         self.dhcp = Dhcp(node.config.bridge_prefix, pathlib.Path(node.state_dir) / 'networks')
+        self.nat = Nat(node.config.bridge_prefix, edge)
         self.desired: dict[str, pb.DesiredNetwork] = {}
         self._vni: dict[str, int] = {}              # network uuid -> VNI, of what was made
         self._served: set[str] = set()
+        self._natted: set[str] = set()
+        self._floating: dict[str, dict[str, str]] = {}     # network uuid -> floating -> interface uuid
         self._peers: dict[str, list[str]] = {}      # network uuid -> peers, as last made
         self._pending: dict[str, None] = {}
         self._wake = asyncio.Event()
@@ -49,6 +54,8 @@ class Carrier:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if remove:
+            for vni in await self.nat.orphans():
+                await self.nat.remove(self.dhcp.namespace(vni), vni)
             for vni in await self.dhcp.present():
                 await self.dhcp.remove(vni)
             for vni in await self.mesh.present():
@@ -120,7 +127,10 @@ class Carrier:
         if desired is None:
             vni = self._vni.pop(uuid, None)
             if vni is not None:
+                await self.nat.remove(self.dhcp.namespace(vni), vni)
                 await self.dhcp.remove(vni)
+                self._natted.discard(uuid)
+                await self._floated(uuid, {})
                 await self.mesh.remove(vni)
                 self._served.discard(uuid)
                 self._peers.pop(uuid, None)
@@ -135,6 +145,7 @@ class Carrier:
             self._peers[uuid] = peers
             await self._event(network, f'mesh on {self.node.name}: peers {", ".join(peers) or "none"}',
                               {'node': self.node.name, 'peers': peers})
+        had_namespace = uuid in self._served or uuid in self._natted
         if desired.serve:
             started = await self.dhcp.ensure(network, bridge, desired.hosts)
             if started or uuid not in self._served:
@@ -142,12 +153,44 @@ class Carrier:
                 await self._event(network, f'network served by {self.node.name}: DHCP and DNS',
                                   {'node': self.node.name, 'started': started})
         elif uuid in self._served:
-            await self.dhcp.remove(network.vxlan_id)
+            await self.dhcp.stop_dnsmasq(network.vxlan_id)
             self._served.discard(uuid)
+        if desired.nat:
+            ns = await self.dhcp.plumb(network, bridge)
+            floats = {f.floating: f.ipv4 for f in desired.floating}
+            await self.nat.ensure(ns, network, desired.floating_netblock, floats)
+            if uuid not in self._natted:
+                self._natted.add(uuid)
+                await self._event(network, f'network NAT on {self.node.name}: egress as {network.floating_gateway}',
+                                  {'node': self.node.name, 'egress': network.floating_gateway})
+            await self._floated(uuid, {f.floating: f.interface_uuid for f in desired.floating})
+        elif uuid in self._natted:
+            await self.nat.remove(self.dhcp.namespace(network.vxlan_id), network.vxlan_id)
+            self._natted.discard(uuid)
+            await self._floated(uuid, {})
+        if had_namespace and not desired.serve and not desired.nat:
+            await self.dhcp.remove(network.vxlan_id)
+
+    async def _floated(self, uuid: str, now: dict[str, str]):
+        """Floated and defloated events on the interfaces whose floating address came or went."""
+        before = self._floating.get(uuid, {})
+        self._floating[uuid] = now
+        for floating, iface in now.items():
+            if before.get(floating) != iface:
+                await self._iface_event(iface, f'floated: {floating} on {self.node.name}',
+                                        {'node': self.node.name, 'floating': floating})
+        for floating, iface in before.items():
+            if now.get(floating) != iface:
+                await self._iface_event(iface, f'defloated: {floating} on {self.node.name}',
+                                        {'node': self.node.name, 'floating': floating})
 
     async def _remove_orphans(self):
         wanted = {d.network.vxlan_id for d in self.desired.values()}
-        served = {d.network.vxlan_id for d in self.desired.values() if d.serve}
+        served = {d.network.vxlan_id for d in self.desired.values() if d.serve or d.nat}
+        natted = {d.network.vxlan_id for d in self.desired.values() if d.nat}
+        for vni in await self.nat.orphans() - natted:
+            log.info('removing orphan NAT', extra={'vni': vni})
+            await self.nat.remove(self.dhcp.namespace(vni), vni)
         for vni in await self.dhcp.present() - served:
             log.info('removing orphan network services', extra={'vni': vni})
             await self.dhcp.remove(vni)
@@ -155,6 +198,10 @@ class Carrier:
             log.info('removing orphan vxlan', extra={'vni': vni})
             await self.mesh.remove(vni)
         await self.node.bridges.release_orphans()
+
+    async def _iface_event(self, iface: str, message: str, extra: dict):
+        await self.node.link.record(make_event(self.node.name, event_pb2.OBJECT_TYPE_NETWORK_INTERFACE, iface,
+                                               event_pb2.EVENT_TYPE_STATUS, message, extra))
 
     async def _event(self, network, message: str, extra: dict):
         await self.node.link.record(make_event(self.node.name, event_pb2.OBJECT_TYPE_NETWORK, network.uuid,

@@ -1,6 +1,7 @@
 """DHCP and DNS for one network on a network node: dnsmasq in a namespace of its own
 (<prefix>dhcp-<vni>), on a veth (<prefix>h<vni> on the bridge, int0 inside) that
-holds the network's gateway address.
+holds the network's gateway address. NAT (sfnode/network/nat.py) stands in the
+same namespace; deleting the namespace takes its veths and nft table with it.
 
 Leases are fixed, from the controller's IPAM: a dhcp-hostsfile of MAC, address
 and name, and the same names for DNS in an addn-hosts file; both are re-read on
@@ -72,11 +73,11 @@ class Dhcp:
                 pass
         return found
 
-    async def ensure(self, network, bridge: str, hosts) -> bool:
-        """Make it so; True if dnsmasq was started now (the network is newly served)."""
+    async def plumb(self, network, bridge: str) -> str:
+        """The network's namespace, its veth on the bridge and the gateway address on
+        int0 (what DHCP and NAT both stand on); returns the namespace."""
         vni = network.vxlan_id
-        ns, veth, d = self.namespace(vni), self.veth(vni), self.dir / f'{vni:06x}'
-        net = ipaddress.IPv4Network(network.netblock)
+        ns, veth = self.namespace(vni), self.veth(vni)
         router = gateway(network.netblock)
         if ns not in await ip.namespaces(ns):
             await ip.run('ip', 'netns', 'add', ns)
@@ -88,7 +89,14 @@ class Dhcp:
         await ip.ip('link', 'set', veth, 'master', bridge, 'up')
         await ip.ip('addr', 'replace', str(router), 'dev', INNER, netns=ns)
         await ip.ip('link', 'set', INNER, 'up', netns=ns)
+        return ns
 
+    async def ensure(self, network, bridge: str, hosts) -> bool:
+        """Make it so; True if dnsmasq was started now (the network is newly served)."""
+        vni = network.vxlan_id
+        ns, d = await self.plumb(network, bridge), self.dir / f'{vni:06x}'
+        net = ipaddress.IPv4Network(network.netblock)
+        router = gateway(network.netblock)
         d.mkdir(parents=True, exist_ok=True)
         released = self._write_hosts(d, hosts)
         for ipv4, mac in released or ():
@@ -135,6 +143,14 @@ class Dhcp:
         except (OSError, ValueError):
             return None
         return pid if str(d / 'dnsmasq.conf').encode() in cmdline else None
+
+    async def stop_dnsmasq(self, vni: int):
+        """dnsmasq gone, the namespace kept (a network still given NAT)."""
+        d = self.dir / f'{vni:06x}'
+        pid = self._pid(d)
+        if pid is not None:
+            await _stop(pid)
+        shutil.rmtree(d, ignore_errors=True)
 
     async def remove(self, vni: int):
         d = self.dir / f'{vni:06x}'

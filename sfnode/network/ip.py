@@ -12,11 +12,12 @@ UNDERLAY_MTU = 1500
 NETWORK_MTU = UNDERLAY_MTU - VXLAN_OVERHEAD
 
 
-async def run(*argv: str, check: bool = True) -> str:
+async def run(*argv: str, check: bool = True, stdin: bytes | None = None) -> str:
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE,
-                                                stdin=asyncio.subprocess.DEVNULL)
-    out, err = await proc.communicate()
+                                                stdin=asyncio.subprocess.DEVNULL if stdin is None
+                                                else asyncio.subprocess.PIPE)
+    out, err = await proc.communicate(stdin)
     if check and proc.returncode != 0:
         raise errors.Internal(f'{" ".join(argv)} failed: {err.decode().strip()[-300:]}')
     return out.decode()
