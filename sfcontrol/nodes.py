@@ -32,6 +32,7 @@ from shakenfist.v1 import event_pb2, instance_pb2
 log = logging.getLogger(__name__)
 OBJ_NODE, OBJ_INSTANCE = event_pb2.OBJECT_TYPE_NODE, event_pb2.OBJECT_TYPE_INSTANCE
 OBJ_NETWORK = event_pb2.OBJECT_TYPE_NETWORK
+OBJ_IFACE = event_pb2.OBJECT_TYPE_NETWORK_INTERFACE
 STATUS = event_pb2.EVENT_TYPE_STATUS
 
 
@@ -223,7 +224,8 @@ class NodeReports:
 
     # -- events -----------------------------------------------------------------------
     async def events(self, node: str, events):
-        """Record events node observed, of its instances, the networks it carries and itself only."""
+        """Record events node observed, of its instances, the networks it carries (and, a network
+        node, their interfaces' floating addresses) and itself only."""
         txn = Txn()
         for item in events:
             ev = item.event
@@ -244,6 +246,18 @@ class NodeReports:
                 if me is None or not me.value.mesh_address:
                     raise errors.PermissionDenied(f'node {node} carries no networks')
                 ns = net.value.namespace
+            elif ev.object_type == OBJ_IFACE:      # floated and defloated, by the network node
+                iface = self.core.cache.by_uuid(keys.INTERFACES, ev.object_uuid)
+                me = self.core.cache.get(keys.node(node))
+                if iface is None:
+                    continue
+                if me is None or not me.value.network_node:
+                    raise errors.PermissionDenied(f'node {node} is not a network node')
+                inst = self.core.cache.by_uuid(keys.INSTANCES, iface.value.instance_uuid)
+                net = self.core.cache.by_uuid(keys.NETWORKS, iface.value.network_uuid)
+                if inst is None and net is None:
+                    continue
+                ns = inst.value.namespace if inst is not None else net.value.namespace
             elif ev.object_type != OBJ_NODE or ev.object_uuid != node:
                 raise errors.PermissionDenied('a node records events of its instances and itself only')
             type_name = event_pb2.ObjectType.Name(ev.object_type)[len('OBJECT_TYPE_'):].lower()

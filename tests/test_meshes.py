@@ -1,7 +1,8 @@
 """Each network's mesh, as the controller decides it (sfcontrol/meshes.py): the
 nodes with an interface on it plus the network nodes, each told the others'
 mesh addresses; the network node also gets the fixed leases of a DHCP
-network. Nodes without a mesh address carry nothing."""
+network, and of a NAT network its floating addresses. Nodes without a mesh
+address carry nothing."""
 
 import asyncio
 
@@ -92,3 +93,21 @@ async def test_a_node_without_a_mesh_address_carries_nothing(system, node, node_
     stream = Stream(node.node_control, node.name)
     assert await stream.read() == 'sync_complete' and stream.desired == {}
     stream.call.cancel()
+
+
+async def test_a_nat_network_gives_the_network_node_its_floating_addresses_as_they_come_and_go(system, nodes):
+    a, b = nodes['nodea'], nodes['nodeb']
+    lan = await network(system, 'natted', '198.18.23.0/24', provide_nat=True)
+    await a.until(lambda d: lan.uuid in d)
+    assert a.desired[lan.uuid].nat and not a.desired[lan.uuid].serve and not a.desired[lan.uuid].floating
+    inst = await create(system, 'web', networks=[lan.uuid], placed_on='nodeb')
+    iface = inst.interfaces[0]
+    await system.interfaces.FloatInterface(net.FloatInterfaceRequest(interface_uuid=iface.uuid))
+    await a.until(lambda d: d[lan.uuid].floating)
+    [floated] = a.desired[lan.uuid].floating
+    assert (floated.interface_uuid, floated.ipv4) == (iface.uuid, iface.ipv4)
+    assert floated.floating != lan.floating_gateway and a.desired[lan.uuid].floating_netblock
+    await b.until(lambda d: lan.uuid in d)
+    assert not b.desired[lan.uuid].nat and not b.desired[lan.uuid].floating
+    await system.interfaces.DefloatInterface(net.DefloatInterfaceRequest(interface_uuid=iface.uuid))
+    await a.until(lambda d: not d[lan.uuid].floating)
