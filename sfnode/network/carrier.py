@@ -36,6 +36,7 @@ class Carrier:
         self._vni: dict[str, int] = {}              # network uuid -> VNI, of what was made
         self._served: set[str] = set()
         self._natted: set[str] = set()
+        self._no_edge: set[str] = set()            # NAT wanted without an edge: said once
         self._floating: dict[str, dict[str, str]] = {}     # network uuid -> floating -> interface uuid
         self._peers: dict[str, list[str]] = {}      # network uuid -> peers, as last made
         self._pending: dict[str, None] = {}
@@ -155,20 +156,28 @@ class Carrier:
         elif uuid in self._served:
             await self.dhcp.stop_dnsmasq(network.vxlan_id)
             self._served.discard(uuid)
-        if desired.nat:
+        nat = desired.nat and bool(self.nat.edge)
+        if desired.nat and not self.nat.edge and uuid not in self._no_edge:
+            self._no_edge.add(uuid)
+            log.warning('network wants NAT but this network node has no edge namespace (--edge-namespace)',
+                        extra={'network': uuid})
+        if nat:
             ns = await self.dhcp.plumb(network, bridge)
             floats = {f.floating: f.ipv4 for f in desired.floating}
-            await self.nat.ensure(ns, network, desired.floating_netblock, floats)
+            added, _ = await self.nat.ensure(ns, network, desired.floating_netblock, floats)
             if uuid not in self._natted:
                 self._natted.add(uuid)
                 await self._event(network, f'network NAT on {self.node.name}: egress as {network.floating_gateway}',
                                   {'node': self.node.name, 'egress': network.floating_gateway})
-            await self._floated(uuid, {f.floating: f.interface_uuid for f in desired.floating})
+            now = {f.floating: f.interface_uuid for f in desired.floating}
+            if uuid not in self._floating:      # a restart: what the kernel already had is not news
+                self._floating[uuid] = {f: i for f, i in now.items() if f not in added}
+            await self._floated(uuid, now)
         elif uuid in self._natted:
             await self.nat.remove(self.dhcp.namespace(network.vxlan_id), network.vxlan_id)
             self._natted.discard(uuid)
             await self._floated(uuid, {})
-        if had_namespace and not desired.serve and not desired.nat:
+        if had_namespace and not desired.serve and not nat:
             await self.dhcp.remove(network.vxlan_id)
 
     async def _floated(self, uuid: str, now: dict[str, str]):
@@ -186,8 +195,8 @@ class Carrier:
 
     async def _remove_orphans(self):
         wanted = {d.network.vxlan_id for d in self.desired.values()}
-        served = {d.network.vxlan_id for d in self.desired.values() if d.serve or d.nat}
-        natted = {d.network.vxlan_id for d in self.desired.values() if d.nat}
+        natted = {d.network.vxlan_id for d in self.desired.values() if d.nat and self.nat.edge}
+        served = {d.network.vxlan_id for d in self.desired.values() if d.serve} | natted
         for vni in await self.nat.orphans() - natted:
             log.info('removing orphan NAT', extra={'vni': vni})
             await self.nat.remove(self.dhcp.namespace(vni), vni)
