@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 
+from sfcommon import errors
 from sfnode.network import ip
 from sfnode.network.dhcp import INNER
 
@@ -70,7 +71,7 @@ class Nat:
     async def ensure(self, ns: str, network, floating_netblock: str, floats: dict[str, str]) -> tuple[set, set]:
         """Make it so in ns; returns the floating addresses (added, removed) now."""
         if not self.edge:
-            raise RuntimeError('NAT wanted but this network node has no edge namespace')
+            raise errors.Internal('NAT wanted but this network node has no edge namespace')
         pool = ipaddress.IPv4Network(floating_netblock)
         egress = f'{network.floating_gateway}/{pool.prefixlen}'
         outer = self.veth(network.vxlan_id)
