@@ -2,11 +2,13 @@
 reconciles libvirt to it, and serves the controller's node actions."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pathlib
+import signal
 import subprocess
 
 import grpc
@@ -194,6 +196,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         metrics.nodes.add(self)
         if self.config.metrics_listen:
             self.metrics = await start_metrics_server(self.config.metrics_listen)
+        await self._kill_orphan_guests()
         r = await self.link.call('RegisterNode', self._registration())
         self.hypervisor.on_power_change(self._power_changed)
         self._tasks = [asyncio.create_task(self._follow(), name='follow'),
@@ -202,6 +205,27 @@ class Node(node_pb2_grpc.NodeServiceServicer):
             self._tasks.append(asyncio.create_task(self._usage(), name='usage'))
         self.carrier.start()
         return self
+
+    async def _kill_orphan_guests(self):
+        """Kill the QEMU processes of this node's guests that libvirt does not know as
+        running: a node killed while libvirt started one leaves it behind, holding its
+        disk's lock, so that the guest could never start again. They are found by their
+        disks under this node's instances directory."""
+        active = {info.uuid for info in await self.hypervisor.list_domains() if info.active}
+        ours = f'{self.instances_dir.resolve()}/'.encode()
+        for proc in pathlib.Path('/proc').glob('[0-9]*'):
+            try:
+                argv = (proc / 'cmdline').read_bytes().split(b'\0')
+            except OSError:
+                continue
+            if not (argv and pathlib.Path(argv[0].decode(errors='replace')).name.startswith('qemu-system')
+                    and any(ours in a for a in argv) and b'-uuid' in argv):
+                continue
+            uuid = argv[argv.index(b'-uuid') + 1].decode(errors='replace')
+            if uuid not in active:
+                log.warning('killing an orphaned QEMU process', extra={'pid': int(proc.name), 'uuid': uuid})
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc.name), signal.SIGKILL)
 
     async def stop(self, stop_guests: bool = False):
         """Stop the agent. Guests keep running (a restarted node adopts them) unless

@@ -1,11 +1,15 @@
 """Small helpers for controller tests."""
 
+import asyncio
+import contextlib
+
 import grpc
 import pytest
 
 from sfcommon import errors
 from sfcommon.clock import ManualClock  # noqa: F401 -- tests take it from here
 from shakenfist.v1 import instance_pb2, instance_service_pb2 as api, network_service_pb2 as net
+from shakenfist.v1 import event_service_pb2 as ev
 from shakenfist.v1 import specs_pb2
 from tests.waiting import eventually
 
@@ -72,3 +76,22 @@ class Raises:
 
 
 raises = Raises
+
+
+@contextlib.asynccontextmanager
+async def watching(client, object_type):
+    """The events of object_type from now on, appended to the list this yields as they come."""
+    seen = []
+    call = client.events.WatchEvents(ev.WatchEventsRequest(object_type=object_type))
+
+    async def collect():
+        async for r in call:
+            seen.append(r.event)
+    task = asyncio.create_task(collect())
+    await call.wait_for_connection()
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        call.cancel()
+

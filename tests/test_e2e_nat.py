@@ -8,7 +8,6 @@ with SIGKILL and restarted (nothing duplicated); defloated, it no longer does an
 the connections through the floating address are gone from conntrack. Floated and defloated are
 events on the interface. Deleting it all leaves nothing of the plane."""
 
-import asyncio
 import os
 import re
 import signal
@@ -22,10 +21,10 @@ from sfcommon.pki import LocalPki
 from sfup.nodes import node_command
 from sfup.underlay import Underlay, plane_prefix
 from shakenfist.v1 import event_pb2, specs_pb2
-from shakenfist.v1 import event_service_pb2 as ev
 from shakenfist.v1 import instance_pb2 as pb
 from shakenfist.v1 import instance_service_pb2 as api
 from shakenfist.v1 import network_service_pb2 as net
+from tests.helpers import watching
 from tests.plane import Plane
 from tests.test_e2e_network import BOOT, _deleted, get, plane_things, run
 from tests.waiting import eventually
@@ -105,17 +104,8 @@ async def client(plane):
 
 @pytest_asyncio.fixture(scope='module', loop_scope='module')
 async def iface_events(client):
-    seen = []
-    call = client.events.WatchEvents(ev.WatchEventsRequest(object_type=event_pb2.OBJECT_TYPE_NETWORK_INTERFACE))
-
-    async def collect():
-        async for r in call:
-            seen.append(r.event)
-    task = asyncio.create_task(collect())
-    await call.wait_for_connection()
-    yield seen
-    task.cancel()
-    call.cancel()
+    async with watching(client, event_pb2.OBJECT_TYPE_NETWORK_INTERFACE) as seen:
+        yield seen
 
 
 @pytest_asyncio.fixture(scope='module', loop_scope='module')

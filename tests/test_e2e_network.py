@@ -7,7 +7,6 @@ duplicated; hot-plugged NICs get their addresses; an address given up goes to
 the next MAC. Deleting it all leaves no link, namespace or dnsmasq of the plane
 behind."""
 
-import asyncio
 import json
 import os
 import re
@@ -23,10 +22,10 @@ from sfup.nodes import node_command
 from sfup.underlay import Underlay, plane_prefix
 from shakenfist.v1 import agent_operation_service_pb2 as aop
 from shakenfist.v1 import event_pb2, specs_pb2
-from shakenfist.v1 import event_service_pb2 as ev
 from shakenfist.v1 import instance_pb2 as pb
 from shakenfist.v1 import instance_service_pb2 as api
 from shakenfist.v1 import network_service_pb2 as net
+from tests.helpers import watching
 from tests.plane import Plane
 from tests.waiting import eventually
 
@@ -88,17 +87,8 @@ def plane_things(plane) -> dict[str, list[str]]:
 @pytest_asyncio.fixture(scope='module', loop_scope='module')
 async def network_events(client):
     """The networks' events from before the network is made (a watch from now on)."""
-    seen = []
-    call = client.events.WatchEvents(ev.WatchEventsRequest(object_type=event_pb2.OBJECT_TYPE_NETWORK))
-
-    async def collect():
-        async for r in call:
-            seen.append(r.event)
-    task = asyncio.create_task(collect())
-    await call.wait_for_connection()
-    yield seen
-    task.cancel()
-    call.cancel()
+    async with watching(client, event_pb2.OBJECT_TYPE_NETWORK) as seen:
+        yield seen
 
 
 @pytest_asyncio.fixture(scope='module', loop_scope='module')

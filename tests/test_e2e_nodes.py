@@ -48,11 +48,19 @@ def domains() -> dict[str, int]:
 
 
 async def all_created(client, uuids, timeout=240):
+    waiting = {}
+
     async def check():
-        states = [(await client.instances.GetInstance(api.GetInstanceRequest(instance_ref=u))).instance.state
-                  for u in uuids]
-        return all(s == pb.INSTANCE_STATE_CREATED for s in states)
-    await eventually(check, timeout, interval=1, what='every instance created')
+        waiting.clear()
+        for u in uuids:
+            state = (await client.instances.GetInstance(api.GetInstanceRequest(instance_ref=u))).instance.state
+            if state != pb.INSTANCE_STATE_CREATED:
+                waiting[u] = pb.InstanceState.Name(state)
+        return not waiting
+    try:
+        await eventually(check, timeout, interval=1, what='every instance created')
+    except AssertionError as e:
+        raise AssertionError(f'{e}; not created: {waiting}') from None
 
 
 async def test_instances_spread_over_the_nodes_and_placed_on_is_honoured(client):

@@ -125,3 +125,36 @@ async def test_a_node_the_controller_forgot_registers_again_as_itself(controller
     finally:
         await node.stop(stop_guests=True)
         hv.close()
+
+
+async def test_a_started_node_kills_orphaned_qemu_of_its_guests(tmp_path):
+    """A QEMU that libvirt does not know as running (left by a node killed while starting
+    it) holds its disk's lock: a starting node kills it; others' processes it leaves."""
+    import signal
+    import subprocess
+    import types
+
+    from sfnode.node import Node
+    instances = tmp_path / 'instances'
+    (instances / 'u1').mkdir(parents=True)
+    qemu = tmp_path / 'qemu-system-x86_64'
+    qemu.symlink_to('/bin/sh')      # a shell named like QEMU, blocked reading its stdin
+
+    def fake(disk, uuid):
+        return subprocess.Popen([str(qemu), '-c', 'read x', 'qemu', disk, '-uuid', uuid],
+                                stdin=subprocess.PIPE)
+    orphan = fake(f'{instances}/u1/disk0.qcow2', 'u1')
+    known = fake(f'{instances}/u2/disk0.qcow2', 'u2')
+    stranger = fake('/elsewhere/disk0.qcow2', 'u3')
+
+    async def list_domains():
+        return [types.SimpleNamespace(uuid='u2', active=True)]
+    node = types.SimpleNamespace(instances_dir=instances, hypervisor=types.SimpleNamespace(list_domains=list_domains))
+    try:
+        await Node._kill_orphan_guests(node)
+        assert orphan.wait(10) == -signal.SIGKILL
+        assert known.poll() is None and stranger.poll() is None
+    finally:
+        for p in (orphan, known, stranger):
+            p.kill()
+            p.wait()
