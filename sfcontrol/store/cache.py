@@ -220,9 +220,12 @@ class ObjectCache:
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((revision, fut))
-        if elsewhere:
-            await self._store.request_progress()
-        await asyncio.wait_for(fut, timeout)
+
+        async def passed():
+            if elsewhere:
+                await self._store.request_progress()
+            await fut
+        await asyncio.wait_for(passed(), timeout)
 
     def listen(self, prefix: str, callback: Callable[[str, Entry | None], None]):
         """Call callback(key, entry or None when deleted) on every change under prefix."""

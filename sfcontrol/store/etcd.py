@@ -298,8 +298,11 @@ class Store:
         async with self._progress_lock:
             for call in list(self._progress_calls):
                 self.requests["watch_progress"] += 1
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                # Bounded: a stream whose etcd is gone may take a write and never finish it
+                # (the watch itself reconnects, and its next events advance the waiter).
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+                    await asyncio.wait_for(
+                        call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())), 1.0)
 
     async def watch_prefix(self, prefix: str, start_revision: int = 0, *,
                            max_outage: float | None = None, progress: bool = False) -> AsyncIterator[Event]:
