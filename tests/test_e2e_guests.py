@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api
 from shakenfist.v1 import network_service_pb2 as net, specs_pb2
+from tests.helpers import get
 from tests.plane import Plane
 from tests.waiting import eventually
 
@@ -49,10 +50,6 @@ async def client(plane):
     c = await plane.client()
     yield c
     await c.close()
-
-
-async def get(client, ref):
-    return (await client.instances.GetInstance(api.GetInstanceRequest(instance_ref=ref))).instance
 
 
 async def until(client, ref, what, check, timeout=BOOT):

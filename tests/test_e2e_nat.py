@@ -24,9 +24,9 @@ from shakenfist.v1 import event_pb2, specs_pb2
 from shakenfist.v1 import instance_pb2 as pb
 from shakenfist.v1 import instance_service_pb2 as api
 from shakenfist.v1 import network_service_pb2 as net
-from tests.helpers import watching
+from tests.helpers import get, watching
 from tests.plane import Plane
-from tests.test_e2e_network import BOOT, _deleted, get, plane_things, run
+from tests.test_e2e_network import BOOT, _deleted, plane_things, run
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.real_vm, pytest.mark.asyncio(loop_scope='module')]

@@ -25,7 +25,7 @@ from shakenfist.v1 import event_pb2, specs_pb2
 from shakenfist.v1 import instance_pb2 as pb
 from shakenfist.v1 import instance_service_pb2 as api
 from shakenfist.v1 import network_service_pb2 as net
-from tests.helpers import watching
+from tests.helpers import get, watching
 from tests.plane import Plane
 from tests.waiting import eventually
 
@@ -50,10 +50,6 @@ async def client(plane):
     c = await plane.client()
     yield c
     await c.close()
-
-
-async def get(client, ref):
-    return (await client.instances.GetInstance(api.GetInstanceRequest(instance_ref=ref))).instance
 
 
 async def run(client, ref, command, timeout=60):
