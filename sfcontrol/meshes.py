@@ -46,6 +46,28 @@ def mesh_of(cache: ObjectCache, network, interfaces) -> dict[str, str]:
     return {name: nodes[name].mesh_address for name in sorted(members)}
 
 
+def _floated(interfaces):
+    return [i for i in sorted(interfaces, key=lambda i: i.uuid) if i.HasField('ipv4') and i.HasField('floating')]
+
+
+def _natted(network, interfaces) -> bool:
+    """Whether a network node stands between the network and the outside: NAT egress,
+    or a floating address (1:1, also on a network without provide_nat)."""
+    return (network.provide_nat and network.HasField('floating_gateway')) or bool(_floated(interfaces))
+
+
+def served_by(cache: ObjectCache, network) -> tuple[list[str], list[str]]:
+    """The nodes serving a network (its DHCP, DNS, NAT or floating addresses) and the
+    nodes carrying its mesh, by name: what GetNetwork shows."""
+    if network.state not in CARRIED:
+        return [], []
+    interfaces = _live_interfaces(cache, network.uuid)
+    mesh = mesh_of(cache, network, interfaces)
+    serving = network.provide_dhcp or _natted(network, interfaces)
+    servers = [n for n in mesh if serving and (node := cache.get(keys.node(n))) and node.value.network_node]
+    return servers, list(mesh)
+
+
 def desired_networks(cache: ObjectCache, node: str, floating_netblock: str = '') -> dict[str, pb.DesiredNetwork]:
     """What node is to carry, by network uuid."""
     me = cache.get(keys.node(node))
@@ -70,12 +92,11 @@ def desired_networks(cache: ObjectCache, node: str, floating_netblock: str = '')
                 inst = cache.by_uuid(keys.INSTANCES, iface.instance_uuid)
                 if iface.HasField('ipv4') and inst is not None:
                     desired.hosts.add(macaddr=iface.macaddr, ipv4=iface.ipv4, hostname=inst.value.name)
-        if me.value.network_node and network.provide_nat and network.HasField('floating_gateway'):
+        if me.value.network_node and _natted(network, interfaces):
             desired.nat = True
             desired.floating_netblock = floating_netblock
-            for iface in sorted(interfaces, key=lambda i: i.uuid):
-                if iface.HasField('ipv4') and iface.HasField('floating'):
-                    desired.floating.add(interface_uuid=iface.uuid, ipv4=iface.ipv4, floating=iface.floating)
+            for iface in _floated(interfaces):
+                desired.floating.add(interface_uuid=iface.uuid, ipv4=iface.ipv4, floating=iface.floating)
         found[network.uuid] = desired
     return found
 

@@ -5,7 +5,7 @@ import random
 import uuid as uuidlib
 
 from sfcommon import errors
-from sfcontrol import caller
+from sfcontrol import caller, meshes
 from sfcontrol.store import keys
 from sfcontrol.core import Core
 from sfcontrol.store.cache import untracked
@@ -118,6 +118,15 @@ class Networks:
             return txn, api.CreateNetworkResponse(network=network)
         return await self.core.mutate(build, request=req)
 
+    def view(self, network: pb.Network) -> pb.Network:
+        """The network as shown: the record and where it is served and carried now."""
+        shown = pb.Network()
+        shown.CopyFrom(network)
+        served, mesh = meshes.served_by(self.core.cache, network)
+        shown.served_by.extend(served)
+        shown.mesh_nodes.extend(mesh)
+        return shown
+
     def list(self, req: api.ListNetworksRequest) -> api.ListNetworksResponse:
         me = caller.current()
         prefix = keys.networks('' if me.is_system else me.namespace)
@@ -125,7 +134,7 @@ class Networks:
         page, more = self.core.cache.range(
             prefix, start_after=req.page_token or None, limit=req.page_size or DEFAULT_PAGE,
             filter=None if req.all else (lambda n: n.state != deleted))
-        return api.ListNetworksResponse(networks=[e.value for e in page],
+        return api.ListNetworksResponse(networks=[self.view(e.value) for e in page],
                                         next_page_token=page[-1].key if more else '')
 
     async def delete(self, req: api.DeleteNetworkRequest) -> api.DeleteNetworkResponse:

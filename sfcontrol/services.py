@@ -64,7 +64,7 @@ class NetworkService(network_service_pb2_grpc.NetworkServiceServicer):
 
     async def GetNetwork(self, request, context):
         ns = request.namespace if request.HasField('namespace') else None
-        return net.GetNetworkResponse(network=self.n.resolve(request.network_ref, ns).value)
+        return net.GetNetworkResponse(network=self.n.view(self.n.resolve(request.network_ref, ns).value))
 
     async def DeleteNetwork(self, request, context): return await self.n.delete(request)
     async def DeleteAllNetworks(self, request, context): return await self.n.delete_all(request)

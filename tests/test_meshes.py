@@ -111,3 +111,36 @@ async def test_a_nat_network_gives_the_network_node_its_floating_addresses_as_th
     assert not b.desired[lan.uuid].nat and not b.desired[lan.uuid].floating
     await system.interfaces.DefloatInterface(net.DefloatInterfaceRequest(interface_uuid=iface.uuid))
     await a.until(lambda d: not d[lan.uuid].floating)
+
+
+async def test_a_floated_interface_on_a_network_without_nat_is_given_to_the_network_node(system, nodes):
+    a = nodes['nodea']
+    lan = await network(system, 'plainfloat', '198.18.24.0/24')
+    await a.until(lambda d: lan.uuid in d)
+    assert not a.desired[lan.uuid].nat
+    inst = await create(system, 'web', networks=[lan.uuid], placed_on='nodeb')
+    iface = inst.interfaces[0]
+    await system.interfaces.FloatInterface(net.FloatInterfaceRequest(interface_uuid=iface.uuid))
+    await a.until(lambda d: d[lan.uuid].floating)
+    assert a.desired[lan.uuid].nat and not a.desired[lan.uuid].network.provide_nat
+    await system.interfaces.DefloatInterface(net.DefloatInterfaceRequest(interface_uuid=iface.uuid))
+    await a.until(lambda d: not d[lan.uuid].nat)
+
+
+async def test_get_network_shows_where_it_is_served_and_carried(system, nodes):
+    async def shown(uuid):
+        return (await system.networks.GetNetwork(net.GetNetworkRequest(network_ref=uuid))).network
+
+    served = await network(system, 'served', '198.18.25.0/24', provide_dhcp=True)
+    plain = await network(system, 'carried', '198.18.26.0/24')
+    got = await shown(served.uuid)
+    assert (list(got.served_by), list(got.mesh_nodes)) == (['nodea'], ['nodea'])
+    got = await shown(plain.uuid)
+    assert (list(got.served_by), list(got.mesh_nodes)) == ([], ['nodea'])
+    await create(system, 'web', networks=[served.uuid], placed_on='nodeb')
+    assert list((await shown(served.uuid)).mesh_nodes) == ['nodea', 'nodeb']
+    listed = (await system.networks.ListNetworks(net.ListNetworksRequest())).networks
+    assert {n.name: list(n.mesh_nodes) for n in listed}['served'] == ['nodea', 'nodeb']
+    await system.networks.DeleteNetwork(net.DeleteNetworkRequest(network_ref=plain.uuid))
+    got = await shown(plain.uuid)
+    assert (list(got.served_by), list(got.mesh_nodes)) == ([], [])

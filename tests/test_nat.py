@@ -4,6 +4,7 @@ made as the network node makes it, an edge as sf-up makes it (sfup/underlay.py),
 and an outside host joined to the edge. Egress is seen as the network's egress
 address, a floated guest as its floating address; the outside reaches the guest
 through it, another guest too (hairpin); a defloat cuts an open connection.
+Without provide_nat only a floated guest reaches the outside, as itself.
 Needs root; everything made is named with a prefix of the test's own and removed."""
 
 import asyncio
@@ -82,8 +83,9 @@ def world(tmp_path):
             sh('ip', 'link', 'del', link['ifname'], check=False)
 
 
-def network(vni=0x20):
-    return types.SimpleNamespace(vxlan_id=vni, netblock=NETBLOCK, floating_gateway='203.0.113.5', uuid='n')
+def network(vni=0x20, provide_nat=True):
+    return types.SimpleNamespace(vxlan_id=vni, netblock=NETBLOCK, provide_nat=provide_nat, uuid='n',
+                                 floating_gateway='203.0.113.5' if provide_nat else '')
 
 
 def server(w, ns, port):
@@ -141,3 +143,27 @@ async def test_egress_floating_hairpin_and_defloat(world):
     await w.dhcp.remove(0x20)
     assert not (await ip.links(w.prefix + 'e', netns=w.edge))
     assert not (await ip.namespaces(w.dhcp.namespace(0x20)))
+
+
+async def test_without_nat_only_a_floated_address_leaves_and_is_reached(world):
+    w = world
+    (g1, a1), (g2, _) = w.guests
+    plain = network(provide_nat=False)
+    ns = await w.dhcp.plumb(plain, w.bridge)
+    server(w, w.outside, 8000)
+    server(w, g1, 9000)
+    await w.nat.ensure(ns, plain, '203.0.113.0/24', {'203.0.113.9': a1})
+    assert await eventually(lambda: seen(g1, OUTSIDE, 8000), 10, interval=0.1,
+                            what='the floated guest reaches the outside') == '203.0.113.9'
+    assert seen(w.outside, '203.0.113.9', 9000) == OUTSIDE
+    assert seen(g2, OUTSIDE, 8000) == ''                    # not floated: no egress without NAT
+    assert seen(g2, '203.0.113.9', 9000) == '198.18.20.1'   # hairpin still works
+    addrs = netns(ns, 'ip', '-o', 'addr', 'show', 'dev', 'ext0').stdout
+    assert '203.0.113.9/32' in addrs and '203.0.113.5' not in addrs
+
+    await w.nat.ensure(ns, plain, '203.0.113.0/24', {})
+    assert seen(w.outside, '203.0.113.9', 9000) == ''
+    assert seen(g1, OUTSIDE, 8000) == ''
+    await w.nat.remove(ns, 0x20)
+    await w.dhcp.remove(0x20)
+    assert not (await ip.links(w.prefix + 'e', netns=w.edge))

@@ -167,8 +167,12 @@ class Carrier:
             added, _ = await self.nat.ensure(ns, network, desired.floating_netblock, floats)
             if uuid not in self._natted:
                 self._natted.add(uuid)
-                await self._event(network, f'network NAT on {self.node.name}: egress as {network.floating_gateway}',
-                                  {'node': self.node.name, 'egress': network.floating_gateway})
+                if network.provide_nat:
+                    await self._event(network, f'network NAT on {self.node.name}: egress as {network.floating_gateway}',
+                                      {'node': self.node.name, 'egress': network.floating_gateway})
+                else:
+                    await self._event(network, f'floating addresses on {self.node.name} (no NAT egress)',
+                                      {'node': self.node.name})
             now = {f.floating: f.interface_uuid for f in desired.floating}
             if uuid not in self._floating:      # a restart: what the kernel already had is not news
                 self._floating[uuid] = {f: i for f, i in now.items() if f not in added}

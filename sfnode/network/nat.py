@@ -5,8 +5,9 @@ holds the gateway address).
 A veth ext0 in that namespace reaches the edge (<prefix>e<vni> in the edge
 namespace, on its bridge edge0, which holds the floating pool's first address:
 the outside's gateway). ext0 holds the network's egress address (its
-floating_gateway, in the pool's prefix) and each floating address as a /32;
-the default route is via the pool's gateway; ip_forward is on in this
+floating_gateway, in the pool's prefix) when it provides NAT, and each
+floating address as a /32; the default route is via the pool's gateway
+(onlink: a network without NAT has only /32s there); ip_forward is on in this
 namespace only. One nft table, `ip sfnat`, replaced whole and atomically
 (`nft -f`) on every change:
 
@@ -14,9 +15,11 @@ namespace only. One nft table, `ip sfnat`, replaced whole and atomically
   from the network itself: hairpin);
 - postrouting: a hairpinned packet (int0 -> int0, ct status dnat) is
   masqueraded to the gateway, so the other guest answers through here; a
-  floated address leaving by ext0 is snat to its floating address (1:1); the
-  rest of the netblock leaving by ext0 is masqueraded to the egress address;
-- forward: policy drop; established and related, anything from int0, and from
+  floated address leaving by ext0 is snat to its floating address (1:1); with
+  provide_nat, the rest of the netblock leaving by ext0 is masqueraded to the
+  egress address (without, the rest does not leave: only floated addresses);
+- forward: policy drop; established and related, int0 to int0 (hairpin),
+  from int0 anything with NAT (only the floated addresses without), and from
   ext0 only what was dnat'ed.
 
 A floating address that goes has its conntrack entries deleted (either
@@ -38,8 +41,8 @@ EDGE_BRIDGE = 'edge0'
 TABLE = 'sfnat'
 
 
-def ruleset(netblock: str, floats: dict[str, str]) -> str:
-    """The table, floats being floating -> inner."""
+def ruleset(netblock: str, floats: dict[str, str], masquerade: bool = True) -> str:
+    """The table, floats being floating -> inner; masquerade: NAT egress for the rest."""
     net = ipaddress.IPv4Network(netblock)
     dnat = ', '.join(f'{f} : {i}' for f, i in sorted(floats.items()))
     snat = ', '.join(f'{i} : {f}' for f, i in sorted(floats.items()))
@@ -51,11 +54,15 @@ def ruleset(netblock: str, floats: dict[str, str]) -> str:
               f'    iifname "{INNER}" oifname "{INNER}" ct status dnat masquerade']
     if floats:
         lines.append(f'    oifname "{OUTER}" snat to ip saddr map {{ {snat} }}')
-    lines += [f'    oifname "{OUTER}" ip saddr {net} masquerade', '  }',
-              '  chain forward {', '    type filter hook forward priority filter; policy drop;',
-              '    ct state established,related accept',
-              f'    iifname "{INNER}" accept',
-              f'    iifname "{OUTER}" ct status dnat accept', '  }', '}', '']
+    if masquerade:
+        lines.append(f'    oifname "{OUTER}" ip saddr {net} masquerade')
+    lines += ['  }', '  chain forward {', '    type filter hook forward priority filter; policy drop;',
+              '    ct state established,related accept', f'    iifname "{INNER}" oifname "{INNER}" accept']
+    if masquerade:
+        lines.append(f'    iifname "{INNER}" accept')
+    elif floats:        # without NAT only a floated address leaves
+        lines.append(f'    iifname "{INNER}" ip saddr {{ {", ".join(sorted(floats.values()))} }} accept')
+    lines += [f'    iifname "{OUTER}" ct status dnat accept', '  }', '}', '']
     return '\n'.join(lines)
 
 
@@ -73,7 +80,8 @@ class Nat:
         if not self.edge:
             raise errors.Internal('NAT wanted but this network node has no edge namespace')
         pool = ipaddress.IPv4Network(floating_netblock)
-        egress = f'{network.floating_gateway}/{pool.prefixlen}'
+        masquerade = network.provide_nat and bool(network.floating_gateway)
+        egress = f'{network.floating_gateway}/{pool.prefixlen}' if masquerade else None
         outer = self.veth(network.vxlan_id)
         have = await ip.links(OUTER, netns=ns)
         if OUTER not in have:
@@ -83,9 +91,10 @@ class Nat:
         await ip.ip('link', 'set', OUTER, 'up', netns=ns)
         await ip.run('ip', 'netns', 'exec', ns, 'sysctl', '-qw', 'net.ipv4.ip_forward=1')
         addrs = await self._addresses(ns)
-        if egress not in addrs:
+        if egress and egress not in addrs:
             await ip.ip('addr', 'replace', egress, 'dev', OUTER, netns=ns)
-        await ip.ip('route', 'replace', 'default', 'via', str(pool.network_address + 1), 'dev', OUTER, netns=ns)
+        await ip.ip('route', 'replace', 'default', 'via', str(pool.network_address + 1), 'dev', OUTER, 'onlink',
+                    netns=ns)
         before = self._floats.get(ns)
         if before is None:      # a restart: what is on ext0 besides the egress address
             before = {a.split('/')[0]: '' for a in addrs if a.endswith('/32')}
@@ -93,7 +102,7 @@ class Nat:
         removed = set(before) - set(floats)
         for f in added:
             await ip.ip('addr', 'replace', f'{f}/32', 'dev', OUTER, netns=ns)
-        text = ruleset(network.netblock, floats)
+        text = ruleset(network.netblock, floats, masquerade)
         await ip.run('ip', 'netns', 'exec', ns, 'nft', '-f', '-', check=True, stdin=(
             f'table ip {TABLE}\ndelete table ip {TABLE}\n' + text).encode())
         for f in removed:
