@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 PUBLIC, NAMESPACE, SYSTEM = wire_pb2.ACCESS_PUBLIC, wire_pb2.ACCESS_NAMESPACE, wire_pb2.ACCESS_SYSTEM
 NODE = -1       # not a value of the public schema's Access: the node API's own
 CONTROLLER = -2     # nor this: the controller-to-controller API's
-_PUBLIC_SERVICES = ('grpc.health.v1.Health', 'grpc.reflection.v1alpha.ServerReflection')
+_PUBLIC_SERVICES = ('grpc.health.v1.Health', 'grpc.reflection.v1alpha.ServerReflection',
+                    'grpc.reflection.v1.ServerReflection')
 _NODE_SERVICE = 'shakenfist.node.v1alpha1.NodeControlService'
 _PEER_SERVICE = 'shakenfist.peer.v1alpha1.BlobPeerService'
 NODE_CN_PREFIX = 'node:'

@@ -8,14 +8,13 @@ import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from sfcommon.clock import SYSTEM, Clock
 from sfcommon.listen import refuse_plaintext
 from sfcommon.metrics import MetricsServer, ServerMetrics, start_metrics_server
 from sfcommon.pki import Bundle, EtcdTls
 from sfcommon.urlpolicy import ImagePolicy
-from sfcontrol import blobs as blobs_module, metrics as controller_metrics, services
+from sfcontrol import blobs as blobs_module, metrics as controller_metrics, reflection, services
 from sfcontrol.agentops import AgentOperations
 from sfcontrol.auth import Auth
 from sfcontrol.blobs import Blobs
@@ -183,9 +182,8 @@ async def start(config: Config) -> Controller:
         (server_service_pb2, 'ServerService'), (node_pb2, 'NodeControlService'),
         (blob_service_pb2, 'BlobService'), (blob_service_pb2, 'UploadService'),
         (blob_service_pb2, 'ArtifactService'), (blob_peer_pb2, 'BlobPeerService')]]
-    reflection.enable_server_reflection(
-        names + [health_pb2.DESCRIPTOR.services_by_name['Health'].full_name, reflection.SERVICE_NAME],
-        server)
+    # From the generated descriptor set, so that describe shows the .proto comments.
+    reflection.enable(server, names + [health_pb2.DESCRIPTOR.services_by_name['Health'].full_name])
     port = _public_port(server, config)
     node_port = _node_port(server, config)
     await server.start()
