@@ -203,7 +203,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
                        asyncio.create_task(self._heartbeat(r.heartbeat_interval_seconds), name='heartbeat')]
         if self.config.usage_interval > 0:
             self._tasks.append(asyncio.create_task(self._usage(), name='usage'))
-        self.carrier.start()
+        await self.carrier.start()
         return self
 
     async def _kill_orphan_guests(self):

@@ -4,7 +4,9 @@ node), get their addresses by DHCP, reach each other over the VXLAN mesh by
 address and by name, with no MTU black hole. Each node (the network node too)
 killed with SIGKILL and restarted carries and serves again with nothing
 duplicated; hot-plugged NICs get their addresses; an address given up goes to
-the next MAC. Deleting it all leaves no link, namespace or dnsmasq of the plane
+the next MAC; a floated guest is reached from the network through its floating
+address (hairpin). The network node says which leases it gave, and the network
+where it is served. Deleting it all leaves no link, namespace or dnsmasq of the plane
 behind."""
 
 import json
@@ -119,6 +121,12 @@ async def test_the_network_says_where_it_is_served_and_who_carries_it(client, gu
     assert served, [e.message for e in network_events]
     meshes = {e.fqdn: dict(e.extra)['peers'] for e in network_events if e.message.startswith('mesh on')}
     assert meshes == {'node0': ['198.51.100.11'], 'node1': ['198.51.100.10']}, meshes
+    for g in guests:
+        await eventually(lambda g=g: any(e.message.startswith(f'DHCP lease given: {g.interfaces[0].ipv4} to '
+                                                              f'{g.interfaces[0].macaddr} ({g.name})')
+                                         for e in network_events), 30, what=f'the lease given to {g.name}')
+    shown = (await client.networks.GetNetwork(net.GetNetworkRequest(network_ref='lan'))).network
+    assert (list(shown.served_by), list(shown.mesh_nodes)) == (['node0'], ['node0', 'node1'])
 
 
 async def test_guests_reach_each_other_by_address_and_by_name_without_an_mtu_black_hole(client, guests):
@@ -136,6 +144,30 @@ async def test_guests_reach_each_other_by_address_and_by_name_without_an_mtu_bla
         for size in (1400, 1422):
             rc, out = await run(client, me.name, f'ping -c 2 -W 5 -s {size} {address}')
             assert rc == 0, out
+
+
+async def test_a_floated_guest_is_reached_through_its_floating_address_from_the_network_itself(client, guests):
+    """Hairpin between real guests, on a network without NAT: alpha fetches from
+    beta's floating address, through the network node and back."""
+    alpha, beta = guests
+    rc, out = await run(client, 'beta', 'mkdir -p /tmp/w && echo beta > /tmp/w/index.html && httpd -p 80 -h /tmp/w')
+    assert rc == 0, out
+    iface = beta.interfaces[0]
+    await client.interfaces.FloatInterface(net.FloatInterfaceRequest(interface_uuid=iface.uuid))
+    floating = next(i for i in (await get(client, beta.uuid)).interfaces if i.uuid == iface.uuid).floating
+    # busybox's static wget crashes in this guest; nc speaks the HTTP.
+    fetch = f'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 2 {floating} 80'
+
+    async def fetched():
+        rc, out = await run(client, 'alpha', fetch)
+        return out.strip().splitlines()[-1] if rc == 0 and out.strip() else ''
+    assert await eventually(fetched, 30, interval=0.5, what=f'alpha reaches beta at {floating}') == 'beta'
+    await client.interfaces.DefloatInterface(net.DefloatInterfaceRequest(interface_uuid=iface.uuid))
+    await eventually(lambda: _not(fetched), 30, interval=0.5, what=f'beta no longer reached at {floating}')
+
+
+async def _not(check):
+    return not await check()
 
 
 @pytest.mark.parametrize('index', [1, 0], ids=['node1', 'node0, the network node'])

@@ -4,7 +4,8 @@ made as the network node makes it, an edge as sf-up makes it (sfup/underlay.py),
 and an outside host joined to the edge. Egress is seen as the network's egress
 address, a floated guest as its floating address; the outside reaches the guest
 through it, another guest too (hairpin); a defloat cuts an open connection.
-Without provide_nat only a floated guest reaches the outside, as itself.
+Without provide_nat only a floated guest reaches the outside, as itself. A
+lease dnsmasq gives (to busybox udhcpc in a stand-in) reaches the node.
 Needs root; everything made is named with a prefix of the test's own and removed."""
 
 import asyncio
@@ -18,6 +19,7 @@ import pytest
 
 from sfnode.network import ip
 from sfnode.network.dhcp import Dhcp
+from sfnode.network.leases import LeaseListener, parse
 from sfnode.network.nat import Nat
 from sfup.underlay import Underlay
 from tests.waiting import eventually
@@ -167,3 +169,35 @@ async def test_without_nat_only_a_floated_address_leaves_and_is_reached(world):
     await w.nat.remove(ns, 0x20)
     await w.dhcp.remove(0x20)
     assert not (await ip.links(w.prefix + 'e', netns=w.edge))
+
+
+async def test_a_lease_given_by_dnsmasq_reaches_the_node(world, tmp_path):
+    w = world
+    g2, _ = w.guests[1]
+    mac = json.loads(netns(g2, 'ip', '-j', 'link', 'show', 'eth0').stdout)[0]['address']
+    listener = LeaseListener(tmp_path / 'leases.sock')
+    assert await listener.start()
+    try:
+        dhcp = Dhcp(w.prefix, tmp_path / 'served', listener.path)
+        lan = types.SimpleNamespace(vxlan_id=0x21, netblock=NETBLOCK, uuid='n')
+        host = types.SimpleNamespace(macaddr=mac, ipv4='198.18.20.40', hostname='beta')
+        await dhcp.ensure(lan, w.bridge, [host])
+        got = await asyncio.to_thread(netns, g2, 'busybox', 'udhcpc', '-i', 'eth0', '-n', '-q', '-t', '5',
+                                      '-s', '/bin/true', check=False)
+        assert got.returncode == 0, got.stderr
+        lease = await asyncio.wait_for(listener.queue.get(), 10)
+        assert lease == {'vni': 0x21, 'action': 'add', 'mac': mac, 'ipv4': '198.18.20.40', 'hostname': 'beta'}
+        await dhcp.remove(0x21)
+    finally:
+        listener.stop()
+    assert not (tmp_path / 'leases.sock').exists()
+
+
+async def test_a_lease_datagram_is_checked_before_it_is_believed():
+    good = {'vni': 7, 'action': 'add', 'mac': '02:00:00:AA:bb:01', 'ipv4': '198.18.0.5', 'hostname': 'web'}
+    assert parse(json.dumps(good).encode())['mac'] == '02:00:00:aa:bb:01'
+    assert parse(json.dumps({**good, 'hostname': 'a b;rm -rf'}).encode())['hostname'] == ''
+    for bad in (b'not json', b'[]', json.dumps({**good, 'action': 'old'}).encode(),
+                json.dumps({**good, 'mac': 'zz'}).encode(), json.dumps({**good, 'ipv4': 'x' * 40}).encode(),
+                json.dumps({k: v for k, v in good.items() if k != 'vni'}).encode()):
+        assert parse(bad) is None, bad

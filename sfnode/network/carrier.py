@@ -16,6 +16,7 @@ import grpc
 from sfcommon.backoff import Backoff
 from sfcommon.events import make_event
 from sfnode.network.dhcp import Dhcp
+from sfnode.network.leases import LeaseListener
 from sfnode.network.mesh import Mesh, MeshConfig
 from sfnode.network.nat import Nat
 from shakenfist.node.v1alpha1 import node_pb2 as pb
@@ -30,7 +31,9 @@ class Carrier:
         self.enabled = bool(mesh.address)
         self.network_node = network_node
         self.mesh = Mesh(node.config.bridge_prefix, mesh)
-        self.dhcp = Dhcp(node.config.bridge_prefix, pathlib.Path(node.state_dir) / 'networks')
+        self.leases = LeaseListener(pathlib.Path(node.state_dir) / 'leases.sock')
+        self.dhcp = Dhcp(node.config.bridge_prefix, pathlib.Path(node.state_dir) / 'networks',
+                         self.leases.path if network_node and self.leases.usable else None)
         self.nat = Nat(node.config.bridge_prefix, edge)
         self.desired: dict[str, pb.DesiredNetwork] = {}
         self._vni: dict[str, int] = {}              # network uuid -> VNI, of what was made
@@ -45,15 +48,18 @@ class Carrier:
         self.synced = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
-    def start(self):
+    async def start(self):
         if self.enabled:
             self._tasks = [asyncio.create_task(self._follow(), name='networks-follow'),
                            asyncio.create_task(self._converge(), name='networks-converge')]
+            if self.network_node and await self.leases.start():
+                self._tasks.append(asyncio.create_task(self._lease_events(), name='networks-leases'))
 
     async def stop(self, remove: bool = False):
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.leases.stop()
         if remove:
             for vni in await self.nat.orphans():
                 await self.nat.remove(self.dhcp.namespace(vni), vni)
@@ -211,6 +217,21 @@ class Carrier:
             log.info('removing orphan vxlan', extra={'vni': vni})
             await self.mesh.remove(vni)
         await self.node.bridges.release_orphans()
+
+    async def _lease_events(self):
+        """Each lease dnsmasq gives or lets go, as an event on its network."""
+        while True:
+            lease = await self.leases.queue.get()
+            network = next((d.network for d in self.desired.values() if d.network.vxlan_id == lease['vni']), None)
+            if network is None:
+                continue
+            name = f' ({lease["hostname"]})' if lease['hostname'] else ''
+            what = (f'DHCP lease given: {lease["ipv4"]} to {lease["mac"]}{name}' if lease['action'] == 'add'
+                    else f'DHCP lease ended: {lease["ipv4"]} of {lease["mac"]}{name}')
+            try:
+                await self._event(network, f'{what} on {self.node.name}', {'node': self.node.name, **lease})
+            except grpc.aio.AioRpcError as e:
+                log.warning('lease event not recorded (%s)', e.code().name)
 
     async def _iface_event(self, iface: str, message: str, extra: dict):
         await self.node.link.record(make_event(self.node.name, event_pb2.OBJECT_TYPE_NETWORK_INTERFACE, iface,

@@ -7,7 +7,8 @@ Leases are fixed, from the controller's IPAM: a dhcp-hostsfile of MAC, address
 and name, and the same names for DNS in an addn-hosts file; both are re-read on
 SIGHUP. An address whose MAC changed or went is released (dhcp_release), or
 dnsmasq would refuse it to the next MAC while the old lease lives. The MTU is
-forced (option 26): busybox udhcpc does not ask for it.
+forced (option 26): busybox udhcpc does not ask for it. Leases given and gone
+are told to the node by a dhcp-script (sfnode/network/leases.py).
 
 dnsmasq runs as a daemon with a pid file under the node's state: a node that
 restarts (even after kill -9) finds it, and the guests keep their DNS meanwhile.
@@ -21,7 +22,7 @@ import pathlib
 import shutil
 import signal
 
-from sfnode.network import ip
+from sfnode.network import ip, leases
 from sfnode.network.ip import NETWORK_MTU
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def gateway(netblock: str) -> ipaddress.IPv4Interface:
     return ipaddress.IPv4Interface(f'{net.network_address + 1}/{net.prefixlen}')
 
 
-def config(net: ipaddress.IPv4Network, router: str, d: pathlib.Path) -> str:
+def config(net: ipaddress.IPv4Network, router: str, d: pathlib.Path, script: bool) -> str:
     return '\n'.join([
         # Every name is answered here (no upstream yet): a known name's missing AAAA is
         # "no data" and an unknown name NXDOMAIN, rather than REFUSED.
@@ -44,13 +45,15 @@ def config(net: ipaddress.IPv4Network, router: str, d: pathlib.Path) -> str:
         f'dhcp-leasefile={d / "leases"}', f'pid-file={d / "dnsmasq.pid"}',
         f'log-facility={d / "dnsmasq.log"}', 'log-dhcp',
         f'dhcp-option=option:router,{router}', f'dhcp-option=option:dns-server,{router}',
-        f'dhcp-option-force=option:mtu,{NETWORK_MTU}', 'dhcp-authoritative', ''])
+        f'dhcp-option-force=option:mtu,{NETWORK_MTU}', 'dhcp-authoritative',
+        *([f'dhcp-script={d / "lease-hook"}'] if script else []), ''])
 
 
 class Dhcp:
-    def __init__(self, prefix: str, state_dir: pathlib.Path):
+    def __init__(self, prefix: str, state_dir: pathlib.Path, lease_socket: pathlib.Path | None = None):
         self.prefix = prefix
         self.dir = state_dir
+        self.lease_socket = lease_socket    # where dnsmasq's dhcp-script reports (sfnode/network/leases.py)
 
     def namespace(self, vni: int) -> str:
         return f'{self.prefix}dhcp-{vni:06x}'
@@ -101,8 +104,12 @@ class Dhcp:
         released = self._write_hosts(d, hosts)
         for ipv4, mac in released or ():
             await ip.run('ip', 'netns', 'exec', ns, 'dhcp_release', INNER, ipv4, mac, check=False)
+        if self.lease_socket is not None:
+            script = d / 'lease-hook'
+            script.write_text(leases.hook(vni, self.lease_socket))
+            script.chmod(0o700)
         conf = d / 'dnsmasq.conf'
-        text = config(net, str(router.ip), d)
+        text = config(net, str(router.ip), d, self.lease_socket is not None)
         changed = not conf.exists() or conf.read_text() != text
         conf.write_text(text)
         pid = self._pid(d)
