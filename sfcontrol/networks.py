@@ -6,11 +6,13 @@ import uuid as uuidlib
 
 from sfcommon import errors
 from sfcontrol import caller, meshes
-from sfcontrol.store import keys
 from sfcontrol.core import Core
+from sfcontrol.store import keys
 from sfcontrol.store.cache import untracked
 from sfcontrol.store.etcd import Txn
-from shakenfist.v1 import event_pb2, network_pb2 as pb, network_service_pb2 as api, specs_pb2
+from shakenfist.v1 import event_pb2, specs_pb2
+from shakenfist.v1 import network_pb2 as pb
+from shakenfist.v1 import network_service_pb2 as api
 
 NET = pb.NetworkState
 IFACE = pb.NetworkInterfaceState

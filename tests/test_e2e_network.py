@@ -149,7 +149,7 @@ async def test_guests_reach_each_other_by_address_and_by_name_without_an_mtu_bla
 async def test_a_floated_guest_is_reached_through_its_floating_address_from_the_network_itself(client, guests):
     """Hairpin between real guests, on a network without NAT: alpha fetches from
     beta's floating address, through the network node and back."""
-    alpha, beta = guests
+    _, beta = guests
     rc, out = await run(client, 'beta', 'mkdir -p /tmp/w && echo beta > /tmp/w/index.html && httpd -p 80 -h /tmp/w')
     assert rc == 0, out
     iface = beta.interfaces[0]
