@@ -72,7 +72,7 @@ async def start(settings: UpSettings, stops: serve.Stops):
     stops.add('gateway', runner.cleanup)
     rest = f'http://{host}:{rest_port}'
 
-    underlay = Underlay(state, settings.nodes)
+    underlay = Underlay(state, settings.nodes, host_route=settings.host_route)
     if os.geteuid() == 0:       # namespaces need root; without them, nodes carry no networks
         await underlay.start()
         stops.add('underlay', underlay.stop)     # after the nodes: it takes their VXLANs with it

@@ -20,3 +20,8 @@ class UpSettings(Settings):
         help='a URL prefix tenants may use as an image though it is a local file or an internal '
              'address (repeatable, or comma-separated in the variable; the sftest shorthand needs '
              'none); the controller and the nodes get the same list')
+    host_route: bool = setting(
+        False, env='SF_UP_HOST_ROUTE',
+        help="let this machine itself reach the floating addresses: sf-up adds one route in the root "
+             "namespace (the pool via a veth of the plane's own into the edge, 198.19.255.0/30) and "
+             "removes it on stop; off by default, as it changes the host's routing table")

@@ -20,6 +20,13 @@ network node has a veth on edge0 (sfnode/network/nat.py); whatever stands for
 the world (a test's "outside" namespace) is joined to the edge by a veth of its
 own and routes the pool via the edge. Deleting an underlay namespace deletes
 the VXLANs made in it: stop() runs after the nodes have stopped.
+
+With host_route (sf-up --host-route, off by default) the machine itself
+reaches the floating addresses: a veth <prefix>-hr (198.19.255.1/30) into the
+edge (hr0, 198.19.255.2/30) and one route, the pool via the edge. That is the
+one change to the host's namespace sf-up makes, and only when asked; stop()
+deletes the veth, and with it the route. Tests
+point host_netns at a namespace of their own.
 """
 
 import asyncio
@@ -32,6 +39,7 @@ MESH = ipaddress.IPv4Network('198.51.100.0/24')
 FLOATING = ipaddress.IPv4Network('203.0.113.0/24')
 EDGE_BRIDGE = 'edge0'
 FIRST_HOST = 10
+HOST_LINK = ipaddress.IPv4Network('198.19.255.0/30')    # the host's veth into the edge, with host_route
 
 
 def plane_prefix(state: pathlib.Path) -> str:
@@ -57,8 +65,10 @@ async def _run(*argv, check=True):
 
 
 class Underlay:
-    def __init__(self, state: pathlib.Path, nodes: int):
+    def __init__(self, state: pathlib.Path, nodes: int, host_route: bool = False):
         self.prefix = plane_prefix(state)
+        self.host_route = host_route
+        self.host_netns: str | None = None      # None: the root namespace
         self.fabric = f'{self.prefix}-fabric'
         self.edge = f'{self.prefix}-edge'
         self.nodes = [NodeUnderlay(f'{self.prefix}{i}-ul', 'ul0', str(MESH.network_address + FIRST_HOST + i),
@@ -82,6 +92,8 @@ class Underlay:
                        'dev', EDGE_BRIDGE)
             await _run('ip', '-n', self.edge, 'link', 'set', EDGE_BRIDGE, 'up')
             await _run('ip', 'netns', 'exec', self.edge, 'sysctl', '-qw', 'net.ipv4.ip_forward=1')
+        if self.host_route:
+            await self._route_host()
         for i, node in enumerate(self.nodes):
             if await self._exists(node.netns):
                 continue
@@ -95,7 +107,22 @@ class Underlay:
                        'dev', node.device)
             await _run('ip', '-n', node.netns, 'link', 'set', node.device, 'up')
 
+    async def _route_host(self):
+        """The host's veth into the edge and its route to the pool (made again whole)."""
+        host = ['-n', self.host_netns] if self.host_netns else []
+        device, near, far = f'{self.prefix}-hr', HOST_LINK.network_address + 1, HOST_LINK.network_address + 2
+        await _run('ip', *host, 'link', 'del', device, check=False)
+        await _run('ip', *host, 'link', 'add', device, 'type', 'veth', 'peer', 'name', 'hr0', 'netns', self.edge)
+        await _run('ip', *host, 'addr', 'add', f'{near}/{HOST_LINK.prefixlen}', 'dev', device)
+        await _run('ip', *host, 'link', 'set', device, 'up')
+        await _run('ip', '-n', self.edge, 'addr', 'add', f'{far}/{HOST_LINK.prefixlen}', 'dev', 'hr0')
+        await _run('ip', '-n', self.edge, 'link', 'set', 'hr0', 'up')
+        await _run('ip', *host, 'route', 'replace', str(FLOATING), 'via', str(far), 'dev', device)
+
     async def stop(self):
+        if self.host_route:     # at once: a deleted namespace's veths go later, in the kernel's own time
+            await _run('ip', *(['-n', self.host_netns] if self.host_netns else []), 'link', 'del',
+                       f'{self.prefix}-hr', check=False)
         for node in self.nodes:
             await _run('ip', 'netns', 'del', node.netns, check=False)
         await _run('ip', 'netns', 'del', self.edge, check=False)

@@ -5,7 +5,9 @@ and an outside host joined to the edge. Egress is seen as the network's egress
 address, a floated guest as its floating address; the outside reaches the guest
 through it, another guest too (hairpin); a defloat cuts an open connection.
 Without provide_nat only a floated guest reaches the outside, as itself. A
-lease dnsmasq gives (to busybox udhcpc in a stand-in) reaches the node.
+lease dnsmasq gives (to busybox udhcpc in a stand-in) reaches the node. With
+sf-up's host route (a namespace standing for the host) the host reaches a
+floating address, and stop takes the route away.
 Needs root; everything made is named with a prefix of the test's own and removed."""
 
 import asyncio
@@ -70,6 +72,7 @@ def world(tmp_path):
     sh('ip', '-n', outside, 'link', 'set', 'lo', 'up')
     sh('ip', '-n', outside, 'route', 'add', '203.0.113.0/24', 'via', '198.19.0.1')
     w = types.SimpleNamespace(prefix=prefix, bridge=bridge, guests=guests, outside=outside, edge=underlay.edge,
+                              underlay=underlay,
                               dhcp=Dhcp(prefix, tmp_path / 'state'), nat=Nat(prefix, underlay.edge),
                               procs=[])
     yield w
@@ -201,3 +204,27 @@ async def test_a_lease_datagram_is_checked_before_it_is_believed():
                 json.dumps({**good, 'mac': 'zz'}).encode(), json.dumps({**good, 'ipv4': 'x' * 40}).encode(),
                 json.dumps({k: v for k, v in good.items() if k != 'vni'}).encode()):
         assert parse(bad) is None, bad
+
+
+async def test_the_host_route_lets_the_host_reach_a_floating_address_and_goes_on_stop(world):
+    w = world
+    g1, a1 = w.guests[0]
+    host = f'{w.prefix}host'
+    sh('ip', 'netns', 'add', host)
+    ns = await w.dhcp.plumb(network(), w.bridge)
+    await w.nat.ensure(ns, network(), '203.0.113.0/24', {'203.0.113.9': a1})
+    server(w, g1, 9000)
+    assert seen(host, '203.0.113.9', 9000) == ''          # no route yet
+    w.underlay.host_route, w.underlay.host_netns = True, host
+    await w.underlay.start()
+    device = f'{w.underlay.prefix}-hr'
+    routes = sorted(r.strip() for r in netns(host, 'ip', 'route').stdout.splitlines())
+    assert routes == [f'198.19.255.0/30 dev {device} proto kernel scope link src 198.19.255.1',
+                      f'203.0.113.0/24 via 198.19.255.2 dev {device}'], routes
+    assert await eventually(lambda: seen(host, '203.0.113.9', 9000), 10, interval=0.1,
+                            what='the host reaches the floating address') == '198.19.255.1'
+    await w.underlay.start()                                # a second start makes it again, once
+    assert len(netns(host, 'ip', 'route').stdout.splitlines()) == 2
+    await w.underlay.stop()
+    assert netns(host, 'ip', 'route').stdout.strip() == ''
+    assert device not in netns(host, 'ip', 'link').stdout
