@@ -146,7 +146,8 @@ async def test_guests_reach_each_other_by_address_and_by_name_without_an_mtu_bla
             assert rc == 0, out
 
 
-async def test_a_floated_guest_is_reached_through_its_floating_address_from_the_network_itself(client, guests):
+async def test_a_floated_guest_is_reached_through_its_floating_address_from_the_network_itself(
+        client, guests, network_events):
     """Hairpin between real guests, on a network without NAT: alpha fetches from
     beta's floating address, through the network node and back."""
     _, beta = guests
@@ -164,6 +165,9 @@ async def test_a_floated_guest_is_reached_through_its_floating_address_from_the_
     assert await eventually(fetched, 30, interval=0.5, what=f'alpha reaches beta at {floating}') == 'beta'
     await client.interfaces.DefloatInterface(net.DefloatInterfaceRequest(interface_uuid=iface.uuid))
     await eventually(lambda: _not(fetched), 30, interval=0.5, what=f'beta no longer reached at {floating}')
+    for verb in ('floated', 'defloated'):
+        await eventually(lambda verb=verb: any(e.message.startswith(f'{verb}: {floating} (interface {iface.uuid})')
+                                               for e in network_events), 10, what=f'{verb} on the network')
 
 
 async def _not(check):

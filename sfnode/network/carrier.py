@@ -150,14 +150,14 @@ class Carrier:
         peers = sorted(desired.peers)
         if self._peers.get(uuid) != peers:
             self._peers[uuid] = peers
-            await self._event(network, f'mesh on {self.node.name}: peers {", ".join(peers) or "none"}',
+            await self._event(network.uuid, f'mesh on {self.node.name}: peers {", ".join(peers) or "none"}',
                               {'node': self.node.name, 'peers': peers})
         had_namespace = uuid in self._served or uuid in self._natted
         if desired.serve:
             started = await self.dhcp.ensure(network, bridge, desired.hosts)
             if started or uuid not in self._served:
                 self._served.add(uuid)
-                await self._event(network, f'network served by {self.node.name}: DHCP and DNS',
+                await self._event(network.uuid, f'network served by {self.node.name}: DHCP and DNS',
                                   {'node': self.node.name, 'started': started})
         elif uuid in self._served:
             await self.dhcp.stop_dnsmasq(network.vxlan_id)
@@ -174,10 +174,10 @@ class Carrier:
             if uuid not in self._natted:
                 self._natted.add(uuid)
                 if network.provide_nat:
-                    await self._event(network, f'network NAT on {self.node.name}: egress as {network.floating_gateway}',
+                    await self._event(network.uuid, f'network NAT on {self.node.name}: egress as {network.floating_gateway}',
                                       {'node': self.node.name, 'egress': network.floating_gateway})
                 else:
-                    await self._event(network, f'floating addresses on {self.node.name} (no NAT egress)',
+                    await self._event(network.uuid, f'floating addresses on {self.node.name} (no NAT egress)',
                                       {'node': self.node.name})
             now = {f.floating: f.interface_uuid for f in desired.floating}
             if uuid not in self._floating:      # a restart: what the kernel already had is not news
@@ -191,17 +191,17 @@ class Carrier:
             await self.dhcp.remove(network.vxlan_id)
 
     async def _floated(self, uuid: str, now: dict[str, str]):
-        """Floated and defloated events on the interfaces whose floating address came or went."""
+        """Floated and defloated events on the interfaces whose floating address came or
+        went, and on their network."""
         before = self._floating.get(uuid, {})
         self._floating[uuid] = now
-        for floating, iface in now.items():
-            if before.get(floating) != iface:
-                await self._iface_event(iface, f'floated: {floating} on {self.node.name}',
-                                        {'node': self.node.name, 'floating': floating})
-        for floating, iface in before.items():
-            if now.get(floating) != iface:
-                await self._iface_event(iface, f'defloated: {floating} on {self.node.name}',
-                                        {'node': self.node.name, 'floating': floating})
+        changes = [('floated', f, i) for f, i in now.items() if before.get(f) != i]
+        changes += [('defloated', f, i) for f, i in before.items() if now.get(f) != i]
+        for verb, floating, iface in changes:
+            extra = {'node': self.node.name, 'floating': floating}
+            await self._iface_event(iface, f'{verb}: {floating} on {self.node.name}', extra)
+            await self._event(uuid, f'{verb}: {floating} (interface {iface}) on {self.node.name}',
+                              {**extra, 'interface': iface})
 
     async def _remove_orphans(self):
         wanted = {d.network.vxlan_id for d in self.desired.values()}
@@ -229,7 +229,7 @@ class Carrier:
             what = (f'DHCP lease given: {lease["ipv4"]} to {lease["mac"]}{name}' if lease['action'] == 'add'
                     else f'DHCP lease ended: {lease["ipv4"]} of {lease["mac"]}{name}')
             try:
-                await self._event(network, f'{what} on {self.node.name}', {'node': self.node.name, **lease})
+                await self._event(network.uuid, f'{what} on {self.node.name}', {'node': self.node.name, **lease})
             except grpc.aio.AioRpcError as e:
                 log.warning('lease event not recorded (%s)', e.code().name)
 
@@ -237,6 +237,6 @@ class Carrier:
         await self.node.link.record(make_event(self.node.name, event_pb2.OBJECT_TYPE_NETWORK_INTERFACE, iface,
                                                event_pb2.EVENT_TYPE_STATUS, message, extra))
 
-    async def _event(self, network, message: str, extra: dict):
-        await self.node.link.record(make_event(self.node.name, event_pb2.OBJECT_TYPE_NETWORK, network.uuid,
+    async def _event(self, network_uuid: str, message: str, extra: dict):
+        await self.node.link.record(make_event(self.node.name, event_pb2.OBJECT_TYPE_NETWORK, network_uuid,
                                                event_pb2.EVENT_TYPE_STATUS, message, extra))
