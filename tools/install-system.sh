@@ -14,6 +14,7 @@ PACKAGES=(
   iproute2 curl jq
   dnsmasq-base dnsmasq-utils                    # DHCP and DNS of a network node (dhcp_release)
   nftables conntrack                            # NAT and floating addresses on a network node
+  mmdebstrap grub-pc-bin e2fsprogs fdisk        # the Debian cloud test image (guest/debian/)
 )
 
 # sfnode runs libvirt's QEMU driver in-process (qemu:///embed). As root it
