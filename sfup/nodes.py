@@ -15,6 +15,7 @@ from sfup.underlay import NodeUnderlay, plane_prefix
 log = logging.getLogger(__name__)
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TEST_IMAGE = REPO / 'build' / 'guest' / 'sftest.qcow2'
+DEBIAN_IMAGE = REPO / 'build' / 'guest' / 'debian-sftest.qcow2'    # make debian-image (guest/debian)
 
 
 def bridge_prefix(state: pathlib.Path, i: int) -> str:
@@ -27,7 +28,8 @@ def node_command(i: int, state: pathlib.Path, pki, node_target: str, host: str,
                  image_allow=(), underlay: NodeUnderlay | None = None) -> list[str]:
     """Node i's command line; node 0 is the network node. With an underlay (sfup/underlay.py)
     the node carries networks over it."""
-    images = {'sftest': TEST_IMAGE.as_uri()} if TEST_IMAGE.exists() else {}
+    images = {name: path.as_uri() for name, path in (('sftest', TEST_IMAGE), ('debian-sftest', DEBIAN_IMAGE))
+              if path.exists()}
     mesh = [] if underlay is None else [
         '--mesh-address', underlay.address, '--mesh-namespace', underlay.netns,
         '--mesh-device', underlay.device, *(['--network-node'] if i == 0 else []),
