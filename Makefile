@@ -18,12 +18,12 @@ PYTEST_ARGS ?=
 GUEST_DIR ?= build/guest
 GUEST_SRC := $(shell find guest/build-image.sh guest/syslinux.cfg guest/initramfs)
 
-.PHONY: run test deps gen schema-check guest-image clean
+.PHONY: run test deps gen schema-check guest-image debian-image clean
 
 run: deps gen guest-image
 	$(VENV)/bin/sf-up --state-dir $(STATE_DIR) --grpc-port $(GRPC_PORT) --rest-port $(REST_PORT) --nodes $(NODES)
 
-test: deps gen schema-check guest-image
+test: deps gen schema-check guest-image debian-image
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 deps: .stamps/system .stamps/venv .stamps/sfclient .stamps/sfagent $(BUF)
@@ -68,6 +68,13 @@ guest-image: $(GUEST_DIR)/sftest.qcow2
 
 $(GUEST_DIR)/sftest.qcow2: $(GUEST_SRC) .stamps/system
 	bash guest/build-image.sh $(GUEST_DIR)
+
+# The real distribution guest: Debian 12 with cloud-init and shakenfist-agent 0.7.0
+# (guest/debian/build-debian.sh, about 90 s cold; content-addressed, so a rerun is free).
+debian-image: $(GUEST_DIR)/debian-sftest.qcow2
+
+$(GUEST_DIR)/debian-sftest.qcow2: guest/debian/build-debian.sh $(shell find guest/debian/files -type f) .stamps/system
+	bash guest/debian/build-debian.sh $(GUEST_DIR)
 
 schema-check: $(BUF)
 	BUF=$(BUF) bash tools/check-schema.sh

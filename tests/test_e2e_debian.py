@@ -1,0 +1,124 @@
+"""End to end, a real distribution: the debian-sftest image (guest/debian, Debian 12
+with cloud-init and shakenfist-agent 0.7.0) on a DHCP and NAT network, under
+QEMU/TCG. cloud-init is the judge of our config drive: it applies the hostname,
+the ssh key (root logs in with it, from the network's own namespace on the
+network node), both kinds of user data (a #cloud-config and a script, in one
+MIME multipart) and the network of network_data.json (address, default route,
+DNS and MTU). A slow test: the guest takes about a minute to finish cloud-init
+on an idle 2-core machine."""
+
+import base64
+import re
+import subprocess
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+
+import pytest
+import pytest_asyncio
+
+from sfup.nodes import DEBIAN_IMAGE
+from sfup.underlay import plane_prefix
+from shakenfist.v1 import instance_pb2 as pb
+from shakenfist.v1 import instance_service_pb2 as api
+from shakenfist.v1 import network_service_pb2 as net
+from shakenfist.v1 import specs_pb2
+from tests.helpers import get
+from tests.plane import Plane
+from tests.waiting import eventually
+
+pytestmark = [pytest.mark.real_vm, pytest.mark.asyncio(loop_scope='module')]
+NETBLOCK = '198.18.40.0/24'
+BOOT = 600.0        # cloud-init's end: ~60 s idle, several minutes on a loaded 2-core machine
+FINISHED = re.compile(r'Cloud-init v\. \S+ finished')
+
+CLOUD_CONFIG = '''#cloud-config
+write_files:
+  - path: /etc/sftest-cloud-config
+    content: written by cloud-config
+'''
+SCRIPT = '#!/bin/sh\necho "ran as $(id -un)" > /etc/sftest-script\n'
+
+
+def user_data() -> str:
+    mime = MIMEMultipart()
+    mime.attach(MIMEText(CLOUD_CONFIG, 'cloud-config'))
+    mime.attach(MIMEText(SCRIPT, 'x-shellscript'))
+    return base64.b64encode(mime.as_bytes()).decode()
+
+
+@pytest.fixture(scope='module')
+def plane():
+    assert DEBIAN_IMAGE.exists(), 'make debian-image (make test does) builds the image'
+    p = Plane(nodes=1).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope='module')
+def key(tmp_path_factory):
+    path = tmp_path_factory.mktemp('ssh') / 'id'
+    subprocess.run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-f', str(path)], check=True)
+    return path
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='module')
+async def client(plane):
+    c = await plane.client()
+    yield c
+    await c.close()
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='module')
+async def guest(plane, client, key):
+    network = (await client.networks.CreateNetwork(net.CreateNetworkRequest(
+        name='deb', netblock=NETBLOCK, provide_dhcp=True, provide_nat=True))).network
+    inst = (await client.instances.CreateInstance(api.CreateInstanceRequest(
+        name='bookworm', cpus=1, memory=1024, disk=[specs_pb2.DiskSpec(size=4, base='debian-sftest')],
+        network=[specs_pb2.NetworkSpec(network_uuid='deb')],
+        ssh_key=(key.parent / 'id.pub').read_text().strip(), user_data=user_data()))).instance
+    await eventually(lambda: FINISHED.search(plane.console(inst.node, inst.uuid)), BOOT, interval=1,
+                     what='cloud-init finished in the guest')
+    inst = await get(client, inst.uuid)
+    assert inst.state == pb.INSTANCE_STATE_CREATED
+    return network, inst
+
+
+def ssh(plane, network, inst, key, command: str) -> str:
+    """command as root in the guest, over ssh from the network's namespace."""
+    netns = f'{plane_prefix(plane.state)}0-dhcp-{network.vxlan_id:06x}'
+    r = subprocess.run(['ip', 'netns', 'exec', netns, 'ssh', '-i', str(key), '-o', 'BatchMode=yes',
+                        '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null',
+                        '-o', 'ConnectTimeout=10', f'root@{inst.interfaces[0].ipv4}', command],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+async def test_cloud_init_read_our_config_drive_and_said_so(plane, guest):
+    _, inst = guest
+    console = plane.console(inst.node, inst.uuid)
+    assert 'DataSourceConfigDrive' in console or 'config-2' in console, console[-3000:]
+
+
+async def test_root_logs_in_with_the_instances_key_and_the_hostname_is_its_name(plane, guest, key):
+    network, inst = guest
+    assert ssh(plane, network, inst, key, 'hostname').strip() == 'bookworm'
+    assert ssh(plane, network, inst, key, 'id -un').strip() == 'root'
+
+
+async def test_both_kinds_of_user_data_ran(plane, guest, key):
+    network, inst = guest
+    assert ssh(plane, network, inst, key, 'cat /etc/sftest-cloud-config').strip() == 'written by cloud-config'
+    assert ssh(plane, network, inst, key, 'cat /etc/sftest-script').strip() == 'ran as root'
+
+
+async def test_the_network_of_network_data_json_is_applied(plane, guest, key):
+    network, inst = guest
+    address, gateway = inst.interfaces[0].ipv4, NETBLOCK.replace('0/24', '1')
+    addrs = ssh(plane, network, inst, key, 'ip -4 -o addr show dev eth0')
+    assert f'inet {address}/24' in addrs, addrs
+    assert ssh(plane, network, inst, key, 'cat /sys/class/net/eth0/mtu').strip() == '1450'
+    routes = ssh(plane, network, inst, key, 'ip -4 route show default')
+    assert f'default via {gateway}' in routes, routes
+    resolv = ssh(plane, network, inst, key, 'cat /etc/resolv.conf')
+    assert f'nameserver {gateway}' in resolv, resolv
