@@ -97,7 +97,7 @@ class AgentSession:
             except OSError:
                 await asyncio.sleep(0.5)        # the domain is not running yet
                 continue
-            self.channel = AgentChannel(reader, writer)
+            self.channel = self._open(reader, writer)
             try:
                 await self._monitor()
             except (ProtocolError, TimeoutError, ConnectionError, OSError) as e:
@@ -107,6 +107,10 @@ class AgentSession:
             if not self.quiet:
                 await self._set(ipb.AGENT_STATE_NOT_READY_UNRESPONSIVE)
             await asyncio.sleep(0.5)
+
+    def _open(self, reader, writer):
+        """The channel of this protocol (v2 here; sfnode/agent/v1.py has v1's)."""
+        return AgentChannel(reader, writer)
 
     async def _welcome(self):
         """Say hello until the agent answers (it may still be booting)."""
