@@ -17,6 +17,7 @@ from sfcommon.backoff import Backoff
 from sfcommon.events import make_event
 from sfnode import configdrive, domain, images, metrics
 from sfnode.agent.session import AgentSession
+from sfnode.agent.v1 import V1Session
 from sfnode.console import SerialConsole
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import event_pb2, network_pb2, specs_pb2
@@ -54,7 +55,7 @@ class InstanceWorker:
         self.dir = node.instances_dir / self.uuid
         self.state = desired.instance.state
         self.removed = False
-        self.agent = None                # AgentSession, when the instance has sf-agent2
+        self.agent = None                # AgentSession (v2) or V1Session, with a side channel
         self.console = None              # SerialConsole, once the domain exists
         self.power_state = P.Value('POWER_STATE_UNSPECIFIED')  # as last seen, for metrics
         self._since = time.perf_counter()   # when the oldest change not yet converged came
@@ -166,7 +167,18 @@ class InstanceWorker:
         return self.node.vsock and bool(desired.vsock_cid)
 
     def _start_agent(self, desired):
-        if self.agent is not None or ipb.SIDE_CHANNEL_SF_AGENT2 not in desired.instance.side_channels:
+        """The agent session on the better channel the instance has: v2 on sf-agent2, else
+        v1 on sf-agent (sfnode/agent/v1.py)."""
+        channels = desired.instance.side_channels
+        if self.agent is not None or not {ipb.SIDE_CHANNEL_SF_AGENT2, ipb.SIDE_CHANNEL_SF_AGENT} & set(channels):
+            return
+        if ipb.SIDE_CHANNEL_SF_AGENT2 not in channels:
+            path = domain.InstancePaths.under(str(self.dir), desired.instance).legacy_agent_socket
+            self.agent = V1Session(lambda: asyncio.open_unix_connection(path), AgentReporter(self), self.node.clock)
+            self.agent.start()
+            self.node.tasks.spawn(self._event('agent side channel', {
+                'transport': 'virtio-serial', 'port': domain.AGENT1_CHANNEL, 'protocol': 'v1'}),
+                name=f'event-{self.uuid}')
             return
         if self._vsock(desired):
             cid = desired.vsock_cid

@@ -381,7 +381,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
     async def RunAgentOperation(self, request, context):
         worker = self._worker(request.operation.instance_uuid)
         if worker.agent is None:
-            raise errors.AgentNotReady('the instance has no sf-agent2 side channel')
+            raise errors.AgentNotReady('the instance has no agent side channel (sf-agent or sf-agent2)')
         # The operation reports its own progress and end; this call only hands it over.
         self.tasks.spawn(worker.agent.run_operation(request.operation),
                          name=f'operation-{request.operation.uuid}')

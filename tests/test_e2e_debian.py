@@ -4,10 +4,15 @@ QEMU/TCG. cloud-init is the judge of our config drive: it applies the hostname,
 the ssh key (root logs in with it, from the network's own namespace on the
 network node), both kinds of user data (a #cloud-config and a script, in one
 MIME multipart) and the network of network_data.json (address, default route,
-DNS and MTU). A slow test: the guest takes about a minute to finish cloud-init
-on an idle 2-core machine."""
+DNS and MTU). The instance has only the legacy `sf-agent` side channel, as the
+seed's soft-reboot example creates it: the real shakenfist-agent 0.7.0 speaks
+protocol v1 to the node (sfnode/agent/v1.py), the agent becomes ready, sf-client
+executes, uploads and downloads byte-exact through it, and a soft reboot changes
+agent_system_boot_time. A slow test: the guest takes about a minute to finish
+cloud-init on an idle 2-core machine."""
 
 import base64
+import os
 import re
 import subprocess
 from email.mime.multipart import MIMEMultipart
@@ -75,7 +80,8 @@ async def guest(plane, client, key):
     inst = (await client.instances.CreateInstance(api.CreateInstanceRequest(
         name='bookworm', cpus=1, memory=1024, disk=[specs_pb2.DiskSpec(size=4, base='debian-sftest')],
         network=[specs_pb2.NetworkSpec(network_uuid='deb')],
-        ssh_key=(key.parent / 'id.pub').read_text().strip(), user_data=user_data()))).instance
+        ssh_key=(key.parent / 'id.pub').read_text().strip(), user_data=user_data(),
+        side_channels=pb.SideChannelList(side_channels=[pb.SIDE_CHANNEL_SF_AGENT])))).instance
     await eventually(lambda: FINISHED.search(plane.console(inst.node, inst.uuid)), BOOT, interval=1,
                      what='cloud-init finished in the guest')
     inst = await get(client, inst.uuid)
@@ -122,3 +128,40 @@ async def test_the_network_of_network_data_json_is_applied(plane, guest, key):
     assert f'default via {gateway}' in routes, routes
     resolv = ssh(plane, network, inst, key, 'cat /etc/resolv.conf')
     assert f'nameserver {gateway}' in resolv, resolv
+
+
+async def until(client, what, check, timeout=BOOT):
+    async def probe():
+        return check(await get(client, 'bookworm'))
+    return await eventually(probe, timeout, interval=0.5, what=f'bookworm: {what}')
+
+
+async def test_the_real_agent_becomes_ready_over_protocol_v1(client, guest):
+    inst = await until(client, 'agent ready', lambda i: i if i.agent_state == pb.AGENT_STATE_READY else None)
+    assert inst.agent_system_boot_time > 0
+    events = [e.message for e in (await client.instances.ListInstanceEvents(api.ListInstanceEventsRequest(
+        instance_ref='bookworm'))).events]
+    assert 'agent metrics' in events and 'received system facts' in events, events
+
+
+async def test_sf_client_executes_uploads_and_downloads_through_the_v1_agent(plane, client, guest, tmp_path):
+    await until(client, 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
+    sf = plane.sf()
+    _, out, _ = await sf.run('instance', 'execute', 'bookworm', 'sh -c "echo hello; echo oops >&2; exit 3"')
+    assert 'exit code     : 3' in out and 'hello' in out and 'oops' in out, out
+    src, back = tmp_path / 'random.bin', tmp_path / 'back.bin'
+    src.write_bytes(os.urandom(300 * 1024))
+    await sf.run('instance', 'upload', 'bookworm', str(src), '/tmp/random.bin')
+    await sf.run('instance', 'download', 'bookworm', '/tmp/random.bin', str(back))
+    assert back.read_bytes() == src.read_bytes()
+
+
+async def test_a_soft_reboot_changes_the_agents_boot_time(client, guest):
+    before = (await until(client, 'agent ready', lambda i: i if i.agent_state == pb.AGENT_STATE_READY else None)
+              ).agent_system_boot_time
+    await client.instances.SoftRebootInstance(api.SoftRebootInstanceRequest(instance_ref='bookworm'))
+    await until(client, 'a new boot time', lambda i: i.agent_state == pb.AGENT_STATE_READY
+                and abs(i.agent_system_boot_time - before) > 2)
+    events = [e.message for e in (await client.instances.ListInstanceEvents(api.ListInstanceEventsRequest(
+        instance_ref='bookworm'))).events]
+    assert 'reboot detected' in events
