@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench import create, guest, latency, throughput  # noqa: E402
+from bench import create, guest, latency, network, throughput  # noqa: E402
 from bench.common import ROOT, Plane, p50, spread  # noqa: E402
 
 MS = 1000
@@ -115,6 +115,20 @@ async def run(only, quick, explicit_rounds=None):
                         '<= 5 ms', lambda v: v <= 5, ' ms'))
         rows.append(row("P8b the same, from the mutating call's return", '-', ms(r['api']),
                         '<= 5 ms', lambda v: v <= 5, ' ms'))
+    if want('P9') and (why := guest.unavailable()):
+        note(f'P9 skipped: {why}')
+    elif want('P9'):
+        r = await network.p9(rounds)
+        note(f"P9 per round (s): create -> ping answered {fmt(r['ping'])}, create -> the guest configured "
+             f"its address {fmt(r['boot'])}; float -> reached {fmt(ms(r['float']), 0)} ms, defloat -> "
+             f"unreachable {fmt(ms(r['defloat']), 0)} ms")
+        rows.append(row('P9 real guest on a DHCP network across the mesh: create -> answers a ping',
+                        "create -> the guest's console says it has the address", r['P9'], '-',
+                        lambda v: True, 'x'))
+        rows.append(row('P9b float -> the outside reaches the guest through the floating address', '-',
+                        ms(r['float']), '< 1000 ms', lambda v: v < 1000, ' ms'))
+        rows.append(row('P9c defloat -> no longer reached (includes up to one 300 ms probe)', '-',
+                        ms(r['defloat']), '< 1000 ms', lambda v: v < 1000, ' ms'))
     return rows, notes
 
 
@@ -141,7 +155,7 @@ def table(rows) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true', help='a smoke run: 2 rounds of few iterations')
-    p.add_argument('--only', default='P1,P2,P3,P4,P5,P6,P7,P8', help='comma-separated measures')
+    p.add_argument('--only', default='P1,P2,P3,P4,P5,P6,P7,P8,P9', help='comma-separated measures')
     p.add_argument('--rounds', type=int, help='rounds per measure (default 5; 2 with --quick)')
     p.add_argument('--out', type=pathlib.Path, help='also write the table and notes here (markdown)')
     args = p.parse_args()

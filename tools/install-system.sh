@@ -11,7 +11,7 @@ PACKAGES=(
   syslinux extlinux syslinux-common mtools dosfstools   # a real BIOS-bootable test disk
   python3-venv python3-dev gcc                  # the venv and libvirt-python's build
   nodejs npm                                    # buf comes from npm
-  iproute2 curl jq
+  iproute2 curl jq iputils-ping
   dnsmasq-base dnsmasq-utils                    # DHCP and DNS of a network node (dhcp_release)
   nftables conntrack                            # NAT and floating addresses on a network node
   mmdebstrap grub-pc-bin e2fsprogs fdisk        # the Debian cloud test image (guest/debian/)

@@ -22,7 +22,9 @@ namespace only. One nft table, `ip sfnat`, replaced whole and atomically
   from int0 anything with NAT (only the floated addresses without), and from
   ext0 only what was dnat'ed.
 
-A floating address that goes has its conntrack entries deleted (either
+A floating address that comes is announced on the edge (a gratuitous ARP), so
+an outside that already asked for it learns it at once. A floating address that
+goes has its conntrack entries deleted (either
 direction), so connections through it are cut at once rather than living on
 in conntrack.
 """
@@ -105,6 +107,8 @@ class Nat:
         text = ruleset(network.netblock, floats, masquerade)
         await ip.run('ip', 'netns', 'exec', ns, 'nft', '-f', '-', check=True, stdin=(
             f'table ip {TABLE}\ndelete table ip {TABLE}\n' + text).encode())
+        for f in added:
+            await ip.announce(f, OUTER, ns)
         for f in removed:
             await ip.ip('addr', 'del', f'{f}/32', 'dev', OUTER, netns=ns, check=False)
             for flag in ('-d', '-q', '-s', '-r'):
