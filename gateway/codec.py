@@ -2,8 +2,9 @@
 
 Driven only by descriptors and the options in shakenfist/v1/wire.proto:
 `wire_value` (enum value strings), `wire_name` (JSON keys) and `wire_list`
-(messages written as a bare list). It differs from proto3 JSON on purpose:
-every field is rendered, unset optional/message fields are null, enums use
+(messages written as a bare list) and `wire_omit_unset`. It differs from proto3
+JSON on purpose: every field is rendered, unset optional/message fields are null
+(absent under wire_omit_unset), enums use
 their wire strings, and 64-bit integers are JSON numbers rather than strings.
 
 Per-descriptor work (options, key maps, renderers) is done once and cached,
@@ -63,7 +64,7 @@ def _enum(desc):
 
 @functools.cache
 def _message(desc):
-    """(fields as (field, key, real oneof or None), key -> field, wire_list)."""
+    """(fields as (field, key, real oneof or None), key -> field, wire_list, omit_unset)."""
     # proto3 `optional` makes a synthetic oneof that the Python descriptor does
     # not flag; only the DescriptorProto says which oneofs are real.
     proto = descriptor_pb2.DescriptorProto()
@@ -75,8 +76,8 @@ def _message(desc):
         oneof = f.containing_oneof if f.name not in synthetic else None
         fields.append((f, key, oneof))
         by_key[key] = by_key[f.name] = f
-    wire_list = desc.GetOptions().Extensions[wire_pb2.wire_list]
-    return fields, by_key, wire_list
+    options = desc.GetOptions().Extensions
+    return fields, by_key, options[wire_pb2.wire_list], options[wire_pb2.wire_omit_unset]
 
 
 def _is_map(f):
@@ -118,10 +119,10 @@ def _renderer(desc):
         return lambda m: [_value_to_py(v) for v in m.values]
     if desc.full_name == 'google.protobuf.Value':
         return _value_to_py
-    fields, _, wire_list = _message(desc)
+    fields, _, wire_list, omit_unset = _message(desc)
     if wire_list:
         return _field_renderer(fields[0][0], None)
-    plan = [(key, _field_renderer(f, oneof)) for f, key, oneof in fields]
+    plan = [(key, _field_renderer(f, oneof, omit_unset)) for f, key, oneof in fields]
 
     def render(m):
         out = {}
@@ -146,7 +147,7 @@ def _scalar_renderer(f):
     return None  # str, bool and integers are JSON already
 
 
-def _field_renderer(f, oneof):
+def _field_renderer(f, oneof, omit_unset=False):
     name = f.name
     if _is_map(f):
         key_f, value_f = f.message_type.fields
@@ -164,7 +165,8 @@ def _field_renderer(f, oneof):
     if oneof is not None:
         return lambda m: get(m) if m.HasField(name) else _OMIT
     if f.has_presence:  # message fields and proto3 `optional` scalars
-        return lambda m: get(m) if m.HasField(name) else None
+        unset = _OMIT if omit_unset else None
+        return lambda m: get(m) if m.HasField(name) else unset
     return get
 
 
@@ -207,7 +209,7 @@ def _parse_into(message, data, path, ignore=frozenset()):
         except json_format.ParseError as e:
             raise WireError(path, str(e)) from None
         return
-    fields, by_key, wire_list = _message(desc)
+    fields, by_key, wire_list, _ = _message(desc)
     if wire_list:
         _expect(data, list, path)
         message.SetInParent()  # an empty list is still a list, not null

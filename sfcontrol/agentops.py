@@ -110,7 +110,7 @@ class AgentOperations:
         commands = [pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_PUT_BLOB, blob_uuid=req.blob_uuid,
                                     path=req.path),
                     pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_CHMOD, path=req.path,
-                                    mode=req.mode & 0o7777)]
+                                    mode=req.mode)]     # as sent: the agent ignores type bits
         return await self._create(req, commands, PREFLIGHT, req.deadline_seconds, PROGRESS_TIMEOUT,
                                   'agent operation put request from API', api.PutFileResponse)
 

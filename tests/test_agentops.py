@@ -353,7 +353,7 @@ async def test_put_file_is_staged_and_queued_with_put_blob_and_chmod(system, nod
     assert op.state == QUEUED
     assert list(op.commands) == [
         pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_PUT_BLOB, blob_uuid=art.blob_uuid, path='/tmp/x'),
-        pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_CHMOD, path='/tmp/x', mode=0o755)]
+        pb.AgentCommand(command=pb.AGENT_COMMAND_TYPE_CHMOD, path='/tmp/x', mode=0o100755)]   # as sent
     assert [o.uuid for o in dispatched(node)] == [op.uuid]
     assert [o.uuid for o in await list_ops(system)] == [op.uuid]
     for state in (QUEUED, EXECUTING, COMPLETE):

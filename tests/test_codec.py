@@ -114,7 +114,23 @@ def test_agent_operation_results_map_keyed_by_index():
     assert list(out['results']) == ['0']
     assert out['results']['0']['return-code'] == 0
     assert out['results']['0']['stdout'] == 'hi\n'
-    assert out['results']['0']['stat_result'] is None
+    assert out['results']['0'] == {'return-code': 0, 'stdout': 'hi\n'}     # no null placeholders
+
+
+def test_agent_records_have_only_the_keys_of_their_kind_as_the_seed_shows():
+    op = ao.AgentOperation(uuid='ao-1', state=ao.AGENT_OPERATION_STATE_COMPLETE, commands=[
+        ao.AgentCommand(command=ao.AGENT_COMMAND_TYPE_EXECUTE, commandline='cat /etc/os-release',
+                        block_for_result=True),
+        ao.AgentCommand(command=ao.AGENT_COMMAND_TYPE_CHMOD, path='/tmp/README.md', mode=33188)])
+    op.results['0'].CopyFrom(ao.AgentCommandResult(command_line='cat /etc/os-release', result=True,
+                                                   return_code=0, stdout='x', stderr=''))
+    out = to_wire(op)
+    assert out['commands'] == [
+        {'block-for-result': True, 'command': 'execute', 'commandline': 'cat /etc/os-release'},
+        {'command': 'chmod', 'mode': 33188, 'path': '/tmp/README.md'}]
+    assert out['results']['0'] == {'command-line': 'cat /etc/os-release', 'result': True, 'return-code': 0,
+                                   'stderr': '', 'stdout': 'x'}
+    assert out['error_message'] is None          # the operation itself keeps Shaken Fist's nulls
 
 
 def test_int64_renders_as_json_number():

@@ -231,7 +231,7 @@ class AgentSession:
         if kind == opb.AGENT_COMMAND_TYPE_PUT_BLOB:
             return await self._put(op, command)
         if kind == opb.AGENT_COMMAND_TYPE_CHMOD:
-            cid = await self.channel.send(chmod_request=apb.ChmodRequest(path=command.path, mode=command.mode))
+            cid = await self.channel.send(chmod_request=apb.ChmodRequest(path=command.path, mode=command.mode & 0o7777))
             await self._reply(op, cid)
             return opb.AgentCommandResult(command='chmod-response', path=command.path)
         if kind == opb.AGENT_COMMAND_TYPE_GET_FILE:
@@ -246,7 +246,7 @@ class AgentSession:
             self.channel.forget(cid)
         result = opb.AgentCommandResult(command='execute-response', command_line=command.commandline,
                                         return_code=r.exit_code, execution_seconds=r.execution_seconds,
-                                        stdout='', stderr='')
+                                        result=r.exit_code == 0)
         for name in ('stdout', 'stderr'):
             text = getattr(r, name)
             if len(text.encode()) > INLINE_OUTPUT:

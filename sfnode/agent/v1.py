@@ -207,7 +207,7 @@ class V1Session(base.AgentSession):
         if kind == opb.AGENT_COMMAND_TYPE_PUT_BLOB:
             return await self._put(op, command)
         if kind == opb.AGENT_COMMAND_TYPE_CHMOD:
-            unique = await self.channel.send('chmod', path=command.path, mode=command.mode)
+            unique = await self.channel.send('chmod', path=command.path, mode=command.mode & 0o7777)
             await self._checked(await self._response(unique))
             return opb.AgentCommandResult(command='chmod-response', path=command.path)
         if kind == opb.AGENT_COMMAND_TYPE_GET_FILE:
@@ -225,8 +225,9 @@ class V1Session(base.AgentSession):
         unique = await self.channel.send('execute', **{'command-line': command.commandline,
                                                        'block-for-result': True})
         r = await self._checked(await self._response(unique))
+        code = int(r.get('return-code') or 0)
         result = opb.AgentCommandResult(command='execute-response', command_line=command.commandline,
-                                        return_code=int(r.get('return-code') or 0), stdout='', stderr='')
+                                        return_code=code, result=r.get('result', code == 0) is True)
         for name in ('stdout', 'stderr'):
             text = r.get(name) or ''
             if len(text.encode()) > base.INLINE_OUTPUT:
