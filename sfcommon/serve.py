@@ -12,8 +12,8 @@
 (sfcommon/logs.py), and SIGTERM/SIGINT handlers, then runs the part's `start`. What
 `start` registers with `stops.add` as it goes is stopped in reverse order when a signal
 comes, also if it comes while `start` is still running (`start` is then cancelled, and
-what it had started is stopped all the same), or if `start` fails. Exit code 0 after a
-signal, 1 if `start` failed.
+what it had started is stopped all the same), or if `start` fails, or when the part
+calls `stops.fail(why)`. Exit code 0 after a signal, 1 if `start` failed or it failed.
 """
 
 import asyncio
@@ -37,6 +37,13 @@ class Stops:
 
     def __init__(self):
         self._stops: list[tuple[str, Callable[[], Any]]] = []
+        self.failure = asyncio.Event()
+        self.why: str | None = None
+
+    def fail(self, why: str):
+        """Something the part cannot run without is gone: stop everything, exit 1."""
+        self.why = why
+        self.failure.set()
 
     def add(self, name: str, stop: Callable[[], Any]):
         """stop() may be a coroutine function or a plain one."""
@@ -88,7 +95,12 @@ async def serve(settings, start: Start) -> int:
         else:
             if not signalled.is_set():
                 log.info('started')
-            await waiting
+            failing = asyncio.create_task(stops.failure.wait())
+            await asyncio.wait({waiting, failing}, return_when=asyncio.FIRST_COMPLETED)
+            failing.cancel()
+            if stops.failure.is_set() and not signalled.is_set():
+                log.error('giving up: %s', stops.why)
+                code = 1
     finally:
         waiting.cancel()
         await stops.run()

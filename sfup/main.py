@@ -4,7 +4,10 @@ It starts a private etcd (data in STATE_DIR/etcd), the controller, the REST
 gateway and N node agents (each with an underlay namespace that its VXLANs use,
 sfup/underlay.py; node0 serves the networks' DHCP and DNS), writes STATE_DIR/endpoints.json and
 STATE_DIR/shakenfist.json (sf-client's configuration format) once everything
-is ready, and stops all of it on SIGTERM or Ctrl-C.
+is ready, and stops all of it on SIGTERM or Ctrl-C. It supervises what it started
+(sfup/supervise.py): a node or etcd that dies is started again with backoff; if etcd
+cannot be kept up, sf-up stops everything and exits 1. The controller and the
+gateway run in sf-up's own process.
 """
 
 import asyncio
@@ -22,9 +25,11 @@ from sfcontrol.store import keys
 from sfup.etcd import EtcdServer
 from sfup.nodes import start_nodes
 from sfup.settings import UpSettings
+from sfup.supervise import Supervised
 from sfup.underlay import FLOATING, Underlay
 
 log = logging.getLogger('sf-up')
+ETCD_ATTEMPTS = 5       # etcd ended or failed to start this many times in a row: sf-up gives up
 
 
 def settings_from(argv=None) -> UpSettings:
@@ -49,6 +54,21 @@ def _etcd(state: pathlib.Path, pki: LocalPki) -> EtcdServer:
     return etcd
 
 
+class _Exit:
+    """A subprocess.Popen's exit, to await."""
+
+    def __init__(self, proc):
+        self.proc, self.pid = proc, proc.pid
+
+    async def wait(self) -> int:
+        return await asyncio.to_thread(self.proc.wait)
+
+
+async def _started(etcd: EtcdServer) -> _Exit:
+    await etcd.start_async()
+    return _Exit(etcd.proc)
+
+
 async def start(settings: UpSettings, stops: serve.Stops):
     """Each part in turn, each added to stops as it is up (serve stops them in reverse)."""
     host = settings.host
@@ -57,8 +77,13 @@ async def start(settings: UpSettings, stops: serve.Stops):
     stops.add('endpoints', lambda: (state / 'endpoints.json').unlink(missing_ok=True))
     pki = LocalPki(state / 'pki').ensure()
     etcd = _etcd(state, pki)
-    await etcd.start_async()
-    stops.add('etcd', etcd.stop_async)
+    watched = Supervised('etcd', lambda: _started(etcd), give_up_after=ETCD_ATTEMPTS, failed=stops.fail)
+    await watched.start()
+
+    async def stop_etcd():
+        await watched.stop()
+        await etcd.stop_async()
+    stops.add('etcd', stop_etcd)
     controller = await server.start(server.Config(
         etcd_endpoints=[etcd.endpoint], etcd_tls=etcd.client_tls, pki=pki.controller(),
         listen=f'{host}:{settings.grpc_port}', node_listen=f'{host}:0', state_dir=state,

@@ -2,7 +2,6 @@
 directory, libvirt root and bridge-name prefix, so several run on one machine."""
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -10,6 +9,7 @@ import pathlib
 import signal
 import sys
 
+from sfup.supervise import Supervised
 from sfup.underlay import NodeUnderlay, plane_prefix
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,20 @@ def node_command(i: int, state: pathlib.Path, pki, node_target: str, host: str,
             '--stop-guests-on-exit', *(f'--image-allow={prefix}' for prefix in image_allow), *mesh]
 
 
-@dataclasses.dataclass
 class Nodes:
-    procs: list[asyncio.subprocess.Process]
+    """The node processes, each supervised (sfup/supervise.py): one that dies is
+    started again with the same command, its log appended to."""
+
+    def __init__(self, supervised: list[Supervised]):
+        self.supervised = supervised
+
+    @property
+    def procs(self):
+        return [s.child for s in self.supervised if s.child is not None]
 
     async def stop(self):
+        for s in self.supervised:
+            await s.stop()
         for p in self.procs:
             if p.returncode is None:
                 p.send_signal(signal.SIGTERM)
@@ -62,15 +71,18 @@ class Nodes:
 async def start_nodes(state: pathlib.Path, pki, n: int, node_target: str, host: str, image_allow,
                       registered, underlays=()) -> Nodes:
     """Start n nodes and return once each has registered (registered(name) awaits that)."""
-    procs = []
-    for i in range(n):
-        with open(state / f'node{i}.log', 'ab') as log_file:  # noqa: ASYNC230 -- a local file, at once
-            procs.append(await asyncio.create_subprocess_exec(
-                *node_command(i, state, pki, node_target, host, image_allow,
-                              underlays[i] if underlays else None), stdout=log_file, stderr=log_file,
-                stdin=asyncio.subprocess.DEVNULL, env={**os.environ, 'PYTHONUNBUFFERED': '1'}))
-    nodes = Nodes(procs)
+    def starter(i):
+        async def start():
+            with open(state / f'node{i}.log', 'ab') as log_file:  # noqa: ASYNC230 -- a local file, at once
+                return await asyncio.create_subprocess_exec(
+                    *node_command(i, state, pki, node_target, host, image_allow,
+                                  underlays[i] if underlays else None), stdout=log_file, stderr=log_file,
+                    stdin=asyncio.subprocess.DEVNULL, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+        return start
+    nodes = Nodes([Supervised(f'node{i}', starter(i)) for i in range(n)])
     try:
+        for s in nodes.supervised:
+            await s.start()
         await asyncio.gather(*(registered(f'node{i}') for i in range(n)))
     except BaseException:
         await nodes.stop()

@@ -95,6 +95,22 @@ class Plane:
         """The sfnode process sf-up started as node `name`."""
         return [pid for pid in _children(self.proc.pid) if f'--name {name} ' in _cmdline(pid)]
 
+    def kill_node(self, name) -> int:
+        """SIGKILL node `name` (sf-up starts it again); returns its log's length before."""
+        log = self.state / f'{name}.log'
+        offset = log.stat().st_size if log.exists() else 0
+        for pid in self.node_pids(name):
+            os.kill(pid, signal.SIGKILL)
+        return offset
+
+    def log_text(self) -> str:
+        """What sf-up has logged."""
+        return (self.state / 'sf-up.log').read_bytes().decode(errors='replace')
+
+    def node_log(self, name, offset=0) -> str:
+        """Node `name`'s log (all its runs: sf-up appends), from offset."""
+        return (self.state / f'{name}.log').read_bytes()[offset:].decode(errors='replace')
+
     def console(self, node, uuid) -> str:
         path = self.state / 'nodes' / node / 'instances' / uuid / 'console.log'
         return path.read_bytes().decode(errors='replace') if path.exists() else ''

@@ -4,22 +4,18 @@ network node) reaches a server in an "outside" namespace made by the test,
 joined to sf-up's edge, which sees the network's egress address; floated, it is
 seen as its floating address, and the outside reaches the guest's HTTP server
 through the floating address, also while and after the network node is killed
-with SIGKILL and restarted (nothing duplicated); defloated, it no longer does and
+with SIGKILL and started again by sf-up (nothing duplicated); defloated, it no longer does and
 the connections through the floating address are gone from conntrack. Floated and defloated are
 events on the interface. Deleting it all leaves nothing of the plane."""
 
-import os
 import re
-import signal
 import subprocess
 import time
 
 import pytest
 import pytest_asyncio
 
-from sfcommon.pki import LocalPki
-from sfup.nodes import node_command
-from sfup.underlay import Underlay, plane_prefix
+from sfup.underlay import plane_prefix
 from shakenfist.v1 import event_pb2, specs_pb2
 from shakenfist.v1 import instance_pb2 as pb
 from shakenfist.v1 import instance_service_pb2 as api
@@ -47,25 +43,8 @@ def sh(*argv, check=True):
 @pytest.fixture(scope='module')
 def plane():
     p = Plane(nodes=2).start()
-    p.restarted = []
     yield p
-    for proc in p.restarted:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
     p.stop()
-
-
-def restart_node0(plane):
-    """node0 started again as sf-up starts it (its underlay and edge); returns its log."""
-    underlay = Underlay(plane.state, 2).nodes[0]
-    command = node_command(0, plane.state, LocalPki(plane.state / 'pki'), plane.endpoints['node_api'],
-                           '127.0.0.1', underlay=underlay)
-    log = plane.state / 'node0-restart.log'
-    with open(log, 'ab') as f:
-        plane.restarted.append(subprocess.Popen(
-            command, stdout=f, stderr=f, env={**os.environ, 'SF_NODE_DOMAIN_TYPE': 'qemu'},
-            start_new_session=True))
-    return log
 
 
 def nat_state(netns):
@@ -167,13 +146,12 @@ async def test_floated_it_is_seen_as_its_floating_address_and_reached_through_it
     prefix = plane_prefix(plane.state)
     netns = f'{prefix}0-dhcp-{network.vxlan_id:06x}'
     state = nat_state(netns)
-    for pid in plane.node_pids('node0'):
-        os.kill(pid, signal.SIGKILL)
+    offset = plane.kill_node('node0')
     assert fetch(outside, floating) == 'gamma'
-    log = restart_node0(plane)
     synced = re.compile(r'"message": "networks synced"')
-    await eventually(lambda: synced.search(log.read_text()), 60, interval=0.5, what='node0 restarted and synced')
-    assert 'converging networks failed' not in log.read_text(), log.read_text()[-3000:]
+    await eventually(lambda: synced.search(plane.node_log('node0', offset)), 60, interval=0.5,
+                     what='node0 restarted by sf-up and synced')
+    assert 'converging networks failed' not in plane.node_log('node0', offset), plane.node_log('node0', offset)[-3000:]
     assert fetch(outside, floating) == 'gamma'
     assert nat_state(netns) == state
     assert len([e for e in iface_events if e.object_uuid == iface.uuid and e.message.startswith('floated')]) == 1

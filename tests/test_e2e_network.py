@@ -2,26 +2,22 @@
 pinned to two nodes of one plane (sf-up's per-node underlays, node0 the network
 node), get their addresses by DHCP, reach each other over the VXLAN mesh by
 address and by name, with no MTU black hole. Each node (the network node too)
-killed with SIGKILL and restarted carries and serves again with nothing
-duplicated; hot-plugged NICs get their addresses; an address given up goes to
+killed with SIGKILL is started again by sf-up, and carries and serves again with
+nothing duplicated; hot-plugged NICs get their addresses; an address given up goes to
 the next MAC; a floated guest is reached from the network through its floating
 address (hairpin). The network node says which leases it gave, and the network
 where it is served. Deleting it all leaves no link, namespace or dnsmasq of the plane
 behind."""
 
 import json
-import os
 import re
-import signal
 import subprocess
 
 import grpc
 import pytest
 import pytest_asyncio
 
-from sfcommon.pki import LocalPki
-from sfup.nodes import node_command
-from sfup.underlay import Underlay, plane_prefix
+from sfup.underlay import plane_prefix
 from shakenfist.v1 import agent_operation_service_pb2 as aop
 from shakenfist.v1 import event_pb2, specs_pb2
 from shakenfist.v1 import instance_pb2 as pb
@@ -39,11 +35,7 @@ NETBLOCK, NETBLOCK2 = '198.18.10.0/24', '198.18.11.0/24'
 @pytest.fixture(scope='module')
 def plane():
     p = Plane(nodes=2).start()
-    p.restarted = []        # nodes the tests started again, stopped before the plane
     yield p
-    for proc in p.restarted:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
     p.stop()
 
 
@@ -180,28 +172,22 @@ async def test_a_node_killed_and_restarted_carries_again_with_nothing_duplicated
     here = next(g for g in guests if g.node == name)
     there = next(g for g in guests if g.node != name)
     before = plane_things(plane)
-    for pid in plane.node_pids(name):
-        os.kill(pid, signal.SIGKILL)
+    killed = set(plane.node_pids(name))
+    offset = plane.kill_node(name)
     # The guests keep their connectivity while the node is away: the kernel holds it.
     rc, out = await run(client, there.name, f'ping -c 2 -W 5 {here.interfaces[0].ipv4}')
     assert rc == 0, out
-    underlay = Underlay(plane.state, 2).nodes[index]
-    command = node_command(index, plane.state, LocalPki(plane.state / 'pki'), plane.endpoints['node_api'],
-                           '127.0.0.1', underlay=underlay)
-    log = plane.state / f'{name}-restart.log'
-    with open(log, 'ab') as f:  # noqa: ASYNC230 -- a local file, at once
-        plane.restarted.append(subprocess.Popen(  # noqa: ASYNC220 -- a node of its own, not awaited
-            command, stdout=f, stderr=f, env={**os.environ, 'SF_NODE_DOMAIN_TYPE': 'qemu'},
-            start_new_session=True))
-    # The restarted node found its VXLAN, bridge (and dnsmasq) and kept them: its first
-    # listing converged, and what was not desired was removed.
+    # sf-up starts it again. The restarted node found its VXLAN, bridge (and dnsmasq)
+    # and kept them: its first listing converged, and what was not desired was removed.
     synced = re.compile(r'"message": "networks synced"')
     try:
-        await eventually(lambda: synced.search(log.read_text()), 60, interval=0.5,
-                         what=f'{name} restarted and its networks synced')
+        await eventually(lambda: synced.search(plane.node_log(name, offset)), 60, interval=0.5,
+                         what=f'{name} restarted by sf-up and its networks synced')
     except AssertionError as e:
-        raise AssertionError(f'{e}\n{log.read_text()[-3000:]}') from None
-    assert 'converging networks failed' not in log.read_text()
+        raise AssertionError(f'{e}\n{plane.node_log(name, offset)[-3000:]}') from None
+    [restarted] = plane.node_pids(name)
+    assert restarted not in killed
+    assert 'converging networks failed' not in plane.node_log(name, offset)
     rc, out = await run(client, there.name, f'nslookup {here.name}')
     assert rc == 0 and here.interfaces[0].ipv4 in out, out
     rc, out = await run(client, here.name, f'ping -c 2 -W 5 {there.interfaces[0].ipv4}')

@@ -292,6 +292,17 @@ async def test_a_signal_stops_what_started_in_reverse_order():
     assert part.stopped == ['second', 'first']
 
 
+async def test_a_part_that_fails_after_starting_stops_everything_and_exits_1():
+    part = _Part()
+
+    async def start(settings, stops):
+        stops.add('etcd', part.stopper('etcd'))
+        stops.add('nodes', part.stopper('nodes'))
+        asyncio.get_running_loop().call_soon(stops.fail, 'etcd could not be kept up')
+    assert await serve.serve(None, start) == 1
+    assert part.stopped == ['nodes', 'etcd']
+
+
 async def test_a_signal_while_starting_cancels_the_start_and_stops_what_it_had_started():
     part = _Part()
     cancelled = asyncio.Event()

@@ -1,4 +1,5 @@
-"""sf-up: two planes side by side, their endpoint files, and a clean stop."""
+"""sf-up: two planes side by side, their endpoint files, and a clean stop; etcd
+killed under it is started again (a node killed under it: tests/test_e2e_nodes.py)."""
 
 import json
 import os
@@ -7,7 +8,8 @@ import subprocess
 import urllib.request
 
 from shakenfist.v1 import instance_service_pb2 as api
-from tests.plane import Plane
+from tests.plane import Plane, _children, _cmdline
+from tests.waiting import eventually
 
 
 def test_two_planes_run_side_by_side_and_stop_cleanly():
@@ -53,3 +55,29 @@ def test_two_planes_run_side_by_side_and_stop_cleanly():
             assert expect in text, (part, text[:500])
     finally:
         a.stop()
+
+
+async def test_etcd_killed_under_sf_up_is_started_again_and_the_plane_serves():
+    p = Plane(nodes=0).start()
+    try:
+        def etcd_pids():
+            return [pid for pid in _children(p.proc.pid) if _cmdline(pid).startswith('/usr/bin/etcd')]
+        [first] = etcd_pids()
+        os.kill(first, 9)
+        await eventually(lambda: 'etcd killed by SIGKILL; restarting it in' in p.log_text(), 30, interval=0.1,
+                         what='sf-up restarting etcd')
+        await eventually(lambda: [pid for pid in etcd_pids() if pid != first], 60, interval=0.2,
+                         what='a new etcd')
+        c = await p.client()
+        try:
+            async def listed():
+                try:
+                    return (await c.instances.ListInstances(api.ListInstancesRequest())).instances == []
+                except Exception:       # noqa: BLE001 -- the controller reconnecting to etcd
+                    return False
+            await eventually(listed, 60, interval=0.5, what='the plane serves again')
+        finally:
+            await c.close()
+        assert p.proc.poll() is None
+    finally:
+        p.stop()
