@@ -7,6 +7,7 @@ a trie lookup, a JSON parse, one gRPC call and a render.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import pathlib
@@ -34,6 +35,8 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_STREAM_TIMEOUT = 3600.0
 DEFAULT_BODY_TIMEOUT = 30.0  # seconds a request body may pause before 408
 UPLOAD_CHUNK = MiB  # bytes per message when streaming a request body
+WS_MAX_FRAME = MiB + 1024   # a WebSocket frame: one message's bytes, at most 1 MiB
+WS_HEARTBEAT = 30.0         # seconds between pings that keep a quiet WebSocket alive
 CLIENT_CHECK_INTERVAL = 1.0  # seconds between checks that a streaming client is still there
 
 JSON = 'application/json'
@@ -184,6 +187,11 @@ class Endpoint:
             and binding.response_body != 'next_page_token'
 
         self.streaming = binding.client_streaming or binding.server_streaming
+        # Both ways: a WebSocket whose binary frames are the messages' one bytes field.
+        self.websocket = binding.client_streaming and binding.server_streaming
+        if self.websocket:
+            self.ws_in = _bytes_field(binding.input)
+            self.ws_out = _bytes_field(out)
         self.kind = ('stream' if binding.client_streaming else 'unary') + '_' + \
             ('stream' if binding.server_streaming else 'unary')  # a grpc.aio.Channel method
         self.call = None  # the multicallable, made when the channel exists
@@ -333,6 +341,8 @@ class Gateway:
         raw_query = request.rel_url.raw_query_string
         if raw_query:
             codec.from_wire(message, _query(raw_query, e.repeated_keys), ignore=e.path_keys)
+        if e.websocket:
+            return await self._websocket(request, e, message, metadata)
 
         if e.chunked:
             messages = _chunks(body, message, e.raw_body_field, content_type)
@@ -356,6 +366,39 @@ class Gateway:
                 raise body.error from None
             raise
         return self._respond(e, response, rid)
+
+    async def _websocket(self, request, e: Endpoint, first, metadata):
+        """A two-way stream as a WebSocket. The handshake's request (path, query, body) is
+        the first message, as for any other call. Then binary frames (and text frames, as UTF-8) carry
+        the bytes of the request's bytes field; responses come back as binary frames. Without
+        an Authorization header (browsers cannot send one) the first frame must be text:
+        {"authorization": "Bearer <token>"}. A failure is a last text frame in the error
+        model, then a close with code 4000 + the HTTP status."""
+        ws = web.WebSocketResponse(max_msg_size=WS_MAX_FRAME, heartbeat=WS_HEARTBEAT)
+        if not ws.can_prepare(request).ok:
+            raise HttpError(426, f'{e.binding.template} is a WebSocket: send Upgrade: websocket',
+                            {'Upgrade': 'websocket'})
+        await ws.prepare(request)
+        try:
+            if not any(key == 'authorization' for key, _ in metadata):
+                metadata.append(('authorization', await _ws_authorization(ws, self.header_timeout)))
+            call = e.call(_ws_requests(ws, e, first), timeout=self.stream_timeout, metadata=metadata)
+            try:
+                async for message in call:
+                    data = getattr(message, e.ws_out)
+                    if data:
+                        await ws.send_bytes(data)
+            finally:
+                call.cancel()
+            await ws.close()
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                await _ws_fail(ws, *_rpc_status(err))
+        except HttpError as err:
+            await _ws_fail(ws, err.status, err.message)
+        except ConnectionResetError:
+            pass
+        return ws
 
     async def _read_body(self, request, body, e, message, content_type):
         if not request.can_read_body:
@@ -437,6 +480,52 @@ class Gateway:
                 reading.cancel()
             elif not reading.cancelled():
                 reading.exception()  # seen, so asyncio does not report it as lost
+
+
+def _bytes_field(descriptor) -> str:
+    names = [f.name for f in descriptor.fields if f.type == f.TYPE_BYTES]
+    if len(names) != 1:
+        raise ValueError(f'{descriptor.full_name}: a WebSocket message needs one bytes field')
+    return names[0]
+
+
+async def _ws_authorization(ws, timeout) -> str:
+    """The first frame's {"authorization": "Bearer <token>"}, checked as the header is."""
+    try:
+        frame = await ws.receive(timeout=timeout)
+    except TimeoutError:
+        raise HttpError(401, 'no authorization frame') from None
+    try:
+        auth = json.loads(frame.data)['authorization'] if frame.type == aiohttp.WSMsgType.TEXT else None
+    except (ValueError, TypeError, KeyError):
+        auth = None
+    if not isinstance(auth, str) or not auth:
+        raise HttpError(401, 'this WebSocket needs a token: send {"authorization": "Bearer <token>"} as its first frame')
+    if len(auth) > MAX_AUTHORIZATION or not _METADATA_VALUE.fullmatch(auth):
+        raise HttpError(400, f'the authorization is not printable ASCII of at most {MAX_AUTHORIZATION} bytes')
+    return auth
+
+
+async def _ws_requests(ws, e: Endpoint, first):
+    """The request stream: first (the path's fields), then one message per frame."""
+    yield first
+    async for frame in ws:
+        if frame.type == aiohttp.WSMsgType.BINARY:
+            data = frame.data
+        elif frame.type == aiohttp.WSMsgType.TEXT:
+            data = frame.data.encode()
+        else:
+            break
+        message = e.request_class()
+        setattr(message, e.ws_in, data)
+        yield message
+
+
+async def _ws_fail(ws, status, text):
+    if not ws.closed:
+        with contextlib.suppress(ConnectionResetError):
+            await ws.send_str(http_server.error_json(status, text).decode())
+            await ws.close(code=4000 + status, message=text[:120].encode())
 
 
 async def _expect(request):

@@ -187,7 +187,8 @@ class _Builder:
             op['security'] = []
 
         params = [self.parameter(b.input, name, 'path') for name in path_names]
-        if b.body != '*':
+        websocket = b.client_streaming and b.server_streaming
+        if b.body != '*' and not websocket:
             params += [self.parameter(b.input, f.name, 'query') for f in b.input.fields
                        if f.name not in top_path_keys and f.name != b.body and _query_field(f)]
             if b.body == '' and len(params) > len(path_names):
@@ -214,7 +215,8 @@ class _Builder:
                 content = {'application/json': {'schema': self.field(field)}}
             op['requestBody'] = {'required': True, 'content': content}
 
-        op['responses'] = {'200': self.response(b), 'default': {'$ref': '#/components/responses/Error'}}
+        op['responses'] = {'101' if websocket else '200': self.response(b),
+                           'default': {'$ref': '#/components/responses/Error'}}
         return op
 
     def parameter(self, message, dotted, where):
@@ -251,6 +253,10 @@ class _Builder:
             media = 'application/x-ndjson' if b.server_streaming else 'application/json'
             content = {media: {'schema': body}}
         description = self.comments.get(out_desc.full_name, 'Success.')
+        if b.client_streaming and b.server_streaming:
+            # A WebSocket (gateway.app): binary frames carry the messages' bytes.
+            return {'description': f'{description} Switching to a WebSocket.', 'headers': headers,
+                    'content': {'application/octet-stream': {'schema': dict(_BINARY)}}}
         if b.server_streaming:
             description += ' (streamed)'
         return {'description': description, 'headers': headers, 'content': content}
@@ -345,7 +351,8 @@ def html(doc) -> str:
                 out += [f'<tr><td>{e(a)}</td><td>{e(b)}</td><td>{e(c)}</td><td>{e(d)}</td></tr>'
                         for a, b, c, d in rows]
                 out.append('</table>')
-            for media, spec in op['responses']['200'].get('content', {}).items():
-                out.append(f'<p>200 {e(media)}: {e(_type(spec["schema"], doc))}</p>')
+            code = '101' if '101' in op['responses'] else '200'
+            for media, spec in op['responses'][code].get('content', {}).items():
+                out.append(f'<p>{code} {e(media)}: {e(_type(spec["schema"], doc))}</p>')
     out.append('</body></html>')
     return ''.join(out)

@@ -159,3 +159,21 @@ def reported(method):
             err = Internal('internal error')
         await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
     return wrapper
+
+
+def reported_stream(method):
+    """reported, for a servicer method that is an async generator (a response stream)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+            return
+        except ApiError as e:
+            err = e
+        except Exception:
+            logging.getLogger(method.__module__).exception('%s failed', method.__name__)
+            err = Internal('internal error')
+        await context.abort(err.code, err.message, trailing_metadata=err.trailing_metadata())
+    return wrapper

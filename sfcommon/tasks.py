@@ -8,6 +8,7 @@ siblings when one fails: one failed report must not stop the others).
 """
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
 
@@ -67,3 +68,15 @@ class Tasks:
         tasks = list(self._tasks)
         self.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def alongside(work: Awaitable):
+    """Run work as a task while the block runs (one direction of a relay while the
+    block does the other); cancelled and awaited when the block ends."""
+    task = asyncio.ensure_future(work)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -46,13 +46,30 @@ class NodeClients:
         try:
             return await getattr(stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            carried = errors.from_rpc_error(e)
-            if carried is not None:
-                raise carried
-            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                            grpc.StatusCode.FAILED_PRECONDITION):
-                raise errors.StateConflict(f'node {node_name}: {e.details()}')
-            raise errors.Unavailable(f'node {node_name} did not answer {method}: {e.code().name}')
+            raise self._translated(node_name, method, e) from None
+
+    @staticmethod
+    def _translated(node_name, method, e: grpc.aio.AioRpcError) -> errors.ApiError:
+        """The node's ApiError as it sent it; other failures as StateConflict or UNAVAILABLE."""
+        carried = errors.from_rpc_error(e)
+        if carried is not None:
+            return carried
+        if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                        grpc.StatusCode.FAILED_PRECONDITION):
+            return errors.StateConflict(f'node {node_name}: {e.details()}')
+        return errors.Unavailable(f'node {node_name} did not answer {method}: {e.code().name}')
+
+    async def stream(self, node_name: str, method: str, request):
+        """A streaming call to the node (request: a message, or an async iterator of them
+        for a client stream): yields its messages, failures translated as call's."""
+        call = getattr(self._stub(node_name), method)(request)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as e:
+            raise self._translated(node_name, method, e) from None
+        finally:
+            call.cancel()
 
     async def close(self):
         for _, channel in self._channels.values():

@@ -2,8 +2,9 @@
 
 QEMU serves the serial port on a unix socket in the instance directory (and
 logs it to console.log, which consoledata reads). The node holds the one
-connection QEMU allows and shares it: any number of viewers see the output,
-and what any of them types goes to the guest. A viewer that reads too slowly
+connection QEMU allows and shares it: any number of viewers (on the port, or
+through the node API's AttachConsole) see the output, and what any of them
+types goes to the guest. A viewer that reads too slowly
 loses output rather than slowing the guest.
 
 A viewer first proves the right to the instance: it sends a bearer token
@@ -31,8 +32,9 @@ _TELNET_COMMAND = re.compile(rb'\xff[\xfb-\xfe].|\xff[\xf0-\xfa]', re.S)
 
 
 class Viewer:
-    def __init__(self, writer: asyncio.StreamWriter):
-        self.writer = writer
+    """One viewer's output queue: the guest's bytes, oldest dropped when it lags."""
+
+    def __init__(self):
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(VIEWER_BUFFER)
         self.dropped = 0
 
@@ -102,7 +104,19 @@ class SerialConsole:
                 writer.close()
         self._pump = None
 
-    async def _to_guest(self, data: bytes):
+    @contextlib.asynccontextmanager
+    async def viewing(self):
+        """A viewer for as long as the block lasts (the node API's AttachConsole, whose
+        caller the controller has checked): read its queue, send with to_guest."""
+        viewer = Viewer()
+        self.viewers.add(viewer)
+        self._ensure_pump()
+        try:
+            yield viewer
+        finally:
+            self.viewers.discard(viewer)
+
+    async def to_guest(self, data: bytes):
         await self._connected.wait()
         if self._guest is not None:
             self._guest.write(data)
@@ -117,17 +131,14 @@ class SerialConsole:
         try:
             if not self.open and not await self._admitted(reader, writer, peer):
                 return
-            viewer = Viewer(writer)
-            self.viewers.add(viewer)
-            self._ensure_pump()
-            sending = asyncio.create_task(self._send(viewer))
-            try:
-                while data := await reader.read(CHUNK):
-                    await self._to_guest(data)
-            finally:
-                sending.cancel()
-                self.viewers.discard(viewer)
-                await asyncio.gather(sending, return_exceptions=True)
+            async with self.viewing() as viewer:
+                sending = asyncio.create_task(self._send(viewer, writer))
+                try:
+                    while data := await reader.read(CHUNK):
+                        await self.to_guest(data)
+                finally:
+                    sending.cancel()
+                    await asyncio.gather(sending, return_exceptions=True)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -156,8 +167,8 @@ class SerialConsole:
         writer.write(b'\r\nConnected.\r\n')
         return True
 
-    async def _send(self, viewer: Viewer):
+    async def _send(self, viewer: Viewer, writer: asyncio.StreamWriter):
         while True:
             data = await viewer.queue.get()
-            viewer.writer.write(data)
-            await viewer.writer.drain()
+            writer.write(data)
+            await writer.drain()

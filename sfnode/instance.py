@@ -57,6 +57,7 @@ class InstanceWorker:
         self.removed = False
         self.agent = None                # AgentSession (v2) or V1Session, with a side channel
         self.console = None              # SerialConsole, once the domain exists
+        self.console_clears = 0          # ClearConsoleData calls, for console followers
         self.power_state = P.Value('POWER_STATE_UNSPECIFIED')  # as last seen, for metrics
         self._since = time.perf_counter()   # when the oldest change not yet converged came
         self._wake = asyncio.Event()
@@ -153,7 +154,7 @@ class InstanceWorker:
         paths = domain.InstancePaths.under(str(self.dir), desired.instance)
         console = SerialConsole(self.uuid, paths.console_socket, self._authorize_console,
                                 open_access=self.node.config.console_open)
-        await console.start(self.node.console_listen, self._ports()['console'])
+        await console.start(self.node.console_listen, self.ports()['console'])
         self.console = console
 
     async def _authorize_console(self, token: str) -> str:
@@ -221,7 +222,7 @@ class InstanceWorker:
             steps.append(configdrive.build(pathlib.Path(paths.config_drive), inst,
                                            {n.uuid: n for n in desired.networks}))
         await asyncio.gather(*steps)
-        ports = self._ports()
+        ports = self.ports()
         bridges = {n.uuid: await self.node.bridges.ensure(n) for n in desired.networks}
         options = domain.DomainOptions(
             vdi_port=ports['vdi'], vdi_password=desired.console_password,
@@ -244,7 +245,7 @@ class InstanceWorker:
             **({'agent_state': ipb.AGENT_STATE_NOT_READY_NO_CONTACT} if inst.side_channels else {}))
         await event
 
-    def _ports(self) -> dict:
+    def ports(self) -> dict:
         """The instance's console and VDI ports, chosen once and kept across restarts."""
         f = self.dir / 'ports.json'
         if f.exists():

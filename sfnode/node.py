@@ -17,9 +17,9 @@ from sfcommon import errors, pki, states
 from sfcommon.backoff import Backoff
 from sfcommon.clock import SYSTEM, Clock
 from sfcommon.metrics import ServerMetrics, start_metrics_server
-from sfcommon.tasks import Tasks
+from sfcommon.tasks import Tasks, alongside
 from sfcommon.urlpolicy import ImagePolicy
-from sfnode import images, metrics
+from sfnode import images, metrics, tail
 from sfnode.instance import InstanceWorker
 from sfnode.link import ControllerLink
 from sfnode.network import ip as netip
@@ -29,6 +29,7 @@ from sfnode.network.mesh import MeshConfig
 from shakenfist.node.v1alpha1 import node_pb2 as pb
 from shakenfist.node.v1alpha1 import node_pb2_grpc
 
+VDI_CHUNK = 65536
 log = logging.getLogger(__name__)
 
 
@@ -362,14 +363,76 @@ class Node(node_pb2_grpc.NodeServiceServicer):
             return pb.GetConsoleDataResponse()
         with open(path, 'rb') as f:
             size = f.seek(0, os.SEEK_END)
-            f.seek(0 if request.length < 0 else max(0, size - request.length))
-            return pb.GetConsoleDataResponse(data=f.read())
+            if request.HasField('offset'):
+                start = request.offset if request.offset <= size else 0     # cleared since
+                f.seek(start)
+                data = f.read(request.length)
+            else:
+                start = f.seek(0 if request.length < 0 else max(0, size - request.length))
+                data = f.read()
+            return pb.GetConsoleDataResponse(data=data, offset=start, end_offset=max(size, start + len(data)))
+
+    @errors.reported_stream
+    async def FollowConsole(self, request, context):
+        worker = self._worker(request.instance_uuid)
+        path = worker.dir / 'console.log'
+        if not path.exists():
+            raise errors.NotReady(f'instance {request.instance_uuid} has no console log yet')
+        offset = request.offset if request.HasField('offset') else None
+        async for position, data in tail.follow(str(path), offset, clears=lambda: worker.console_clears):
+            yield pb.FollowConsoleResponse(data=data, offset=position)
+
+    @errors.reported_stream
+    async def AttachConsole(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        console = self._worker(first.instance_uuid).console
+        if console is None:
+            raise errors.NotReady(f'instance {first.instance_uuid} has no console yet')
+        async with console.viewing() as viewer:
+            async def typing():
+                if first.data:
+                    await console.to_guest(first.data)
+                async for message in request_iterator:
+                    if message.data:
+                        await console.to_guest(message.data)
+            async with alongside(typing()):
+                while True:
+                    yield pb.AttachConsoleResponse(data=await viewer.queue.get())
+
+    @errors.reported_stream
+    async def ConnectVdi(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        worker = self._worker(first.instance_uuid)
+        if worker.console is None:
+            raise errors.NotReady(f'instance {first.instance_uuid} is not running here yet')
+        try:
+            reader, writer = await asyncio.open_connection(self.console_listen, worker.ports()['vdi'])
+        except OSError as e:
+            raise errors.NotReady(f'the console of instance {first.instance_uuid} does not answer: {e}')
+        try:
+            async def sending():
+                writer.write(first.data)
+                async for message in request_iterator:
+                    writer.write(message.data)
+                    await writer.drain()
+                writer.write_eof()
+            async with alongside(sending()):
+                while data := await reader.read(VDI_CHUNK):
+                    yield pb.ConnectVdiResponse(data=data)
+        finally:
+            writer.close()
 
     @errors.reported
     async def ClearConsoleData(self, request, context):
-        path = self._worker(request.instance_uuid).dir / 'console.log'
+        worker = self._worker(request.instance_uuid)
+        path = worker.dir / 'console.log'
         if path.exists():
             os.truncate(path, 0)
+            worker.console_clears += 1      # followers start again at 0 (sfnode/tail.py)
         return pb.ClearConsoleDataResponse()
 
     @errors.reported

@@ -47,11 +47,20 @@ class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
         return await continuation(self.token.details(details), request_iterator)
 
 
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token):
+        self.token = token
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self.token.details(details), request_iterator)
+
+
 class Client:
     def __init__(self, target: str):
         self._token = _Token()
         self.channel = grpc.aio.insecure_channel(target, interceptors=[
-            _UnaryUnary(self._token), _UnaryStream(self._token), _StreamUnary(self._token)])
+            _UnaryUnary(self._token), _UnaryStream(self._token), _StreamUnary(self._token),
+            _StreamStream(self._token)])
         c = self.channel
         self.instances = instance_service_pb2_grpc.InstanceServiceStub(c)
         self.networks = network_service_pb2_grpc.NetworkServiceStub(c)

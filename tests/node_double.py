@@ -219,6 +219,32 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
         self.console = b''
         return pb.ClearConsoleDataResponse()
 
+    async def FollowConsole(self, request, context):
+        """The console as it is, then nothing more: the double's guest prints nothing."""
+        self.calls.append(('FollowConsole', request))
+        start = len(self.console)
+        if request.HasField('offset'):
+            start = request.offset if request.offset <= start else 0
+        yield pb.FollowConsoleResponse(offset=start)
+        if start < len(self.console):
+            yield pb.FollowConsoleResponse(data=self.console[start:], offset=start)
+        await asyncio.Event().wait()
+
+    async def AttachConsole(self, request_iterator, context):
+        """An echoing console."""
+        async for message in request_iterator:
+            self.calls.append(('AttachConsole', message))
+            if message.data:
+                yield pb.AttachConsoleResponse(data=message.data)
+
+    async def ConnectVdi(self, request_iterator, context):
+        """A VNC server that says its version, then echoes."""
+        yield pb.ConnectVdiResponse(data=b'RFB 003.008\n')
+        async for message in request_iterator:
+            self.calls.append(('ConnectVdi', message))
+            if message.data:
+                yield pb.ConnectVdiResponse(data=message.data)
+
     async def TakeScreenshot(self, request, context):
         self.calls.append(('TakeScreenshot', request))
         return pb.TakeScreenshotResponse(png=self.screen)

@@ -4,6 +4,7 @@ on libvirt) driven through gRPC and the real sf-client, as users do."""
 import asyncio
 import functools
 import http.server
+import json
 import os
 import pathlib
 import re
@@ -11,6 +12,7 @@ import struct
 import subprocess
 import threading
 
+import grpc
 import pytest
 import pytest_asyncio
 
@@ -222,6 +224,149 @@ async def test_the_serial_console_admits_token_holders_only_and_is_shared(plane,
     finally:
         for w in (w1, w2):
             w.close()
+
+
+class Attached:
+    """An AttachConsole stream: send() types, until_text() reads what the guest printed."""
+
+    def __init__(self, client, ref='guest'):
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.outbox.put_nowait(api.AttachConsoleRequest(instance_ref=ref))
+        self.call = client.instances.AttachConsole(self._requests())
+        self.seen = b''
+
+    async def _requests(self):
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    def send(self, text: str):
+        self.outbox.put_nowait(api.AttachConsoleRequest(data=text.encode()))
+
+    async def until_text(self, text: bytes, timeout=30):
+        async def more():
+            while text not in self.seen:
+                reply = await self.call.read()
+                assert reply is not grpc.aio.EOF, self.seen
+                self.seen += reply.data
+        await asyncio.wait_for(more(), timeout)
+
+    def close(self):
+        self.outbox.put_nowait(None)
+        self.call.cancel()
+
+
+async def follow(client, pieces: list, **kw):
+    """Append FollowConsole's messages to pieces until cancelled."""
+    async for piece in client.instances.FollowConsole(api.FollowConsoleRequest(instance_ref='guest', **kw)):
+        pieces.append(piece)
+
+
+def followed(pieces) -> bytes:
+    """What a follower got, checked to be contiguous from its first message's offset."""
+    if not pieces:
+        return b''
+    position = pieces[0].offset
+    for piece in pieces:
+        assert piece.offset == position, [(p.offset, len(p.data)) for p in pieces]
+        position += len(piece.data)
+    return b''.join(p.data for p in pieces)
+
+
+async def test_the_console_by_offset_follow_and_attach_with_two_viewers_each(plane, client, guest):
+    from shakenfist.v1 import auth_service_pb2 as auth
+    from tests.grpc_client import Client
+    # By offset: a piece from 0, then from where it ended; the end offset is the log's size.
+    whole = plane.console(guest.node, guest.uuid).encode()      # the log only grows from here
+    n = len(whole) // 2
+    assert n > 10
+    first = await client.instances.ReadConsole(api.ReadConsoleRequest(instance_ref='guest', offset=0, length=n))
+    assert (first.offset, first.data) == (0, whole[:n])
+    rest = await client.instances.ReadConsole(api.ReadConsoleRequest(
+        instance_ref='guest', offset=n, length=1048576))
+    assert rest.offset == n and rest.end_offset == n + len(rest.data)
+    assert (first.data + rest.data).startswith(whole)
+    beyond = await client.instances.ReadConsole(api.ReadConsoleRequest(instance_ref='guest', offset=10**9))
+    assert beyond.offset == 0                       # past the end (cleared since): from 0
+
+    # Two followers from the end and two interactive viewers at once: what one viewer
+    # types runs, and both viewers and both followers see its output.
+    pieces = [[], []]
+    followers = [asyncio.create_task(follow(client, p)) for p in pieces]
+    viewers = [Attached(client), Attached(client)]
+    try:
+        await eventually(lambda: all(pieces), 30, interval=0.1, what='both followers started')
+        viewers[0].send('\necho attach-$((6 * 7))-works\n')
+        for v in viewers:
+            await v.until_text(b'attach-42-works')
+        for p in pieces:
+            await eventually(lambda p=p: b'attach-42-works' in followed(p), 30, interval=0.1,
+                             what='the output reached a follower')
+        # A follower's bytes are the log's, at the offsets it said.
+        start, got = pieces[0][0].offset, followed(pieces[0])
+        again = await client.instances.ReadConsole(api.ReadConsoleRequest(
+            instance_ref='guest', offset=start, length=len(got)))
+        assert again.data == got
+    finally:
+        for f in followers:
+            f.cancel()
+        for v in viewers:
+            v.close()
+    # A follower may start at an offset: it gets the log from there.
+    tail = []
+    task = asyncio.create_task(follow(client, tail, offset=start))
+    try:
+        await eventually(lambda: len(followed(tail)) >= len(got), 30, interval=0.1, what='replay')
+        assert followed(tail).startswith(got)
+    finally:
+        task.cancel()
+
+    # Another namespace's token attaches to nothing and follows nothing.
+    await client.auth.CreateNamespace(auth.CreateNamespaceRequest(namespace='outsider'))
+    await client.auth.AddNamespaceKey(auth.AddNamespaceKeyRequest(namespace='outsider', key_name='k', key='ok'))
+    outsider = await Client(plane.endpoints['grpc']).login('outsider', 'ok')
+    try:
+        stranger = Attached(outsider, guest.uuid)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stranger.until_text(b'anything', 10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        stranger.close()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await follow(outsider, [], offset=0)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await outsider.close()
+
+
+async def test_the_console_and_vnc_as_websockets_through_the_gateway(plane, client, guest):
+    import aiohttp
+    base = plane.endpoints['rest'].replace('http', 'ws', 1)
+    bearer = {'authorization': f'Bearer {client.token}'}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        # A browser's way: the token in the first frame, then keys as text frames.
+        async with session.ws_connect(f'{base}/instances/guest/console:attach') as ws:
+            await ws.send_json(bearer)
+            await ws.send_str('\necho websocket-$((6 * 7))-works\n')
+            seen = b''
+            async with asyncio.timeout(30):
+                while b'websocket-42-works' not in seen:
+                    frame = await ws.receive()
+                    assert frame.type == aiohttp.WSMsgType.BINARY, frame
+                    seen += frame.data
+        # No token, or a wrong one: an error frame, then a close saying 401.
+        for first in ({'nothing': 1}, {'authorization': 'Bearer not-a-token'}):
+            async with session.ws_connect(f'{base}/instances/guest/console:attach') as ws:
+                await ws.send_json(first)
+                frame = await ws.receive()
+                assert frame.type == aiohttp.WSMsgType.TEXT and json.loads(frame.data)['status'] == 401
+                assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE and ws.close_code == 4401
+        # A plain GET is told to upgrade.
+        async with session.get(plane.endpoints['rest'] + '/instances/guest/console:attach') as r:
+            assert r.status == 426 and (await r.json())['status'] == 426
+        # The VNC server through ConnectVdi: it speaks RFB first.
+        async with session.ws_connect(f'{base}/instances/guest/vdi:connect') as ws:
+            await ws.send_json(bearer)
+            frame = await ws.receive(timeout=30)
+            assert frame.type == aiohttp.WSMsgType.BINARY and frame.data.startswith(b'RFB 003.'), frame
 
 
 async def test_sf_client_execute_upload_download_screenshot(plane, client, guest, tmp_path):

@@ -434,6 +434,10 @@ def variants():
                     def text(count, name=name):
                         return lambda m: setattr(m, name, 'x' * count)
                     add('characters', text(n), text(n + 1), f'{where}: at most {n} characters (got {n + 1})')
+            if n and field.type == FD.TYPE_BYTES:
+                def data(count, name=name):
+                    return lambda m: setattr(m, name, b'x' * count)
+                add('bytes', data(n), data(n + 1), f'{where}: at most {n} bytes (got {n + 1})')
             message = field.message_type.full_name if field.message_type else ''
             if message == 'google.protobuf.Struct':
                 if lim_.max_items:
@@ -495,9 +499,11 @@ async def invoke(channel, token, variant, request):
     """(code, details) of one call with request, whatever the RPC's shape."""
     method, md = variant.method, (('authorization', f'Bearer {token}'),)
     kw = dict(request_serializer=type(request).SerializeToString, response_deserializer=lambda b: b)
-    if method.client_streaming:
-        async def once():
-            yield request
+    async def once():
+        yield request
+    if method.client_streaming and method.server_streaming:
+        call_ = channel.stream_stream(variant.path, **kw)(once(), metadata=md, timeout=30)
+    elif method.client_streaming:
         call_ = channel.stream_unary(variant.path, **kw)(once(), metadata=md, timeout=30)
     elif method.server_streaming:
         call_ = channel.unary_stream(variant.path, **kw)(request, metadata=md, timeout=30)
