@@ -9,6 +9,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BUF := .tools/node_modules/.bin/buf
 BUF_VERSION := 1.75.0
+# The web console's libraries (gateway/webui.py serves them), pinned; the stamp names the versions.
+UI_LIBS := @xterm/xterm@6.0.0 @novnc/novnc@1.7.0
+UI_LIBS_STAMP := .tools/node_modules/.ui-libs-$(subst /,_,$(subst @,,$(subst $(eval) ,-,$(UI_LIBS))))
 PROTOS := $(shell find protos third_party -name '*.proto') buf.yaml
 STATE_DIR ?= ./.sf-state
 GRPC_PORT ?= 13001
@@ -26,7 +29,7 @@ run: deps gen guest-image
 test: deps gen schema-check guest-image debian-image
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-deps: .stamps/system .stamps/venv .stamps/sfclient .stamps/sfagent $(BUF)
+deps: .stamps/system .stamps/venv .stamps/sfclient .stamps/sfagent $(BUF) $(UI_LIBS_STAMP)
 
 .stamps/system: tools/install-system.sh
 	bash tools/install-system.sh
@@ -56,6 +59,10 @@ deps: .stamps/system .stamps/venv .stamps/sfclient .stamps/sfagent $(BUF)
 $(BUF): .stamps/system
 	npm install --prefix .tools --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
 	test -x $(BUF) && touch $(BUF)
+
+$(UI_LIBS_STAMP): $(BUF)
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error $(UI_LIBS)
+	touch $@
 
 gen: shakenfist/descriptors.binpb
 

@@ -22,7 +22,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
-from gateway import codec, http_server, openapi, routes, schema
+from gateway import codec, http_server, openapi, routes, schema, webui
 from sfcommon import errors, metrics
 from sfcommon.listen import refuse_plaintext
 from shakenfist.v1 import wire_pb2
@@ -211,7 +211,7 @@ class Gateway:
                  body_timeout=DEFAULT_BODY_TIMEOUT,
                  idle_timeout=http_server.DEFAULT_IDLE_TIMEOUT,
                  max_connections=http_server.DEFAULT_MAX_CONNECTIONS,
-                 grpc_ca=None, grpc_server_name=None):
+                 grpc_ca=None, grpc_server_name=None, ui_vendor=None):
         self.grpc_target = grpc_target
         # TLS to the controller: its CA (PEM file) and, if its certificate does not
         # name grpc_target's host, the name it carries.
@@ -239,6 +239,8 @@ class Gateway:
         self._openapi = _json_body(document)
         self._docs = openapi.html(document).encode()
         # Prometheus metrics of this process, unauthenticated (as Prometheus scrapes).
+        self.ui = webui.WebUi(ui_vendor)
+        self.ui.metrics = RouteMetrics(webui.PREFIX + '/*', 'GET')
         for path, serve in [('/openapi.json', self._serve_openapi), ('/docs', self._serve_docs),
                             ('/metrics', self._serve_metrics)]:
             self.router.add('GET', path, _Page(path, serve))
@@ -272,6 +274,11 @@ class Gateway:
             rid = _new_request_id()
         try:
             await _expect(request)
+            if self.ui.claims(request.path) and request.method in ('GET', 'HEAD'):
+                route = self.ui.metrics
+                response = self.ui.serve(request, rid)
+                route.done(response.status, time.perf_counter() - started)
+                return response
             target, params = self.router.match(request.method, request.rel_url.raw_path)
             route = target.metrics
             if isinstance(target, Endpoint):
@@ -280,6 +287,8 @@ class Gateway:
                 response = target.serve(request, rid)
         except routes.NotFound:
             response = _error(404, f'no route for {request.method} {request.path}', rid)
+        except webui.Missing as e:
+            response = _error(404, str(e), rid)
         except routes.BadPath as e:
             response = _error(400, str(e), rid)
         except routes.MethodNotAllowed as e:

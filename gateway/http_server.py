@@ -96,7 +96,8 @@ class _Connection(web.RequestHandler):
         # (aiohttp's keepalive_timeout), and a body is the app's to time.
         # Not covered: the start of a head that comes in one packet with the
         # end of the previous request; the idle timeout still bounds it.
-        if data and self._head_timer is None and (
+        # An upgraded connection (a WebSocket) carries frames, not heads.
+        if data and self._head_timer is None and not self._upgraded and self._payload_parser is None and (
                 self._last_body is None or self._last_body.is_eof()):
             self._start_head_timer()
         count = self._request_count

@@ -44,6 +44,9 @@ class GatewaySettings(Settings):
                                   help='seconds an idle keep-alive connection is kept')
     max_connections: int = setting(http_server.DEFAULT_MAX_CONNECTIONS, env='SF_GATEWAY_MAX_CONNECTIONS', gt=0,
                                    help='open connections at most; more are refused with 503')
+    ui_vendor: pathlib.Path | None = setting(None, env='SF_GATEWAY_UI_VENDOR', metavar='DIR',
+                                             help="a node_modules with the web console's libraries "
+                                                  '(default: the checkout\'s .tools/node_modules)')
 
     @pydantic.model_validator(mode='after')
     def _tls_pair(self):
@@ -65,7 +68,7 @@ class GatewaySettings(Settings):
                 'tls_cert': text(self.tls_cert), 'tls_key': text(self.tls_key), 'grpc_ca': text(self.grpc_ca),
                 'grpc_server_name': self.grpc_server_name, 'header_timeout': self.header_timeout,
                 'body_timeout': self.body_timeout, 'idle_timeout': self.idle_timeout,
-                'max_connections': self.max_connections}
+                'max_connections': self.max_connections, 'ui_vendor': text(self.ui_vendor)}
 
 
 class EnvoySettings(Settings):

@@ -41,12 +41,12 @@ INACTIVE = {DELETED, DELETE_WAIT_ERROR}
 TERMINAL = {DELETED, DELETE_WAIT, ERROR, DELETE_WAIT_ERROR, *_PHASE_ERRORS}
 
 
-def name(state) -> str:
-    """The wire string of a state, for messages."""
-    if not state:
+def name(state, enum=pb.InstanceState) -> str:
+    """The wire string of a state (of enum: InstanceState, PowerState, AgentState), for messages."""
+    value = enum.DESCRIPTOR.values_by_number.get(state) if state else None
+    if value is None:
         return 'none'
-    return pb.InstanceState.DESCRIPTOR.values_by_number[state].GetOptions().Extensions[
-        wire_pb2.wire_value]
+    return value.GetOptions().Extensions[wire_pb2.wire_value] or value.name.lower()
 
 
 def allowed(old, new) -> bool:

@@ -182,6 +182,13 @@ class NodeReports:
             txn = Txn().check_revision(current.key, current.mod_revision)
             if request.HasField('state') and request.state != inst.state:
                 self._apply_state(txn, inst, request)
+            # Power and agent changes are status events too: a watcher (the web console's
+            # list, say) sees every change of what an instance shows.
+            for field, enum, what in (('power_state', instance_pb2.PowerState, 'power state'),
+                                      ('agent_state', instance_pb2.AgentState, 'agent state')):
+                if request.HasField(field) and getattr(request, field) != getattr(inst, field):
+                    self.core.event(txn, inst.namespace, OBJ_INSTANCE, inst.uuid, STATUS,
+                                    f'{what} changed to {states.name(getattr(request, field), enum)}')
             for field in ('power_state', 'agent_state', 'agent_system_boot_time', 'console_port',
                           'vdi_port', 'vdi_tls_port'):
                 if request.HasField(field):

@@ -155,11 +155,12 @@ def test_every_gateway_flag_is_accepted():
         '--listen', '[::1]:8080', '--tls-cert', '/c.pem', '--tls-key', '/c.key', '--grpc-ca', '/ca.pem',
         '--grpc-server-name', 'controller', '--grpc-target', 'ctl:13001', '--max-body', '1024',
         '--timeout', '5', '--stream-timeout', '50', '--header-timeout', '2.5', '--body-timeout', '7',
-        '--idle-timeout', '9', '--max-connections', '50', '--log-level', 'WARNING'])
+        '--idle-timeout', '9', '--max-connections', '50', '--ui-vendor', '/nm', '--log-level', 'WARNING'])
     assert s.address == ('::1', 8080) and s.grpc_target == 'ctl:13001' and s.log_level == 'warning'
     assert options == {'max_body': 1024, 'timeout': 5.0, 'stream_timeout': 50.0, 'tls_cert': '/c.pem',
                        'tls_key': '/c.key', 'grpc_ca': '/ca.pem', 'grpc_server_name': 'controller',
-                       'header_timeout': 2.5, 'body_timeout': 7.0, 'idle_timeout': 9.0, 'max_connections': 50}
+                       'header_timeout': 2.5, 'body_timeout': 7.0, 'idle_timeout': 9.0, 'max_connections': 50,
+                       'ui_vendor': '/nm'}
     assert gateway_main.serve_arguments([])[0].address == ('127.0.0.1', 13000)
 
 

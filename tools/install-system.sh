@@ -15,6 +15,7 @@ PACKAGES=(
   dnsmasq-base dnsmasq-utils                    # DHCP and DNS of a network node (dhcp_release)
   nftables conntrack                            # NAT and floating addresses on a network node
   mmdebstrap grub-pc-bin e2fsprogs fdisk        # the Debian cloud test image (guest/debian/)
+  chromium chromium-driver                      # the web console's browser test (Selenium)
 )
 
 # sfnode runs libvirt's QEMU driver in-process (qemu:///embed). As root it
