@@ -13,6 +13,7 @@ that the agent exits 0 at EOF.
 
 import base64
 import collections
+import hashlib
 import json
 import os
 import select
@@ -315,6 +316,68 @@ def get_file(agent, path: str):
         if not chunk.payload:
             return st, bytes(data)
         data += base64.b64decode(chunk.payload)
+
+
+def exec_stream(agent, cid, command, deadline=0.0, stdin=None):
+    agent.send(pb.HypervisorToAgentCommand(command_id=cid, exec_stream_request=pb.ExecStreamRequest(
+        command=command, deadline_seconds=deadline)))
+    if stdin is not None:
+        agent.send(pb.HypervisorToAgentCommand(command_id=cid, exec_input=pb.ExecInput(data=stdin, eof=True)))
+
+
+def exec_replies(agent, cid, timeout=TIMEOUT, seen=None):
+    """(stdout, stderr, ExecExit) of a streamed command; seen(kind, data) for each piece."""
+    out = {1: b'', 2: b''}
+    while True:
+        r = agent.recv(timeout)
+        assert r.command_id == cid, r
+        if r.WhichOneof('reply') == 'exec_exit':
+            return out[1], out[2], r.exec_exit
+        assert r.WhichOneof('reply') == 'exec_output', r
+        out[r.exec_output.stream] += r.exec_output.data
+        if seen:
+            seen(r.exec_output.stream, r.exec_output.data)
+
+
+def test_a_streamed_command_sends_its_output_as_it_runs_and_then_its_exit(agent):
+    # The first line arrives while the command still waits for its stdin: streamed, not at the end.
+    exec_stream(agent, 'st1', 'echo first; read line; echo "got $line"; echo err >&2; exit 3')
+    first = agent.recv()
+    assert (first.exec_output.stream, first.exec_output.data) == (1, b'first\n')
+    # Other commands are answered meanwhile.
+    agent.call('ping_reply', 'p-during', ping_request=pb.PingRequest())
+    agent.send(pb.HypervisorToAgentCommand(command_id='st1', exec_input=pb.ExecInput(data=b'hello\n')))
+    agent.send(pb.HypervisorToAgentCommand(command_id='st1', exec_input=pb.ExecInput(eof=True)))
+    out, err, end = exec_replies(agent, 'st1')
+    assert (out, err, end.exit_code, end.timed_out) == (b'got hello\n', b'err\n', 3, False)
+    assert end.execution_seconds > 0
+
+
+def test_a_streamed_command_reads_binary_stdin_to_its_end(agent):
+    data = bytes(range(256)) * 1024     # more than a pipe holds: written as it is read
+    exec_stream(agent, 'st2', 'sha256sum', stdin=data)
+    out, err, end = exec_replies(agent, 'st2')
+    assert end.exit_code == 0 and out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_the_deadline_kills_the_whole_process_tree(agent, tmp_path):
+    marker = tmp_path / 'grandchild.pid'
+    exec_stream(agent, 'st3', f'(sleep 300; echo late) & echo $! > {marker}; echo started; wait', deadline=1.0)
+    out, err, end = exec_replies(agent, 'st3', timeout=30)
+    assert out == b'started\n' and end.timed_out and end.exit_code == -9
+    grandchild = int(marker.read_text())
+    assert not Path(f'/proc/{grandchild}').exists() or 'Z' in Path(f'/proc/{grandchild}/stat').read_text().split()[2]
+    # The session goes on, and the next streamed command runs.
+    exec_stream(agent, 'st4', 'echo next', stdin=b'')
+    assert exec_replies(agent, 'st4')[0] == b'next\n'
+
+
+def test_one_streamed_command_at_a_time_and_input_for_no_command_is_an_error(agent):
+    exec_stream(agent, 'st5', 'sleep 30', deadline=20)
+    exec_stream(agent, 'st6', 'echo no')
+    assert 'already running' in agent.expect('command_error', 'st6').error
+    agent.send(pb.HypervisorToAgentCommand(command_id='other', exec_input=pb.ExecInput(data=b'x')))
+    assert 'no streamed command' in agent.expect('command_error', 'other').error
 
 
 def test_put_file_in_chunks_then_chmod(agent, tmp_path):

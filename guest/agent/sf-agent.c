@@ -336,13 +336,14 @@ static int utf8_ok(const uint8_t *d, size_t n) {
  * otherwise the host could not parse our reply. Per message: {field, 's'tring or
  * 'm'essage, message index}; other fields are skipped, as protobuf does. */
 typedef struct { uint8_t num; char type; uint8_t sub; } field_t;
-static const field_t SCHEMA[][16] = {
+static const field_t SCHEMA[][20] = {
     { { 1, 'm', 1 } },                                                  /* 0 HypervisorToAgent */
     { { 1, 's' }, { 10, 'm', 2 }, { 11, 'm', 3 }, { 20, 'm', 4 }, { 21, 'm', 5 }, { 30, 'm', 3 },
       { 40, 'm', 6 }, { 41, 'm', 3 }, { 42, 'm', 3 }, { 43, 'm', 8 }, { 44, 'm', 9 },
-      { 45, 'm', 10 }, { 46, 'm', 11 }, { 47, 'm', 2 }, { 48, 'm', 10 } }, /* 1 ...Command */
-    { { 1, 's' } },                               /* 2 HypervisorWelcome, GetFileRequest */
-    { { 0 } },                                    /* 3 the empty requests */
+      { 45, 'm', 10 }, { 46, 'm', 11 }, { 47, 'm', 2 }, { 48, 'm', 10 }, { 50, 'm', 2 },
+      { 51, 'm', 3 } },                                                 /* 1 ...Command */
+    { { 1, 's' } },                               /* 2 HypervisorWelcome, GetFileRequest, ExecStream */
+    { { 0 } },                                    /* 3 the empty requests, ExecInput */
     { { 1, 's' }, { 2, 'm', 0 } },                /* 4 CommandError */
     { { 1, 'm', 0 } },                            /* 5 UnknownCommand */
     { { 1, 's' }, { 2, 'm', 7 }, { 3, 's' }, { 5, 's' }, { 6, 's' }, { 7, 's' } }, /* 6 Execute */
@@ -419,7 +420,20 @@ static long b64_decode(const uint8_t *in, size_t n, uint8_t *out) {
 
 /* ---- one host connection ---- */
 
+/* A streamed execution (exec_stream_request): one at a time per session, run beside
+ * the session's other commands; serve() polls its pipes with the host's input. */
 typedef struct {
+    pid_t pid;                  /* 0: none; also its process group (it runs setsid) */
+    int fd[3];                  /* its stdin (our write end), stdout, stderr; -1 when closed */
+    buf_t in;                   /* stdin not yet written */
+    int in_eof, timed_out;      /* in_eof: close stdin once `in` is written */
+    double t0, deadline;        /* CLOCK_MONOTONIC; deadline 0: none */
+    uint8_t id[64];             /* the command_id its replies carry */
+    size_t idlen;
+} job_t;
+
+typedef struct {
+    job_t job;
     int in, out, in_eof, dead;  /* dead: a write failed, the host has gone */
     buf_t pending;              /* input read while we waited to write */
     int put_fd;                 /* the file a put_file_request is writing, or -1 */
@@ -950,9 +964,187 @@ static void get_file(sess_t *s, const uint8_t *d, size_t n) {
     free(path);
 }
 
+/* ---- streamed executions ---- */
+
+static void job_reply(sess_t *s, int field, enc_t *e) {
+    s->cmd = NULL; /* no last_envelope: this answers no command now being handled */
+    s->id = s->job.id, s->idlen = s->job.idlen;
+    send_reply(s, field, e);
+}
+
+static void job_close(job_t *j, int i) {
+    if (j->fd[i] >= 0)
+        close(j->fd[i]);
+    j->fd[i] = -1;
+}
+
+static void exec_stream(sess_t *s, const uint8_t *d, size_t n) {
+    rd_t r = { d, d + n };
+    fld_t f;
+    int rc, bad = 0;
+    char *cmd = NULL;
+    double deadline = 0;
+    while ((rc = rd_next(&r, &f)) == RD_OK) {
+        if (f.num == 1 && f.wt == 2)
+            free(cmd), bad |= !(cmd = dupstr(&f));
+        else if (f.num == 2 && f.wt == 1)
+            memcpy(&deadline, &f.v, sizeof deadline);
+    }
+    job_t *j = &s->job;
+    int p[3][2] = { { -1, -1 }, { -1, -1 }, { -1, -1 } };
+    if (rc != RD_END || bad || !cmd) {
+        malformed(s, "malformed exec_stream_request");
+    } else if (j->pid) {
+        reply_error(s, "a streamed command is already running in this session");
+    } else if (s->idlen > sizeof j->id) {
+        malformed(s, "command_id too long");
+    } else if (pipe2(p[0], O_CLOEXEC) < 0 || pipe2(p[1], O_CLOEXEC) < 0 || pipe2(p[2], O_CLOEXEC) < 0
+               || (j->pid = fork()) < 0) {
+        j->pid = 0;
+        reply_errno(s, "/bin/sh");
+    } else if (j->pid == 0) { /* the child: a session of its own, so that its tree can be killed */
+        setsid();
+        signal(SIGPIPE, SIG_DFL);
+        dup2(p[0][0], 0), dup2(p[1][1], 1), dup2(p[2][1], 2);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    } else {
+        j->fd[0] = p[0][1], j->fd[1] = p[1][0], j->fd[2] = p[2][0];
+        close(p[0][0]), close(p[1][1]), close(p[2][1]);
+        for (int i = 0; i < 3; i++)
+            fcntl(j->fd[i], F_SETFL, fcntl(j->fd[i], F_GETFL) | O_NONBLOCK);
+        j->t0 = now(CLOCK_MONOTONIC);
+        j->deadline = deadline > 0 ? j->t0 + deadline : 0;
+        j->in_eof = j->timed_out = 0;
+        j->in.len = 0;
+        memcpy(j->id, s->id, s->idlen);
+        j->idlen = s->idlen;
+        free(cmd);
+        return;
+    }
+    for (int i = 0; i < 3; i++)
+        for (int k = 0; k < 2; k++)
+            if (p[i][k] >= 0)
+                close(p[i][k]);
+    free(cmd);
+}
+
+static void exec_input(sess_t *s, const uint8_t *d, size_t n) {
+    rd_t r = { d, d + n };
+    fld_t f, data = { 0 };
+    int rc, eof = 0;
+    job_t *j = &s->job;
+    while ((rc = rd_next(&r, &f)) == RD_OK) {
+        if (f.num == 1 && f.wt == 2)
+            data = f;
+        else if (f.num == 2 && f.wt == 0)
+            eof = f.v != 0;
+    }
+    if (rc != RD_END)
+        malformed(s, "malformed exec_input");
+    else if (!j->pid || s->idlen != j->idlen || memcmp(s->id, j->id, j->idlen))
+        reply_error(s, "no streamed command of this command_id is running");
+    else if (j->fd[0] >= 0) { /* stdin closed already (the command exited or closed it): dropped */
+        if (data.n)
+            buf_add(&j->in, data.d, data.n);
+        j->in_eof |= eof;
+    }
+}
+
+/* Move what the command's pipes have, feed its stdin, enforce its deadline, and report its
+ * end once its output is closed and it has exited. Never blocks. */
+static void job_step(sess_t *s) {
+    job_t *j = &s->job;
+    if (!j->pid)
+        return;
+    uint8_t q[16384];
+    for (int i = 1; i < 3; i++) {
+        while (j->fd[i] >= 0 && !s->dead) {
+            ssize_t k = read(j->fd[i], q, sizeof q);
+            if (k > 0) {
+                enc_t e = { 0 };
+                e_bytes(&e, 2, q, k);
+                e_int(&e, 1, i);
+                job_reply(s, 50, &e);
+            } else if (k == 0 || (errno != EINTR && errno != EAGAIN)) {
+                job_close(j, i);
+            } else {
+                break;
+            }
+        }
+    }
+    while (j->fd[0] >= 0 && j->in.len) {
+        ssize_t k = write(j->fd[0], j->in.p, j->in.len);
+        if (k > 0) {
+            memmove(j->in.p, j->in.p + k, j->in.len - k);
+            j->in.len -= k;
+        } else if (k < 0 && errno == EAGAIN) {
+            break;
+        } else if (k < 0 && errno != EINTR) { /* EPIPE: it does not read its stdin */
+            j->in.len = 0;
+            job_close(j, 0);
+        }
+    }
+    if (j->fd[0] >= 0 && j->in_eof && !j->in.len)
+        job_close(j, 0);
+    if (j->deadline && !j->timed_out && now(CLOCK_MONOTONIC) >= j->deadline) {
+        kill(-j->pid, SIGKILL); /* the whole process group, not only the shell */
+        j->timed_out = 1;
+    }
+    int status;
+    if (j->fd[1] >= 0 || j->fd[2] >= 0 || waitpid(j->pid, &status, WNOHANG) != j->pid)
+        return;
+    if (j->timed_out)
+        kill(-j->pid, SIGKILL); /* what it left running */
+    enc_t e = { 0 };
+    e_double(&e, 3, now(CLOCK_MONOTONIC) - j->t0);
+    e_int(&e, 2, j->timed_out);
+    e_int(&e, 1, WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status));
+    job_close(j, 0);
+    buf_free(&j->in);
+    j->pid = 0;
+    job_reply(s, 51, &e);
+}
+
+/* The job's pipes to poll (after the host's input at pf[0]); and how long poll may wait. */
+static int job_poll(sess_t *s, struct pollfd *pf, int *timeout) {
+    job_t *j = &s->job;
+    int np = 0;
+    *timeout = -1;
+    if (!j->pid)
+        return 0;
+    for (int i = 1; i < 3; i++)
+        if (j->fd[i] >= 0)
+            pf[np++] = (struct pollfd){ j->fd[i], POLLIN, 0 };
+    if (j->fd[0] >= 0 && j->in.len)
+        pf[np++] = (struct pollfd){ j->fd[0], POLLOUT, 0 };
+    if (j->fd[1] < 0 && j->fd[2] < 0)
+        *timeout = 50; /* its output is closed: wait for it to exit */
+    if (j->deadline && !j->timed_out) {
+        int ms = (int)((j->deadline - now(CLOCK_MONOTONIC)) * 1000) + 1;
+        if (*timeout < 0 || ms < *timeout)
+            *timeout = ms < 0 ? 0 : ms;
+    }
+    return np;
+}
+
+/* The host went away: nobody will read the command's output. */
+static void job_kill(sess_t *s) {
+    job_t *j = &s->job;
+    if (!j->pid)
+        return;
+    kill(-j->pid, SIGKILL);
+    for (int i = 0; i < 3; i++)
+        job_close(j, i);
+    while (waitpid(j->pid, NULL, 0) < 0 && errno == EINTR)
+        ;
+    buf_free(&j->in);
+    j->pid = 0;
+}
+
 /* Handle one HypervisorToAgentCommand. Returns 1 for hypervisor_departure. */
 static int handle(sess_t *s, const uint8_t *d, size_t n) {
-    static const uint8_t requests[] = { 10, 11, 20, 21, 30, 40, 41, 42, 43, 44, 45, 46, 47, 48 };
+    static const uint8_t requests[] = { 10, 11, 20, 21, 30, 40, 41, 42, 43, 44, 45, 46, 47, 48, 50, 51 };
     rd_t r = { d, d + n };
     fld_t f, body = { 0 };
     int rc;
@@ -1006,6 +1198,12 @@ static int handle(sess_t *s, const uint8_t *d, size_t n) {
     case 47:
         get_file(s, body.d, body.n);
         break;
+    case 50:
+        exec_stream(s, body.d, body.n);
+        break;
+    case 51:
+        exec_input(s, body.d, body.n);
+        break;
     default: /* no request, or chown_request (agent 1.0.1 has no handler either) */
         reply_unknown(s);
     }
@@ -1014,7 +1212,7 @@ static int handle(sess_t *s, const uint8_t *d, size_t n) {
 
 /* Serve one host connection until it ends: 0 at EOF, -1 on an error. */
 static int serve(int in, int out) {
-    sess_t s = { .in = in, .out = out, .put_fd = -1 };
+    sess_t s = { .in = in, .out = out, .put_fd = -1, .job = { .fd = { -1, -1, -1 } } };
     buf_t b = { 0 };
     int ret = 0;
     fcntl(in, F_SETFL, fcntl(in, F_GETFL) | O_NONBLOCK);
@@ -1026,11 +1224,16 @@ static int serve(int in, int out) {
         } else if (s.in_eof) {
             break;
         } else {
-            struct pollfd pf = { in, POLLIN, 0 };
-            if (poll(&pf, 1, -1) < 0 && errno != EINTR) {
+            struct pollfd pfs[4] = { { in, POLLIN, 0 } };
+            int timeout, np = 1 + job_poll(&s, pfs + 1, &timeout);
+            if (poll(pfs, np, timeout) < 0 && errno != EINTR) {
                 ret = -1;
                 break;
             }
+            job_step(&s);
+            struct pollfd pf = pfs[0];
+            if (!pf.revents)
+                continue;
             ssize_t n = read_in(&s, &b);
             if (n == 0)
                 break; /* EOF; on a virtio-serial port, the host is not connected */
@@ -1067,6 +1270,7 @@ static int serve(int in, int out) {
             buf_free(&s.pending);
     }
     put_close(&s);
+    job_kill(&s);
     buf_free(&b);
     buf_free(&s.pending);
     return s.dead ? -1 : ret;
