@@ -114,17 +114,36 @@ class AgentOperations:
         return await self._create(req, commands, PREFLIGHT, req.deadline_seconds, PROGRESS_TIMEOUT,
                                   'agent operation put request from API', api.PutFileResponse)
 
-    async def _create(self, req, commands, state, deadline_seconds, progress_timeout, what,
-                      response_cls):
-        if deadline_seconds < 0:
-            raise errors.InvalidArgument('deadline_seconds: must not be negative')
-        entry = self.instances.resolve(req.instance_ref)
+    async def stream_command(self, req: api.StreamCommandRequest):
+        """The command's output as it runs, relayed from its node (which records its end)."""
+        if not req.command_line.strip():
+            raise errors.InvalidArgument('command_line: a command is required')
+        inst = self._agent_ready(req.instance_ref).value
+        node_req = node_pb2.StreamCommandRequest(
+            instance_uuid=inst.uuid, command_line=req.command_line, stdin=req.stdin,
+            deadline_seconds=req.deadline_seconds or DEFAULT_DEADLINE)
+        async for piece in self.nodes.stream(inst.node, 'StreamCommand', node_req):
+            out = api.StreamCommandResponse(stdout=piece.stdout, stderr=piece.stderr)
+            if piece.HasField('exit'):
+                out.exit.CopyFrom(piece.exit)
+            yield out
+
+    def _agent_ready(self, ref):
+        """The instance, created and with a ready agent (NOT_READY, AGENT_NOT_READY otherwise)."""
+        entry = self.instances.resolve(ref)
         if entry.value.state != states.CREATED:
             raise errors.NotReady(f'instance {entry.value.uuid} is not ready '
                                    f'({states.name(entry.value.state)})')
         agent = instance_pb2.AgentState.DESCRIPTOR.values_by_number[entry.value.agent_state].name
         if not agent.startswith('AGENT_STATE_READY'):
             raise errors.AgentNotReady('instance agent not ready')
+        return entry
+
+    async def _create(self, req, commands, state, deadline_seconds, progress_timeout, what,
+                      response_cls):
+        if deadline_seconds < 0:
+            raise errors.InvalidArgument('deadline_seconds: must not be negative')
+        entry = self._agent_ready(req.instance_ref)
 
         new_uuid = str(uuidlib.uuid4())
 

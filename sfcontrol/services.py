@@ -124,6 +124,7 @@ class AgentOperationService(agent_operation_service_pb2_grpc.AgentOperationServi
     async def ExecuteCommand(self, request, context): return await self.a.execute(request)
     async def PutFile(self, request, context): return await self.a.put_file(request)
     async def GetFile(self, request, context): return await self.a.get_file(request)
+    def StreamCommand(self, request, context): return self.a.stream_command(request)
     async def ListInstanceAgentOperations(self, request, context): return self.a.list(request)
 
     async def GetAgentOperation(self, request, context):

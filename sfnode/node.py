@@ -20,6 +20,7 @@ from sfcommon.metrics import ServerMetrics, start_metrics_server
 from sfcommon.tasks import Tasks, alongside
 from sfcommon.urlpolicy import ImagePolicy
 from sfnode import images, metrics, tail
+from sfnode.agent.session import OperationFailed
 from sfnode.instance import InstanceWorker
 from sfnode.link import ControllerLink
 from sfnode.network import ip as netip
@@ -28,6 +29,7 @@ from sfnode.network.ip import NETWORK_MTU
 from sfnode.network.mesh import MeshConfig
 from shakenfist.node.v1alpha1 import node_pb2 as pb
 from shakenfist.node.v1alpha1 import node_pb2_grpc
+from shakenfist.v1 import agent_operation_service_pb2 as aos
 
 VDI_CHUNK = 65536
 log = logging.getLogger(__name__)
@@ -449,6 +451,29 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         self.tasks.spawn(worker.agent.run_operation(request.operation),
                          name=f'operation-{request.operation.uuid}')
         return pb.RunAgentOperationResponse()
+
+    @errors.reported_stream
+    async def StreamCommand(self, request, context):
+        worker = self._worker(request.instance_uuid)
+        if worker.agent is None:
+            raise errors.AgentNotReady('the instance has no agent side channel (sf-agent or sf-agent2)')
+        stream = worker.agent.stream_command(request.command_line, request.deadline_seconds, request.stdin)
+        try:
+            async for kind, data in stream:
+                if kind == 'exit':
+                    await worker.agent.reporter.event(
+                        f'streamed command {"timed out" if data.timed_out else "exited"} with code '
+                        f'{data.exit_code} after {data.execution_seconds:.1f} s',
+                        {'command_line': request.command_line[:200]})
+                    yield pb.StreamCommandResponse(exit=aos.CommandExit(
+                        exit_code=data.exit_code, timed_out=data.timed_out,
+                        execution_seconds=data.execution_seconds))
+                else:
+                    yield pb.StreamCommandResponse(**{kind: data})
+        except OperationFailed as e:
+            raise errors.StateConflict(e.message) from None
+        finally:
+            await stream.aclose()
 
     @errors.reported
     async def RebootInstance(self, request, context):

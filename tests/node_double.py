@@ -245,6 +245,16 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
             if message.data:
                 yield pb.ConnectVdiResponse(data=message.data)
 
+    async def StreamCommand(self, request, context):
+        """The command line echoed as stdout, stdin as stderr, then exit 0."""
+        self.calls.append(('StreamCommand', request))
+        yield pb.StreamCommandResponse(stdout=request.command_line.encode())
+        if request.stdin:
+            yield pb.StreamCommandResponse(stderr=request.stdin)
+        exit_ = pb.StreamCommandResponse()
+        exit_.exit.execution_seconds = 0.01
+        yield exit_
+
     async def TakeScreenshot(self, request, context):
         self.calls.append(('TakeScreenshot', request))
         return pb.TakeScreenshotResponse(png=self.screen)

@@ -53,6 +53,7 @@ def body_for(verb, template, values):
         return b'some bytes'
     body = {
         ('POST', '/instances/{instance_ref}/agent/execute'): {'command_line': 'id'},
+        ('POST', '/instances/{instance_ref}/agent/exec'): {'command_line': 'id'},
         ('POST', '/instances/{instance_ref}/agent/put'): {'blob_uuid': values['blob_uuid'][0], 'path': '/x'},
         ('POST', '/instances/{instance_ref}/agent/get'): {'path': '/x'},
         ('POST', '/instances/{instance_ref}/interfaces'): {'network': {'network_uuid': values['network_uuid'][0]}},

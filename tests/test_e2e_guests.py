@@ -2,7 +2,9 @@
 on libvirt) driven through gRPC and the real sf-client, as users do."""
 
 import asyncio
+import base64
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -367,6 +369,48 @@ async def test_the_console_and_vnc_as_websockets_through_the_gateway(plane, clie
             await ws.send_json(bearer)
             frame = await ws.receive(timeout=30)
             assert frame.type == aiohttp.WSMsgType.BINARY and frame.data.startswith(b'RFB 003.'), frame
+
+
+async def stream(client, command, **kw):
+    """(stdout, stderr, exit, when the first stdout came) of a StreamCommand."""
+    from shakenfist.v1 import agent_operation_service_pb2 as aos
+    out, err, first_out = b'', b'', None
+    async for piece in client.agentops.StreamCommand(aos.StreamCommandRequest(
+            instance_ref='guest', command_line=command, **kw)):
+        if piece.stdout and first_out is None:
+            first_out = (out + piece.stdout, err)
+        out, err = out + piece.stdout, err + piece.stderr
+        if piece.HasField('exit'):
+            return out, err, piece.exit, first_out
+    raise AssertionError('the stream ended without an exit')
+
+
+async def test_a_streamed_command_with_stdin_and_a_deadline_that_kills_its_tree(plane, client, guest):
+    await until(client, 'guest', 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
+    # Output arrives while the command runs: the first line comes before what it
+    # prints after reading all of its stdin.
+    out, err, end, first = await stream(
+        client, 'echo one; cat > /tmp/in; echo two >&2; sha256sum /tmp/in; exit 4', stdin=b'x' * 300000)
+    assert first == (b'one\n', b'')
+    assert err == b'two\n' and end.exit_code == 4 and not end.timed_out
+    assert out == b'one\n' + hashlib.sha256(b'x' * 300000).hexdigest().encode() + b'  /tmp/in\n'
+    # The deadline kills the command and what it started.
+    out, err, end, _ = await stream(client, '(sleep 300; echo late) & sleep 301', deadline_seconds=2)
+    assert end.timed_out and end.exit_code == -9 and end.execution_seconds < 10
+    out, _, end, _ = await stream(client, 'ps')
+    assert b'sleep 30' not in out, out
+    # Over REST: NDJSON, the bytes base64; and the end is an event of the instance.
+    import aiohttp
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async with http.post(plane.endpoints['rest'] + '/instances/guest/agent/exec',
+                             json={'command_line': 'echo rest; exit 2'},
+                             headers={'Authorization': f'Bearer {client.token}'}) as r:
+            assert r.status == 200 and r.content_type == 'application/x-ndjson'
+            lines = [json.loads(line) for line in (await r.text()).splitlines()]
+    assert base64.b64decode(lines[0]['stdout']) == b'rest\n' and lines[-1]['exit']['exit_code'] == 2
+    events = (await client.instances.ListInstanceEvents(api.ListInstanceEventsRequest(instance_ref='guest'))).events
+    assert any(e.message == 'streamed command exited with code 2 after ' + e.message.split('after ')[-1]
+               for e in events), [e.message for e in events[:10]]
 
 
 async def test_sf_client_execute_upload_download_screenshot(plane, client, guest, tmp_path):

@@ -372,6 +372,14 @@ def test_the_deadline_kills_the_whole_process_tree(agent, tmp_path):
     assert exec_replies(agent, 'st4')[0] == b'next\n'
 
 
+def test_a_streamed_command_is_killed_when_asked(agent):
+    exec_stream(agent, 'st7', 'echo up; sleep 300')
+    assert agent.recv().exec_output.data == b'up\n'
+    agent.send(pb.HypervisorToAgentCommand(command_id='st7', exec_input=pb.ExecInput(kill=True)))
+    out, err, end = exec_replies(agent, 'st7')
+    assert end.exit_code == -9 and not end.timed_out
+
+
 def test_one_streamed_command_at_a_time_and_input_for_no_command_is_an_error(agent):
     exec_stream(agent, 'st5', 'sleep 30', deadline=20)
     exec_stream(agent, 'st6', 'echo no')

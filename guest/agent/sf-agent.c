@@ -1032,18 +1032,22 @@ static void exec_stream(sess_t *s, const uint8_t *d, size_t n) {
 static void exec_input(sess_t *s, const uint8_t *d, size_t n) {
     rd_t r = { d, d + n };
     fld_t f, data = { 0 };
-    int rc, eof = 0;
+    int rc, eof = 0, stop = 0;
     job_t *j = &s->job;
     while ((rc = rd_next(&r, &f)) == RD_OK) {
         if (f.num == 1 && f.wt == 2)
             data = f;
         else if (f.num == 2 && f.wt == 0)
             eof = f.v != 0;
+        else if (f.num == 3 && f.wt == 0)
+            stop = f.v != 0;
     }
     if (rc != RD_END)
         malformed(s, "malformed exec_input");
     else if (!j->pid || s->idlen != j->idlen || memcmp(s->id, j->id, j->idlen))
         reply_error(s, "no streamed command of this command_id is running");
+    else if (stop)
+        kill(-j->pid, SIGKILL); /* its end is still reported */
     else if (j->fd[0] >= 0) { /* stdin closed already (the command exited or closed it): dropped */
         if (data.n)
             buf_add(&j->in, data.d, data.n);

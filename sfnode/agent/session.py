@@ -10,6 +10,7 @@ test moves a ManualClock past it instead of waiting.
 
 import asyncio
 import base64
+import contextlib
 import logging
 
 from sfcommon.clock import SYSTEM, Clock
@@ -25,6 +26,7 @@ REPLY_TIMEOUT = 6.0         # a keepalive unanswered this long: unresponsive
 CHUNK = 100 * 1024          # file pieces, as shakenfist-agent uses
 OUTSTANDING = 5             # put-file pieces in flight
 INLINE_OUTPUT = 10 * 1024   # larger stdout/stderr goes to a blob
+EXIT_GRACE = 10.0           # seconds past a streamed command's deadline to hear how it ended
 S = opb.AgentOperationState
 
 SYSTEM_STATES = {
@@ -172,6 +174,58 @@ class AgentSession:
             await self.reporter.event('received system facts', {
                 'distro': {x.name: x.value for x in f.distro_facts},
                 'mounts': [m.mount_point for m in f.mount_points]})
+
+    # -- streamed commands ---------------------------------------------------------------
+    async def stream_command(self, command: str, deadline: float, stdin: bytes):
+        """Yields ('stdout' | 'stderr', bytes) as the command runs in the guest, then
+        ('exit', apb.ExecExit). The agent kills the command at deadline; the host gives up
+        EXIT_GRACE later. Closed early (the caller left), it asks the agent to kill it."""
+        give_up = self.clock.now() + deadline + EXIT_GRACE
+
+        def left():
+            remaining = give_up - self.clock.now()
+            if remaining <= 0:
+                raise OperationFailed(S.Value('AGENT_OPERATION_STATE_EXPIRED'),
+                                      'the agent did not report the command ending')
+            return remaining
+        try:
+            await asyncio.wait_for(self._ready.wait(), left())
+        except TimeoutError:
+            raise OperationFailed(S.Value('AGENT_OPERATION_STATE_EXPIRED'), 'the agent was not ready') from None
+        async with self._lock:
+            cid = await self.channel.send(exec_stream_request=apb.ExecStreamRequest(
+                command=command, deadline_seconds=deadline))
+            ended = False
+            try:
+                for i in range(0, len(stdin), CHUNK):
+                    await self.channel.send_as(cid, exec_input=apb.ExecInput(data=stdin[i:i + CHUNK]))
+                await self.channel.send_as(cid, exec_input=apb.ExecInput(eof=True))
+                while True:
+                    try:
+                        reply = await self.channel.reply(cid, left())
+                    except TimeoutError:
+                        left()
+                        continue
+                    kind = reply.WhichOneof('reply')
+                    if kind == 'exec_output':
+                        yield ('stdout' if reply.exec_output.stream == 1 else 'stderr'), reply.exec_output.data
+                    elif kind == 'exec_exit':
+                        ended = True
+                        yield 'exit', reply.exec_exit
+                        return
+                    elif kind == 'unknown_command':
+                        ended = True
+                        raise OperationFailed(S.Value('AGENT_OPERATION_STATE_ERROR'),
+                                              'this agent does not stream commands')
+                    elif kind == 'command_error':
+                        ended = True
+                        raise OperationFailed(S.Value('AGENT_OPERATION_STATE_ERROR'),
+                                              f'the agent reported an error: {reply.command_error.error}')
+            finally:
+                if not ended and not self.channel.closed.is_set():
+                    with contextlib.suppress(Exception):
+                        await self.channel.send_as(cid, exec_input=apb.ExecInput(kill=True))
+                self.channel.forget(cid)
 
     # -- operations -------------------------------------------------------------------------
     async def run_operation(self, op: opb.AgentOperation):

@@ -140,6 +140,11 @@ class V1Session(base.AgentSession):
     def _open(self, reader, writer):
         return V1Channel(reader, writer)
 
+    async def stream_command(self, command, deadline, stdin):
+        raise base.OperationFailed(S.Value('AGENT_OPERATION_STATE_ERROR'),
+                                   'the v1 agent protocol cannot stream a command (use ExecuteCommand)')
+        yield       # an async generator, as AgentSession's
+
     async def _response(self, unique: str, timeout: float | None = None) -> dict:
         """The next packet answering unique; agent-start and stale answers are taken
         in passing; an error packet raises OperationFailed."""
