@@ -399,6 +399,16 @@ async def test_a_streamed_command_with_stdin_and_a_deadline_that_kills_its_tree(
     assert end.timed_out and end.exit_code == -9 and end.execution_seconds < 10
     out, _, end, _ = await stream(client, 'ps')
     assert b'sleep 30' not in out, out
+    # A caller that leaves kills its command.
+    from shakenfist.v1 import agent_operation_service_pb2 as aos
+    call = client.agentops.StreamCommand(aos.StreamCommandRequest(
+        instance_ref='guest', command_line='echo up; sleep 302', deadline_seconds=600))
+    assert (await call.read()).stdout == b'up\n'
+    call.cancel()
+
+    async def killed():
+        return b'sleep 302' not in (await stream(client, 'ps'))[0]
+    await eventually(killed, 30, interval=0.5, what='the abandoned command killed')
     # Over REST: NDJSON, the bytes base64; and the end is an event of the instance.
     import aiohttp
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:

@@ -27,6 +27,7 @@ CHUNK = 100 * 1024          # file pieces, as shakenfist-agent uses
 OUTSTANDING = 5             # put-file pieces in flight
 INLINE_OUTPUT = 10 * 1024   # larger stdout/stderr goes to a blob
 EXIT_GRACE = 10.0           # seconds past a streamed command's deadline to hear how it ended
+KILL_WAIT = 5.0             # seconds to hear the end of a streamed command killed for its caller
 S = opb.AgentOperationState
 
 SYSTEM_STATES = {
@@ -223,8 +224,11 @@ class AgentSession:
                                               f'the agent reported an error: {reply.command_error.error}')
             finally:
                 if not ended and not self.channel.closed.is_set():
+                    # Killed, and its end heard, before the next command may start.
                     with contextlib.suppress(Exception):
                         await self.channel.send_as(cid, exec_input=apb.ExecInput(kill=True))
+                        while (await self.channel.reply(cid, KILL_WAIT)).WhichOneof('reply') != 'exec_exit':
+                            pass
                 self.channel.forget(cid)
 
     # -- operations -------------------------------------------------------------------------
