@@ -19,7 +19,7 @@ REST_PORT ?= 13000
 NODES ?= 1
 PYTEST_ARGS ?=
 GUEST_DIR ?= build/guest
-GUEST_SRC := $(shell find guest/build-image.sh guest/syslinux.cfg guest/initramfs guest/agent)
+GUEST_SRC := $(shell find guest/build-image.sh guest/syslinux.cfg guest/grub.cfg guest/initramfs guest/agent)
 
 .PHONY: run test deps gen schema-check guest-image debian-image clean
 

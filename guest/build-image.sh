@@ -76,7 +76,7 @@ fresh() {
   done
 }
 
-for tool in apt-get dpkg-deb mkfs.vfat syslinux mcopy qemu-img; do
+for tool in apt-get dpkg-deb mkfs.vfat syslinux mcopy mmd qemu-img; do
   command -v "$tool" >/dev/null || die "$tool not found (see the host tools in $0)"
 done
 # The guest has no libc: its busybox must be the static one.
@@ -120,6 +120,28 @@ if [[ -z $KERNEL_DEB ]]; then
 fi
 [[ -n $KERNEL_DEB ]] || die "kernel package download failed"
 log "kernel package: ${KERNEL_DEB##*/}"
+
+# 1b. UEFI boot: Debian's shim and GRUB, signed for secure boot (the kernel is signed
+# too), downloaded once into OUTDIR/cache and unpacked, never installed on the host.
+EFI_DIR=$WORK/efi
+EFI_PACKAGES=(shim-signed grub-efi-amd64-signed)
+for pkg in "${EFI_PACKAGES[@]}"; do
+  if [[ -z $(cached_deb "$pkg") ]]; then
+    log "downloading $pkg"
+    tmp=$(mktemp -d "$CACHE/download.XXXXXX")
+    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg") >&2 ||
+      die "apt-get download $pkg failed"
+    mv "$tmp"/*.deb "$CACHE"/
+    rmdir "$tmp"
+  fi
+done
+if ! fresh "$EFI_DIR/grubx64.efi" "$(cached_deb shim-signed)" "$(cached_deb grub-efi-amd64-signed)" "$SELF"; then
+  rm -rf "$EFI_DIR.tmp" && mkdir -p "$EFI_DIR.tmp/deb"
+  for pkg in "${EFI_PACKAGES[@]}"; do dpkg-deb -x "$(cached_deb "$pkg")" "$EFI_DIR.tmp/deb"; done
+  cp "$EFI_DIR.tmp/deb/usr/lib/shim/shimx64.efi.signed" "$EFI_DIR.tmp/BOOTX64.EFI"
+  cp "$EFI_DIR.tmp/deb/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" "$EFI_DIR.tmp/grubx64.efi"
+  rm -rf "$EFI_DIR.tmp/deb" "$EFI_DIR" && mv "$EFI_DIR.tmp" "$EFI_DIR"
+fi
 
 # ---------------------------------------------------------------------------
 # 2. Kernel and modules: WORK/kernel/{vmlinuz,config,kver,modules.order,modules/*.ko}.
@@ -282,7 +304,8 @@ fi
 PART=$WORK/boot.fat
 SYSLINUX_CFG=$HERE/syslinux.cfg
 PART_MB=$((DISK_MB - 1))
-if ! fresh "$PART" "$VMLINUZ" "$INITRD" "$SYSLINUX_CFG" "$SELF"; then
+GRUB_CFG=$HERE/grub.cfg
+if ! fresh "$PART" "$VMLINUZ" "$INITRD" "$SYSLINUX_CFG" "$GRUB_CFG" "$EFI_DIR/grubx64.efi" "$SELF"; then
   log "building the FAT boot partition (${PART_MB} MiB)"
   rm -f "$PART.tmp"
   # mkfs.vfat, syslinux and mcopy all date what they write with SOURCE_DATE_EPOCH
@@ -295,6 +318,13 @@ if ! fresh "$PART" "$VMLINUZ" "$INITRD" "$SYSLINUX_CFG" "$SELF"; then
   mcopy -i "$PART.tmp" "$SYSLINUX_CFG" ::/syslinux.cfg
   mcopy -i "$PART.tmp" "$VMLINUZ" ::/vmlinuz
   mcopy -i "$PART.tmp" "$INITRD" ::/initrd.img
+  # UEFI firmware boots the removable-media path: shim, which starts GRUB beside it,
+  # which reads its configuration from /EFI/debian (its built-in prefix).
+  mmd -i "$PART.tmp" ::/EFI ::/EFI/BOOT ::/EFI/debian
+  mcopy -i "$PART.tmp" "$EFI_DIR/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+  mcopy -i "$PART.tmp" "$EFI_DIR/grubx64.efi" ::/EFI/BOOT/grubx64.efi
+  mcopy -i "$PART.tmp" "$GRUB_CFG" ::/EFI/debian/grub.cfg
+  mcopy -i "$PART.tmp" "$GRUB_CFG" ::/EFI/BOOT/grub.cfg
   mv "$PART.tmp" "$PART"
 fi
 

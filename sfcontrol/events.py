@@ -71,6 +71,10 @@ class Events:
                         continue
                     ev = event_pb2.Event.FromString(change.value)
                     if not wanted or ev.type in wanted:
+                        # This watch is not the cache's: an event may come before the cache
+                        # has its transaction, and a read right after it would show the
+                        # object as it was. Held until reads include it.
+                        await self.core.cache.wait_for(change.mod_revision, elsewhere=True)
                         yield event_service_pb2.WatchEventsResponse(event=ev, cursor=str(change.mod_revision))
             except StoreCompacted:
                 raise errors.CursorExpired(

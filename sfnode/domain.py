@@ -73,6 +73,8 @@ class InstancePaths:
     legacy_agent_socket: str | None = None
     # Image formats by disk index; default qcow2 for disks, raw for cdroms.
     disk_formats: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    # The UEFI variable store (NVRAM) of a UEFI instance, kept with the instance.
+    nvram: str | None = None
 
     @classmethod
     def under(cls, directory: str, instance: instance_pb2.Instance) -> 'InstancePaths':
@@ -88,7 +90,8 @@ class InstancePaths:
             console_log=os.path.join(directory, 'console.log'),
             console_socket=os.path.join(directory, 'console.sock'),
             agent_socket=os.path.join(directory, 'agent2.sock'),
-            legacy_agent_socket=os.path.join(directory, 'agent.sock'))
+            legacy_agent_socket=os.path.join(directory, 'agent.sock'),
+            nvram=os.path.join(directory, 'nvram.fd'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,8 @@ class DomainOptions:
     # The VNC or SPICE password (VNC reads its first 8 characters); '' for none.
     vdi_password: str = ''
     q35_hotplug_ports: int = Q35_HOTPLUG_PORTS
+    # Debian's OVMF (package ovmf): the UEFI firmware and NVRAM templates.
+    ovmf_dir: str = '/usr/share/OVMF'
 
 
 # -- disks -----------------------------------------------------------------------------
@@ -269,14 +274,13 @@ def build_domain_xml(desired: node_pb2.DesiredInstance, paths: InstancePaths,
     inst = desired.instance
     if not inst.uuid:
         raise ValueError('the instance has no uuid')
-    if inst.uefi or inst.secure_boot:
-        # Needs OVMF and an NVRAM file per instance; not built yet.
-        raise UnsupportedSpec('UEFI boot is not supported on this node')
     if options.domain_type not in ('qemu', 'kvm'):
         raise ValueError(f'domain type {options.domain_type!r}: expected qemu or kvm')
     q35 = inst.machine_type == instance_pb2.MACHINE_TYPE_Q35
 
     dom = _machine(inst, options, q35)
+    if inst.uefi or inst.secure_boot:
+        _uefi(dom, inst, paths, options)
     devices = ET.SubElement(dom, 'devices')
     ET.SubElement(devices, 'emulator').text = options.emulator
     qemu_args = _disks(devices, disk_layout(inst, paths), q35)
@@ -329,6 +333,33 @@ def _machine(inst: instance_pb2.Instance, options: DomainOptions, q35: bool) -> 
     ET.SubElement(pm, 'suspend-to-mem', enabled='no')
     ET.SubElement(pm, 'suspend-to-disk', enabled='no')
     return dom
+
+
+# (firmware, NVRAM template) in the OVMF directory: plain UEFI, and secure boot with
+# Microsoft's and Debian's keys enrolled (so Debian's signed shim, GRUB and kernel boot).
+OVMF_PLAIN = ('OVMF_CODE_4M.fd', 'OVMF_VARS_4M.fd')
+OVMF_SECURE = ('OVMF_CODE_4M.secboot.fd', 'OVMF_VARS_4M.ms.fd')
+
+
+def _uefi(dom: ET.Element, inst: instance_pb2.Instance, paths: 'InstancePaths', options: DomainOptions):
+    """OVMF from pflash, and the instance's own NVRAM (libvirt copies the template into
+    it once; it then keeps the guest's boot entries and keys across power cycles).
+    Secure boot needs q35 (the controller sets it) and SMM."""
+    if inst.nvram_template:
+        raise UnsupportedSpec('nvram_template: an NVRAM template from a blob is not supported yet; '
+                              "leave it unset for OVMF's own")
+    if inst.secure_boot and inst.machine_type != instance_pb2.MACHINE_TYPE_Q35:
+        raise UnsupportedSpec('secure boot needs the q35 machine type')
+    code, variables = (os.path.join(options.ovmf_dir, f) for f in (OVMF_SECURE if inst.secure_boot else OVMF_PLAIN))
+    for path in (code, variables):
+        if not os.path.exists(path):
+            raise UnsupportedSpec(f'UEFI firmware {path} is missing on this node (Debian package ovmf)')
+    os_el = dom.find('os')
+    ET.SubElement(os_el, 'loader', readonly='yes', type='pflash',
+                  secure='yes' if inst.secure_boot else 'no').text = code
+    ET.SubElement(os_el, 'nvram', template=variables).text = paths.nvram
+    if inst.secure_boot:
+        ET.SubElement(dom.find('features'), 'smm', state='on')
 
 
 def _disks(devices: ET.Element, slots: list[DiskSlot], q35: bool) -> list[str]:

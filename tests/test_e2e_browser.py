@@ -103,9 +103,20 @@ class Page:
     def shot(self, name):
         self.driver.save_screenshot(str(ARTIFACTS / f'{name}.png'))
 
+    def click(self, css) -> bool:
+        """Click css; False if the page re-rendered it meanwhile (try again)."""
+        from selenium.common.exceptions import StaleElementReferenceException
+        try:
+            self.find(css).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
     def row(self, name):
-        rows = self.all(f'#instances tbody tr[data-name="{name}"]')
-        return [c.text for c in rows[0].find_elements('css selector', 'td')] if rows else None
+        """The cells of the list's row of name, read at once (the list re-renders live)."""
+        return self.driver.execute_script(
+            'const r = document.querySelector(`#instances tbody tr[data-name="${arguments[0]}"]`);'
+            'return r ? [...r.cells].map((c) => c.textContent) : null;', name)
 
 
 def terminal_text(driver) -> str:
@@ -160,7 +171,7 @@ async def test_sign_in_watch_a_guest_appear_use_its_terminal_and_screen_and_powe
     guest = await get(client, 'webguest')
 
     # Its page: details, the serial terminal (what is typed runs in the guest), the screen.
-    ui.find('#instances tbody tr[data-name="webguest"]').click()
+    ui.until(lambda: ui.click('#instances tbody tr[data-name="webguest"]'), 'a click on the row')
     ui.until(lambda: ui.text('#detail-uuid') == guest.uuid, 'the instance page')
     ui.until(lambda: ui.all('#terminal .xterm-helper-textarea'), 'the terminal')
     # Enter gives a line of its own with the shell's prompt ("/ #") once the shell is up.

@@ -130,3 +130,39 @@ async def test_the_first_message_confirms_the_watch_with_its_cursor(system, node
     first = await asyncio.wait_for(call.read(), 10)
     assert not first.HasField('event') and first.cursor == listing.watch_cursor
     call.cancel()
+
+
+
+async def test_a_read_right_after_an_event_shows_what_the_event_says(etcd, tmp_path):
+    """Writes through one controller; a watch and reads through another, whose cache
+    follows etcd on a watch of its own. Each read, made the moment its event arrives,
+    must show the value the event is about (the watch waits for the reader's cache)."""
+    import dataclasses
+    config = controller_config(etcd, tmp_path)
+    writer = await server.start(config)
+    reader = await server.start(dataclasses.replace(config, state_dir=tmp_path / 'state-b'))
+    a = await Client(f'127.0.0.1:{writer.port}').login('system', system_key(tmp_path))
+    b = await Client(f'127.0.0.1:{reader.port}').login('system', system_key(tmp_path))
+    node = await NodeDouble(NodeApi.of(writer, etcd.pki)).start()
+    watch = None
+    try:
+        await create_created(a)
+        watch = b.events.WatchEvents(ev.WatchEventsRequest(object_type=INSTANCE, object_ref='inst1'))
+        assert not (await watch.read()).HasField('event')
+        stale = []
+        for n in range(1, 41):
+            await set_md(a, n)
+            while (await asyncio.wait_for(watch.read(), 10)).event.message != 'set metadata':
+                pass
+            md = await b.instances.GetInstanceMetadata(api.GetInstanceMetadataRequest(instance_ref='inst1'))
+            if md.metadata.fields['n'].number_value != n:
+                stale.append(n)
+        assert not stale
+    finally:
+        if watch is not None:
+            watch.cancel()
+        await node.stop()
+        for c in (a, b):
+            await c.close()
+        for ctl in (reader, writer):
+            await ctl.stop(None)

@@ -325,11 +325,47 @@ def test_kvm_domains_get_the_host_cpu():
     assert root.find('cpu').get('mode') == 'host-passthrough'
 
 
-def test_uefi_is_refused_rather_than_booted_with_bios():
+def ovmf(tmp_path, *names):
+    for name in names:
+        (tmp_path / name).write_bytes(b'')
+    return str(tmp_path)
+
+
+def test_uefi_boots_ovmf_with_an_nvram_of_the_instance_own(tmp_path):
     desired = make_instance()
     desired.instance.uefi = True
+    _, root, paths = build(desired, ovmf_dir=ovmf(tmp_path, *domain.OVMF_PLAIN))
+    loader, nvram = root.find('os/loader'), root.find('os/nvram')
+    assert (loader.text, loader.get('readonly'), loader.get('type'), loader.get('secure')) == (
+        f'{tmp_path}/OVMF_CODE_4M.fd', 'yes', 'pflash', 'no')
+    assert (nvram.text, nvram.get('template')) == (paths.nvram, f'{tmp_path}/OVMF_VARS_4M.fd')
+    assert paths.nvram == '/srv/sf/instances/x/nvram.fd' and root.find('features/smm') is None
+
+
+def test_secure_boot_takes_the_secboot_firmware_microsoft_keys_and_smm_on_q35(tmp_path):
+    desired = make_instance()
+    desired.instance.uefi = desired.instance.secure_boot = True
+    desired.instance.machine_type = ipb.MACHINE_TYPE_Q35
+    _, root, _ = build(desired, ovmf_dir=ovmf(tmp_path, *domain.OVMF_SECURE))
+    assert root.find('os/loader').text.endswith('OVMF_CODE_4M.secboot.fd')
+    assert root.find('os/loader').get('secure') == 'yes'
+    assert root.find('os/nvram').get('template').endswith('OVMF_VARS_4M.ms.fd')
+    assert root.find('features/smm').get('state') == 'on' and root.find('os/type').get('machine') == 'q35'
+
+
+@pytest.mark.parametrize('case', ['no firmware', 'secure boot on pc', 'an nvram template'])
+def test_uefi_that_cannot_be_done_right_is_refused_rather_than_booted_otherwise(tmp_path, case):
+    desired = make_instance()
+    desired.instance.uefi = True
+    files = domain.OVMF_SECURE + domain.OVMF_PLAIN
+    if case == 'no firmware':
+        files = ()
+    elif case == 'secure boot on pc':
+        desired.instance.secure_boot = True
+    else:
+        desired.instance.nvram_template = 'a-blob-uuid'
     with pytest.raises(domain.UnsupportedSpec):
-        build(desired)
+        build(desired, ovmf_dir=ovmf(tmp_path, *files))
 
 
 def test_values_are_escaped_not_formatted():

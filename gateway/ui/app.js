@@ -123,9 +123,12 @@ function cell(text) {
 async function listPage() {
   page('list-page');
   const body = document.querySelector('#instances tbody');
+  let latest = 0;     // refreshes may answer out of order: only the newest is shown
   async function refresh() {
+    const mine = ++latest;
     try {
       const instances = await api('GET', '/instances');
+      if (mine !== latest) return;
       body.replaceChildren(...instances.map((i) => {
         const tr = document.createElement('tr');
         tr.dataset.uuid = i.uuid;
@@ -149,8 +152,11 @@ async function listPage() {
 async function instancePage(uuid) {
   page('instance-page');
   const details = document.getElementById('details');
+  let latest = 0;     // refreshes may answer out of order: only the newest is shown
   async function refresh() {
+    const mine = ++latest;
     const i = await api('GET', `/instances/${uuid}`);
+    if (mine !== latest) return i;
     document.getElementById('instance-name').textContent = i.name;
     const shown = { uuid: i.uuid, state: i.state, power_state: i.power_state, agent_state: i.agent_state,
                     node: i.node, cpus: i.cpus, memory: `${i.memory} MiB`,

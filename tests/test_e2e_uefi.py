@@ -1,0 +1,78 @@
+"""UEFI and secure boot on real TCG guests: Debian's OVMF, an NVRAM per instance, and the
+sftest image's signed shim, GRUB and kernel (guest/build-image.sh) under secure boot."""
+
+import pytest
+import pytest_asyncio
+
+from shakenfist.v1 import agent_operation_service_pb2 as aos
+from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api, specs_pb2
+from tests.helpers import get
+from tests.plane import Plane
+from tests.test_e2e_guests import image_url  # noqa: F401 -- the image over HTTP
+from tests.waiting import eventually
+
+pytestmark = [pytest.mark.real_vm, pytest.mark.asyncio(loop_scope='module')]
+BOOT = 240      # two UEFI guests booting at once on a busy 2-core runner
+
+
+@pytest.fixture(scope='module')
+def plane(image_url):  # noqa: F811
+    p = Plane(nodes=1, image_allow=[image_url.rsplit('/', 1)[0] + '/']).start()
+    yield p
+    p.stop()
+
+
+@pytest_asyncio.fixture(scope='module', loop_scope='module')
+async def client(plane):
+    c = await plane.client()
+    yield c
+    await c.close()
+
+
+async def dmesg(client, ref) -> str:
+    out = b''
+    async for piece in client.agentops.StreamCommand(aos.StreamCommandRequest(
+            instance_ref=ref, command_line='dmesg', deadline_seconds=60)):
+        out += piece.stdout
+    return out.decode(errors='replace')
+
+
+async def test_a_uefi_guest_and_a_secure_boot_guest_boot_and_reach_their_agents(plane, client, image_url):  # noqa: F811
+    # Secure boot: shim's and GRUB's allocations fail the kernel's decompression at 256 MiB.
+    for name, secure, memory in (('uefi', False, 256), ('secure', True, 1024)):
+        await client.instances.CreateInstance(api.CreateInstanceRequest(
+            name=name, cpus=1, memory=memory, uefi=True, secure_boot=secure,
+            disk=[specs_pb2.DiskSpec(size=1, base=image_url)]))
+    for name in ('uefi', 'secure'):
+        async def ready(name=name):
+            inst = await get(client, name)
+            assert inst.state != pb.INSTANCE_STATE_ERROR, inst.error_message
+            return inst.agent_state == pb.AGENT_STATE_READY
+        await eventually(ready, BOOT, interval=0.5, what=f'{name}: agent ready')
+    uefi, secure = await get(client, 'uefi'), await get(client, 'secure')
+    assert (uefi.machine_type, secure.machine_type) == (pb.MACHINE_TYPE_PC, pb.MACHINE_TYPE_Q35)
+
+    plain_log, secure_log = await dmesg(client, 'uefi'), await dmesg(client, 'secure')
+    assert 'efi: EFI v2' in plain_log and 'secureboot: Secure boot disabled' in plain_log
+    assert 'secureboot: Secure boot enabled' in secure_log
+    assert 'Debian Secure Boot CA' in secure_log         # the kernel Debian signed, verified
+
+    # Each has an NVRAM of its own, kept with the instance and gone with it.
+    nvrams = [plane.state / 'nodes' / i.node / 'instances' / i.uuid / 'nvram.fd' for i in (uefi, secure)]
+    assert all(n.stat().st_size > 0 for n in nvrams)
+    for name in ('uefi', 'secure'):
+        await client.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref=name))
+
+    async def gone():
+        return not any(n.exists() for n in nvrams)
+    await eventually(gone, 60, interval=0.5, what='the NVRAM files removed with their instances')
+
+
+async def test_an_nvram_template_is_refused_rather_than_ignored(client, image_url):  # noqa: F811
+    import grpc
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.instances.CreateInstance(api.CreateInstanceRequest(
+            name='template', cpus=1, memory=256, uefi=True, nvram_template='some-blob',
+            disk=[specs_pb2.DiskSpec(size=1, base=image_url)]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'nvram_template' in refused.value.details()
