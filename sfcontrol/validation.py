@@ -26,6 +26,8 @@ def check_create(req: api.CreateInstanceRequest, images: ImagePolicy):
         raise errors.InvalidArgument('memory: an instance needs memory (in MiB)')
     if req.secure_boot and not req.uefi:
         raise errors.InvalidArgument('secure boot requires UEFI: set uefi as well')
+    if req.vtpm and not req.uefi:
+        raise errors.InvalidArgument('vtpm: a TPM is for UEFI guests: set uefi as well')
     if req.HasField('nvram_template') and req.nvram_template:
         raise errors.InvalidArgument("nvram_template: NVRAM templates from blobs are not supported yet; "
                                      "leave it unset for OVMF's own")

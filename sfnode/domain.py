@@ -289,6 +289,10 @@ def build_domain_xml(desired: node_pb2.DesiredInstance, paths: InstancePaths,
     _side_channels(devices, desired, paths, options)
     qemu_env = _graphics(devices, inst.video, options)
     ET.SubElement(devices, 'memballoon', model='none')
+    if inst.vtpm:
+        # libvirt starts swtpm for it and keeps its state (under the node's libvirt root).
+        tpm = ET.SubElement(devices, 'tpm', model='tpm-crb')
+        ET.SubElement(tpm, 'backend', type='emulator', version='2.0')
     if q35:
         _q35_controllers(devices, options.q35_hotplug_ports)
 

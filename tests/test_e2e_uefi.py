@@ -41,7 +41,7 @@ async def test_a_uefi_guest_and_a_secure_boot_guest_boot_and_reach_their_agents(
     # Secure boot: shim's and GRUB's allocations fail the kernel's decompression at 256 MiB.
     for name, secure, memory in (('uefi', False, 256), ('secure', True, 1024)):
         await client.instances.CreateInstance(api.CreateInstanceRequest(
-            name=name, cpus=1, memory=memory, uefi=True, secure_boot=secure,
+            name=name, cpus=1, memory=memory, uefi=True, secure_boot=secure, vtpm=secure,
             disk=[specs_pb2.DiskSpec(size=1, base=image_url)]))
     for name in ('uefi', 'secure'):
         async def ready(name=name):
@@ -56,6 +56,10 @@ async def test_a_uefi_guest_and_a_secure_boot_guest_boot_and_reach_their_agents(
     assert 'efi: EFI v2' in plain_log and 'secureboot: Secure boot disabled' in plain_log
     assert 'secureboot: Secure boot enabled' in secure_log
     assert 'Debian Secure Boot CA' in secure_log         # the kernel Debian signed, verified
+    # The secure one asked for a TPM: the guest's kernel finds a TPM 2.0 (swtpm's).
+    tpm_lines = [line for line in secure_log.splitlines() if 'TPM' in line or 'tpm' in line]
+    assert 'No TPM chip found' not in secure_log and tpm_lines, tpm_lines
+    assert 'No TPM chip found' in plain_log
 
     # Each has an NVRAM of its own, kept with the instance and gone with it.
     nvrams = [plane.state / 'nodes' / i.node / 'instances' / i.uuid / 'nvram.fd' for i in (uefi, secure)]

@@ -403,3 +403,14 @@ def test_hotplug_interface_xml():
     assert el.find('source').get('bridge') == 'br-net2'
     assert el.find('model').get('type') == 'rtl8139'
     assert el.find('target').get('dev') == domain.tap_name(iface.uuid)
+
+
+def test_a_vtpm_is_an_emulated_tpm2_crb_device(tmp_path):
+    desired = make_instance()
+    desired.instance.uefi = desired.instance.vtpm = True
+    _, root, _ = build(desired, ovmf_dir=ovmf(tmp_path, *domain.OVMF_PLAIN))
+    tpm = root.find('devices/tpm')
+    assert tpm.get('model') == 'tpm-crb'
+    assert (tpm.find('backend').get('type'), tpm.find('backend').get('version')) == ('emulator', '2.0')
+    _, plain, _ = build(make_instance())
+    assert plain.find('devices/tpm') is None

@@ -16,7 +16,7 @@ PACKAGES=(
   nftables conntrack                            # NAT and floating addresses on a network node
   mmdebstrap grub-pc-bin e2fsprogs fdisk        # the Debian cloud test image (guest/debian/)
   chromium chromium-driver                      # the web console's browser test (Selenium)
-  ovmf                                          # UEFI and secure boot firmware for guests
+  ovmf swtpm swtpm-tools                        # UEFI and secure boot firmware, vTPMs for guests
 )
 
 # sfnode runs libvirt's QEMU driver in-process (qemu:///embed). As root it

@@ -117,7 +117,7 @@ class Instances:
             inst = pb.Instance(
                 uuid=str(uuidlib.uuid4()), state=states.INITIAL, version=1, name=req.name,
                 namespace=ns, cpus=req.cpus, memory=req.memory, disk_spec=req.disk,
-                uefi=req.uefi, secure_boot=req.secure_boot,
+                uefi=req.uefi, secure_boot=req.secure_boot, vtpm=req.vtpm,
                 configdrive=req.configdrive or pb.CONFIG_DRIVE_OPENSTACK_DISK,
                 machine_type=pb.MACHINE_TYPE_Q35 if req.secure_boot else pb.MACHINE_TYPE_PC,
                 side_channels=(req.side_channels.side_channels if req.HasField('side_channels')

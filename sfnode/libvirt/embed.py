@@ -67,7 +67,9 @@ def embed_qemu_conf(display_ports: tuple[int, int] | None = None,
     if os.geteuid() == 0:
         # libvirt would otherwise run QEMU as libvirt-qemu, which then could not
         # open the node's files or tap devices.
-        lines[1:1] = ['user = "root"', 'group = "root"']
+        lines[1:1] = ['user = "root"', 'group = "root"',
+                      # vTPMs: libvirt runs swtpm as tss by default, which may not exist.
+                      'swtpm_user = "root"', 'swtpm_group = "root"']
     if display_ports:
         lines += [f'remote_display_port_min = {display_ports[0]}',
                   f'remote_display_port_max = {display_ports[1]}']
