@@ -38,6 +38,11 @@ def requests(o):
         'InstanceService.PauseInstance': api.PauseInstanceRequest(**ref),
         'InstanceService.UnpauseInstance': api.UnpauseInstanceRequest(**ref),
         'InstanceService.GetConsoleData': api.GetConsoleDataRequest(**ref),
+        'InstanceService.ReadConsole': api.ReadConsoleRequest(**ref),
+        'InstanceService.FollowConsole': api.FollowConsoleRequest(**ref),
+        # Two-way streams: a list of one message is their request stream.
+        'InstanceService.AttachConsole': [api.AttachConsoleRequest(**ref)],
+        'InstanceService.ConnectVdi': [api.ConnectVdiRequest(**ref)],
         'InstanceService.DeleteConsoleData': api.DeleteConsoleDataRequest(**ref),
         'InstanceService.GetVdiConsoleHelper': api.GetVdiConsoleHelperRequest(**ref),
         'InstanceService.GetScreenshot': api.GetScreenshotRequest(**ref),
@@ -47,6 +52,7 @@ def requests(o):
         'AgentOperationService.ExecuteCommand': aop.ExecuteCommandRequest(command_line='id', **ref),
         'AgentOperationService.PutFile': aop.PutFileRequest(blob_uuid='b', path='/x', **ref),
         'AgentOperationService.GetFile': aop.GetFileRequest(path='/x', **ref),
+        'AgentOperationService.StreamCommand': aop.StreamCommandRequest(command_line='id', **ref),
         'AgentOperationService.ListInstanceAgentOperations': aop.ListInstanceAgentOperationsRequest(**ref),
         'AgentOperationService.GetAgentOperation': aop.GetAgentOperationRequest(
             agent_operation_uuid=o['agentop']),
