@@ -36,7 +36,7 @@ FULL_INSTANCE = {
                'snapshot_ignores': True}],
     'ssh_key': 'ssh-ed25519 AAAA', 'user_data': 'aGVsbG8=',
     'video': {'model': 'qxl', 'memory': 65536, 'vdi': 'spiceconcurrent'},
-    'uefi': True, 'secure_boot': True, 'nvram_template': 'label:ovmf',
+    'uefi': True, 'secure_boot': True, 'nvram_template': 'label:ovmf', 'vtpm': False,
     'configdrive': 'none', 'machine_type': 'q35',
     'side_channels': ['sf-agent', 'sf-agent2'],
     'agent_state': 'ready (degraded)', 'agent_start_time': 1700000000.25,

@@ -196,8 +196,12 @@ async def test_sign_in_watch_a_guest_appear_use_its_terminal_and_screen_and_powe
 
     # Power off from the page: the state on the page changes (live, from the events).
     ui.find('#power-off').click()
+    try:
+        await eventually(lambda: _power_off(client), 120, interval=0.5, what='the guest powered off')
+    except AssertionError as e:
+        lines = [line for line in plane.node_log('node0').splitlines() if guest.uuid in line or 'power' in line]
+        raise AssertionError(f'{e}; node0 said: {lines[-15:]}') from None
     ui.until(lambda: ui.text('#detail-power_state') == 'off', 'the power state off on the page', timeout=60)
-    assert (await get(client, 'webguest')).power_state == pb.POWER_STATE_OFF
     ui.shot('5-powered-off')
 
     # Back on the list, the state shows there too; the screenshots were kept.
@@ -235,3 +239,7 @@ async def test_the_create_form_makes_the_instance_it_describes(plane, client, br
 async def _gone(client):
     listed = await client.instances.ListInstances(api.ListInstancesRequest())
     return not [i for i in listed.instances if i.state != pb.INSTANCE_STATE_DELETED]
+
+
+async def _power_off(client):
+    return (await get(client, 'webguest')).power_state == pb.POWER_STATE_OFF
