@@ -9,33 +9,18 @@ import pathlib
 import shutil
 
 import pytest
-import pytest_asyncio
 
 from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api
 from shakenfist.v1 import network_service_pb2 as net, specs_pb2
 from tests.helpers import get
-from tests.plane import Plane
-from tests.test_e2e_guests import BOOT, image_url  # noqa: F401 -- the image over HTTP
+# The image over HTTP and a plane of one node, as the guests' tests have them.
+from tests.test_e2e_guests import BOOT, client, image_url, plane  # noqa: F401
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.real_vm, pytest.mark.asyncio(loop_scope='module')]
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARTIFACTS = pathlib.Path(os.environ.get('SF_TEST_ARTIFACTS', ROOT / 'build' / 'test-artifacts')) / 'browser'
 CHROMIUM, CHROMEDRIVER = shutil.which('chromium'), shutil.which('chromedriver')
-
-
-@pytest.fixture(scope='module')
-def plane(image_url):  # noqa: F811
-    p = Plane(nodes=1, image_allow=[image_url.rsplit('/', 1)[0] + '/']).start()
-    yield p
-    p.stop()
-
-
-@pytest_asyncio.fixture(scope='module', loop_scope='module')
-async def client(plane):
-    c = await plane.client()
-    yield c
-    await c.close()
 
 
 @pytest.fixture(scope='module')

@@ -371,12 +371,12 @@ async def test_the_console_and_vnc_as_websockets_through_the_gateway(plane, clie
             assert frame.type == aiohttp.WSMsgType.BINARY and frame.data.startswith(b'RFB 003.'), frame
 
 
-async def stream(client, command, **kw):
+async def stream(client, command, ref='guest', **kw):
     """(stdout, stderr, exit, when the first stdout came) of a StreamCommand."""
     from shakenfist.v1 import agent_operation_service_pb2 as aos
     out, err, first_out = b'', b'', None
     async for piece in client.agentops.StreamCommand(aos.StreamCommandRequest(
-            instance_ref='guest', command_line=command, **kw)):
+            instance_ref=ref, command_line=command, **kw)):
         if piece.stdout and first_out is None:
             first_out = (out + piece.stdout, err)
         out, err = out + piece.stdout, err + piece.stderr

@@ -2,39 +2,19 @@
 sftest image's signed shim, GRUB and kernel (guest/build-image.sh) under secure boot."""
 
 import pytest
-import pytest_asyncio
 
-from shakenfist.v1 import agent_operation_service_pb2 as aos
 from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api, specs_pb2
 from tests.helpers import get
-from tests.plane import Plane
-from tests.test_e2e_guests import image_url  # noqa: F401 -- the image over HTTP
+# The image over HTTP and a plane of one node, as the guests' tests have them.
+from tests.test_e2e_guests import client, image_url, plane, stream  # noqa: F401
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.real_vm, pytest.mark.asyncio(loop_scope='module')]
 BOOT = 240      # two UEFI guests booting at once on a busy 2-core runner
 
 
-@pytest.fixture(scope='module')
-def plane(image_url):  # noqa: F811
-    p = Plane(nodes=1, image_allow=[image_url.rsplit('/', 1)[0] + '/']).start()
-    yield p
-    p.stop()
-
-
-@pytest_asyncio.fixture(scope='module', loop_scope='module')
-async def client(plane):
-    c = await plane.client()
-    yield c
-    await c.close()
-
-
 async def dmesg(client, ref) -> str:
-    out = b''
-    async for piece in client.agentops.StreamCommand(aos.StreamCommandRequest(
-            instance_ref=ref, command_line='dmesg', deadline_seconds=60)):
-        out += piece.stdout
-    return out.decode(errors='replace')
+    return (await stream(client, 'dmesg', ref=ref, deadline_seconds=60))[0].decode(errors='replace')
 
 
 async def test_a_uefi_guest_and_a_secure_boot_guest_boot_and_reach_their_agents(plane, client, image_url):  # noqa: F811
