@@ -45,8 +45,10 @@ CHUNK = 1024 * 1024
 GiB = 1024 ** 3
 DEFAULT_MAX_BLOB_SIZE = 20 * GiB
 DEFAULT_NAMESPACE_QUOTA = 200 * GiB
+INITIAL = pb.BlobState.Value('BLOB_STATE_INITIAL')
 CREATED = pb.BlobState.Value('BLOB_STATE_CREATED')
 DELETED = pb.BlobState.Value('BLOB_STATE_DELETED')
+ERROR = pb.BlobState.Value('BLOB_STATE_ERROR')
 UPLOAD_CREATED = pb.UploadState.Value('UPLOAD_STATE_CREATED')
 UPLOAD_DELETED = pb.UploadState.Value('UPLOAD_STATE_DELETED')
 
@@ -217,6 +219,41 @@ class Blobs:
                 # another controller is removed when that one restarts (replicas.py).
                 path.unlink(missing_ok=True)
         return blob
+
+    async def fill(self, blob_uuid: str, chunks, namespace: str, finish) -> pb.Blob:
+        """Store the bytes chunks yields as those of blob_uuid, recorded before as initial
+        (a snapshot's: its UUID was promised before its bytes existed). finish(txn, blob)
+        adds to the transaction that makes the blob created. Never deduplicated: the
+        UUID is the one promised."""
+        partial = self.dir / 'partial' / uuidlib.uuid4().hex
+        path = self.replicas.path(blob_uuid)
+        try:
+            with self._counted(namespace) as held:
+                with _private(partial, 'wb') as f:
+                    size, digest = await self._append(chunks, f, namespace, 0, held)
+                os.link(partial, path)
+                holders = await self.replicas.copy_new(blob_uuid, size, digest.hexdigest())
+
+                def build():
+                    entry = self.core.cache.get(keys.blob(blob_uuid))
+                    if entry is None or entry.value.state != INITIAL:
+                        raise errors.StateConflict(f'blob {blob_uuid} is not waiting for its bytes')
+                    blob = pb.Blob()
+                    blob.CopyFrom(entry.value)
+                    blob.state, blob.size, blob.sha512 = CREATED, size, digest.hexdigest()
+                    blob.fetched_at = time.time()   # modified stays when it was asked for
+                    txn = Txn().check_revision(entry.key, entry.mod_revision).put(
+                        entry.key, blob.SerializeToString())
+                    self.replicas.locate_into(txn, blob_uuid, holders)
+                    finish(txn, blob)
+                    return txn, blob
+                return await self.core.mutate(build)
+        except BaseException:
+            if not _stored(self.core.cache.get(keys.blob(blob_uuid))):
+                path.unlink(missing_ok=True)
+            raise
+        finally:
+            partial.unlink(missing_ok=True)
 
     def release_into(self, txn: Txn, holder_uuid: str) -> list[str]:
         """Drop holder's references in txn; the blobs this leaves unreferenced are

@@ -41,7 +41,7 @@ KINDS = [
     Kind(keys.BLOBS, blob_pb2.Blob, index=('sha512',)),
     Kind(keys.BLOB_REFS, records_pb2.BlobRef, index=('holder_uuid', 'namespace')),
     Kind(keys.UPLOADS, blob_pb2.Upload, index=('namespace',)),
-    Kind(keys.ARTIFACTS, blob_pb2.Artifact),
+    Kind(keys.ARTIFACTS, blob_pb2.Artifact, index=('source_url',)),
     Kind(keys.TOKEN_KEYS, records_pb2.TokenKeyRecord),
     Kind(keys.BLOB_HOLDERS, records_pb2.BlobHolderRecord),
     Kind(keys.BLOB_LOCATIONS, records_pb2.BlobLocation),

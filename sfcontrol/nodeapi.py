@@ -66,7 +66,8 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
                 if part.WhichOneof('part') != 'data':
                     raise errors.InvalidArgument('only the first message of a blob stream is a header')
                 yield part.data
-        blob = await self.reports.store_blob(_me(header.node), header.instance_uuid, chunks())
+        blob = await self.reports.store_blob(_me(header.node), header.instance_uuid, chunks(),
+                                             header.snapshot_blob_uuid)
         return pb.PutBlobResponse(blob_uuid=blob.uuid, size=blob.size, sha512=blob.sha512)
 
     async def GetBlob(self, request: pb.GetBlobRequest, context):
@@ -74,6 +75,10 @@ class NodeControl(node_pb2_grpc.NodeControlServiceServicer):
         stream = self.reports.blob_stream(caller.current().node, request.blob_uuid, request.offset)
         async for chunk in stream:
             yield pb.GetBlobResponse(data=chunk)
+
+    async def FailSnapshot(self, request: pb.FailSnapshotRequest, context):
+        await self.reports.fail_snapshot(_me(request.node), request)
+        return pb.FailSnapshotResponse()
 
     async def AuthorizeConsole(self, request: pb.AuthorizeConsoleRequest, context):
         namespace = self.reports.authorize_console(_me(request.node), request.instance_uuid,

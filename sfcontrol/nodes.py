@@ -153,8 +153,10 @@ class NodeRegistry:
 
 
 class NodeReports:
-    def __init__(self, core: Core, instances: Instances, agentops: AgentOperations, blobs, auth):
+    def __init__(self, core: Core, instances: Instances, agentops: AgentOperations, blobs, auth,
+                 snapshots):
         self.core = core
+        self.snapshots = snapshots
         self.instances = instances
         self.agentops = agentops
         self.blobs = blobs
@@ -288,20 +290,30 @@ class NodeReports:
             last_progress=request.last_progress if request.HasField('last_progress') else None)
 
     # -- blobs --------------------------------------------------------------------------
-    async def store_blob(self, node: str, instance_uuid: str, chunks):
-        """A blob an instance of node produced (a file got from it, a large output)."""
+    async def store_blob(self, node: str, instance_uuid: str, chunks, snapshot_blob_uuid: str = ''):
+        """A blob an instance of node produced (a file got from it, a large output, or a
+        snapshot it was ordered to take)."""
         inst = self.placed(node, instance_uuid).value
+        if snapshot_blob_uuid:
+            return await self.snapshots.store(node, inst, snapshot_blob_uuid, chunks)
         return await self.blobs.store(chunks, 'instance', inst.uuid, inst.namespace)
 
+    async def fail_snapshot(self, node: str, request):
+        inst = self.placed(node, request.instance_uuid).value
+        await self.snapshots.fail(node, inst, request.blob_uuid, request.error_message)
+
     def blob_stream(self, node: str, blob_uuid: str, offset: int):
-        """A blob node is to put into a guest: only one an unfinished agent operation of
-        an instance on node puts (NOT_FOUND for any other)."""
+        """A blob node is to put into a guest or start a disk from: only one an unfinished
+        agent operation of an instance on node puts, or a disk base of an instance placed
+        on node (NOT_FOUND for any other)."""
         if not self._blob_is_given_to(node, blob_uuid):
             raise errors.NotFound(f'blob {blob_uuid} is not for node {node}')
         return self.blobs.stream(blob_uuid, offset)
 
     def _blob_is_given_to(self, node: str, blob_uuid: str) -> bool:
         for placement in self.core.cache.range(keys.placements(node))[0]:
+            if blob_uuid in placement.value.base_blobs:
+                return True
             uuid = placement.value.instance_uuid
             for op in self.core.cache.where(keys.AGENTOPS, 'instance_uuid', uuid):
                 if op.value.state not in OPERATION_FINAL and any(

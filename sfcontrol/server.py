@@ -27,7 +27,7 @@ from sfcontrol.nodeapi import NodeControl
 from sfcontrol.nodeclient import NodeClients
 from sfcontrol.nodes import NodeRegistry, NodeReports
 from sfcontrol.replicas import BlobPeerService
-from sfcontrol.instances import Consoles, Instances, Power
+from sfcontrol.instances import Consoles, Instances, Power, Snapshots
 from sfcontrol.store.etcd import Store
 from shakenfist.node.v1alpha1 import node_pb2, node_pb2_grpc
 from shakenfist.peer.v1alpha1 import blob_peer_pb2, blob_peer_pb2_grpc
@@ -148,14 +148,15 @@ async def start(config: Config) -> Controller:
     registry = NodeRegistry(core, config.clock, config.heartbeat_interval, config.heartbeat_timeout,
                             config.floating_netblock)
     registry.start()
-    node_control = NodeControl(registry, NodeReports(core, instances, agentops, blobs, auth))
+    snapshots = Snapshots(instances)
+    node_control = NodeControl(registry, NodeReports(core, instances, agentops, blobs, auth, snapshots))
     metadata = Metadata(core)
 
     # ServerMetrics first: it sees the status ApiInterceptor answers with.
     server = grpc.aio.server(interceptors=[ServerMetrics(), ApiInterceptor(lambda: auth)], options=[
         ('grpc.max_receive_message_length', 16 * 1024 * 1024)])
     instance_service_pb2_grpc.add_InstanceServiceServicer_to_server(
-        services.InstanceService(instances, Power(instances), Consoles(instances)), server)
+        services.InstanceService(instances, Power(instances), Consoles(instances), snapshots), server)
     network_service_pb2_grpc.add_NetworkServiceServicer_to_server(
         services.NetworkService(networks, metadata), server)
     network_service_pb2_grpc.add_InterfaceServiceServicer_to_server(

@@ -27,8 +27,8 @@ CAPABILITIES = [
 
 
 class InstanceService(instance_service_pb2_grpc.InstanceServiceServicer):
-    def __init__(self, instances, power, consoles):
-        self.i, self.power, self.consoles = instances, power, consoles
+    def __init__(self, instances, power, consoles, snapshots):
+        self.i, self.power, self.consoles, self.snapshots = instances, power, consoles, snapshots
 
     async def ListInstances(self, request, context): return self.i.list(request)
     async def CreateInstance(self, request, context): return await self.i.create(request)
@@ -56,6 +56,8 @@ class InstanceService(instance_service_pb2_grpc.InstanceServiceServicer):
     async def DeleteConsoleData(self, request, context): return await self.consoles.clear_console(request)
     async def GetVdiConsoleHelper(self, request, context): return self.consoles.vdi_helper(request)
     async def GetScreenshot(self, request, context): return await self.consoles.screenshot(request)
+    async def SnapshotInstance(self, request, context): return await self.snapshots.snapshot(request)
+    async def ListInstanceSnapshots(self, request, context): return self.snapshots.list(request)
 
 
 class NetworkService(network_service_pb2_grpc.NetworkServiceServicer):

@@ -42,9 +42,10 @@ def check_create(req: api.CreateInstanceRequest, images: ImagePolicy):
         base = disk.base if disk.HasField('base') else ''
         if disk.type == specs_pb2.DISK_TYPE_CDROM and base.lower() in BLANK_BASES:
             raise errors.InvalidArgument(f'disk[{i}]: a cdrom needs a base image')
-        if base.startswith(('label:', 'sf://')):
-            # Labels, artifacts and blobs as disk bases come with the blob store.
-            raise errors.NotFound(f'disk[{i}].base: {base} not found')
+        if base.startswith('label:'):
+            raise errors.NotFound(f'disk[{i}].base: {base} not found (this plane has no labels)')
+        if base.startswith('sf://'):
+            continue        # a blob, resolved at create (Instances.base_blob)
         if urllib.parse.urlsplit(base).scheme:      # else a shorthand, the node's to know
             try:
                 images.check(base)

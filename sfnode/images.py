@@ -81,14 +81,28 @@ class ImageCache:
         policy = None if trusted else self.policy
         if policy is not None:
             policy.check(url)
+        return await self._cache(url, lambda: _read(url, policy), progress)
+
+    async def fetch_blob(self, blob_uuid: str, chunks, progress=None) -> pathlib.Path:
+        """The cached copy of a blob (immutable, so cached by its UUID), read from
+        chunks() (the controller's GetBlob) the first time."""
+        async def read():
+            done = 0
+            async for chunk in chunks():
+                done += len(chunk)
+                yield chunk, done, 0
+        return await self._cache(f'sf://blob/{blob_uuid}', read, progress)
+
+    async def _cache(self, url: str, reader, progress) -> pathlib.Path:
         lock = self._locks.setdefault(url, asyncio.Lock())
         async with lock:
             if (path := self.cached(url)) is not None:
                 return path
             tmp = self.root / 'content' / f'.partial-{os.getpid()}-{hashlib.sha256(url.encode()).hexdigest()[:12]}'
             digest = hashlib.sha512()
+            tmp.unlink(missing_ok=True)
             try:
-                async for chunk, done, total in _read(url, policy):
+                async for chunk, done, total in reader():
                     with open(tmp, 'ab') as f:
                         f.write(chunk)
                     digest.update(chunk)
@@ -97,6 +111,9 @@ class ImageCache:
             except (aiohttp.ClientError, OSError) as e:
                 tmp.unlink(missing_ok=True)
                 raise errors.Unavailable(f'fetching {url} failed: {e}')
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             final = self.root / 'content' / digest.hexdigest()
             if tmp.exists():
                 os.replace(tmp, final)

@@ -19,6 +19,7 @@ from sfnode import configdrive, domain, images, metrics
 from sfnode.agent.session import AgentSession
 from sfnode.agent.v1 import V1Session
 from sfnode.console import SerialConsole
+from sfnode.snapshots import Snapshotter
 from shakenfist.node.v1alpha1 import node_pb2
 from shakenfist.v1 import event_pb2, network_pb2, specs_pb2
 from shakenfist.v1 import instance_pb2 as ipb
@@ -58,6 +59,7 @@ class InstanceWorker:
         self.agent = None                # AgentSession (v2) or V1Session, with a side channel
         self.console = None              # SerialConsole, once the domain exists
         self.console_clears = 0          # ClearConsoleData calls, for console followers
+        self.snapshots = Snapshotter(self)
         self.power_state = P.Value('POWER_STATE_UNSPECIFIED')  # as last seen, for metrics
         self._since = time.perf_counter()   # when the oldest change not yet converged came
         self._wake = asyncio.Event()
@@ -147,6 +149,7 @@ class InstanceWorker:
         await self._converge_power(desired)
         await self._converge_interfaces(desired)
         self._start_agent(desired)
+        self.snapshots.converge(desired)
 
     async def _start_console(self, desired):
         if self.console is not None:
@@ -202,6 +205,10 @@ class InstanceWorker:
         paths = domain.InstancePaths.under(str(self.dir), inst)
         bases = []
         for i, spec in enumerate(inst.disk_spec):
+            if blob_uuid := self._base_blob(desired, i):
+                bases.append(await self.node.images.fetch_blob(
+                    blob_uuid, lambda: self._read_blob(blob_uuid)))
+                continue
             source = images.resolve(spec.base if spec.HasField('base') else None, self.node.image_table)
             if source is None:
                 bases.append(None)
@@ -239,11 +246,22 @@ class InstanceWorker:
         slots = domain.disk_layout(inst, paths)
         await self._advance(
             S.Value('INSTANCE_STATE_CREATED'), console_port=ports['console'],
-            vdi_port=ports['vdi'], disks=[s.to_pb() for s in slots], disks_set=True,
+            vdi_port=ports['vdi'], disks_set=True,
+            disks=[s.to_pb(self._base_blob(desired, s.index) if s.index is not None else None)
+                   for s in slots],
             interface_states={i.uuid: network_pb2.NETWORK_INTERFACE_STATE_CREATED
                               for i in inst.interfaces},
             **({'agent_state': ipb.AGENT_STATE_NOT_READY_NO_CONTACT} if inst.side_channels else {}))
         await event
+
+    @staticmethod
+    def _base_blob(desired, i: int) -> str:
+        return desired.base_blobs[i] if i < len(desired.base_blobs) else ''
+
+    async def _read_blob(self, blob_uuid: str):
+        stream = self.node.link.control.GetBlob(node_pb2.GetBlobRequest(blob_uuid=blob_uuid), timeout=3600)
+        async for part in stream:
+            yield part.data
 
     def ports(self) -> dict:
         """The instance's console and VDI ports, chosen once and kept across restarts."""
@@ -296,6 +314,7 @@ class InstanceWorker:
             await self.node.link.report(self.uuid, interface_states=added)
 
     async def _teardown(self):
+        await self.snapshots.stop()
         if self.agent is not None:
             await self.agent.stop()
         if self.console is not None:
@@ -336,17 +355,9 @@ class AgentReporter:
 
     async def put_blob(self, chunks) -> str:
         inst = self.worker.desired.instance
-
-        async def parts():
-            yield node_pb2.PutBlobRequest(header=node_pb2.PutBlobHeader(
-                node=self.worker.node.name, namespace=inst.namespace, instance_uuid=inst.uuid))
-            async for chunk in chunks:
-                for i in range(0, len(chunk), 1024 * 1024):
-                    yield node_pb2.PutBlobRequest(data=chunk[i:i + 1024 * 1024])
-        reply = await self.link.control.PutBlob(parts(), timeout=600)
+        reply = await self.link.put_blob(node_pb2.PutBlobHeader(
+            node=self.worker.node.name, namespace=inst.namespace, instance_uuid=inst.uuid), chunks)
         return reply.blob_uuid
 
-    async def get_blob(self, blob_uuid):
-        stream = self.link.control.GetBlob(node_pb2.GetBlobRequest(blob_uuid=blob_uuid), timeout=600)
-        async for part in stream:
-            yield part.data
+    def get_blob(self, blob_uuid):
+        return self.worker._read_blob(blob_uuid)

@@ -20,6 +20,7 @@ from sfcommon.metrics import ClientMetrics
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
 
 log = logging.getLogger(__name__)
+BLOB_PART = 1024 * 1024     # under gRPC's message limit
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -55,6 +56,15 @@ class ControllerLink:
     async def record(self, *events):
         await self.call('RecordEvents', pb.RecordEventsRequest(
             node=self.node, events=[pb.NodeEvent(event=e) for e in events]))
+
+    async def put_blob(self, header: pb.PutBlobHeader, chunks) -> pb.PutBlobResponse:
+        """Store what chunks yields as a blob (not retried: the stream is used up)."""
+        async def parts():
+            yield pb.PutBlobRequest(header=header)
+            async for chunk in chunks:
+                for i in range(0, len(chunk), BLOB_PART):
+                    yield pb.PutBlobRequest(data=chunk[i:i + BLOB_PART])
+        return await self.control.PutBlob(parts(), timeout=3600)
 
     async def close(self):
         await self.channel.close()

@@ -21,7 +21,7 @@ import grpc
 
 from sfcommon import pki as pkilib
 from shakenfist.node.v1alpha1 import node_pb2 as pb, node_pb2_grpc
-from shakenfist.v1 import instance_pb2
+from shakenfist.v1 import instance_pb2, specs_pb2
 
 C = grpc.StatusCode
 S = instance_pb2
@@ -34,6 +34,14 @@ FAULT_BUDGET = 60.0         # all retries of one request, at most
 NEXT = {S.INSTANCE_STATE_INITIAL: S.INSTANCE_STATE_PREFLIGHT,
         S.INSTANCE_STATE_PREFLIGHT: S.INSTANCE_STATE_CREATING,
         S.INSTANCE_STATE_CREATING: S.INSTANCE_STATE_CREATED}
+
+
+def disks_of(inst) -> list:
+    """The disks a node reports: vda, vdb... as requested, then the config drive."""
+    disks = [S.Disk(device='vd' + chr(ord('a') + i), snapshot_ignores=spec.type == specs_pb2.DISK_TYPE_CDROM)
+             for i, spec in enumerate(inst.disk_spec)]
+    disks.append(S.Disk(device='vd' + chr(ord('a') + len(disks)), snapshot_ignores=True))
+    return disks
 
 
 async def retrying(method, request, stats=None, budget=FAULT_BUDGET):
@@ -194,7 +202,8 @@ class NodeDouble(node_pb2_grpc.NodeServiceServicer):
         while state in NEXT:
             state = NEXT[state]
             extra = {} if state != S.INSTANCE_STATE_CREATED else {
-                'power_state': S.POWER_STATE_ON, 'console_port': 31000, 'vdi_port': 31001}
+                'power_state': S.POWER_STATE_ON, 'console_port': 31000, 'vdi_port': 31001,
+                'disks': disks_of(inst), 'disks_set': True}
             await self.report(inst.uuid, state=state, **extra)
         if inst.state == S.INSTANCE_STATE_CREATED and inst.power_state != desired_power:
             await self.report(inst.uuid, power_state=desired_power)

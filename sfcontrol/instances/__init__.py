@@ -3,5 +3,6 @@
 from .consoles import Consoles
 from .lifecycle import Instances
 from .power import Power
+from .snapshots import Snapshots
 
-__all__ = ['Consoles', 'Instances', 'Power']
+__all__ = ['Consoles', 'Instances', 'Power', 'Snapshots']

@@ -21,7 +21,7 @@ from sfcontrol.nodeclient import NodeClients
 from sfcontrol.store import keys
 from sfcontrol.store.etcd import Txn
 from shakenfist.store.v1alpha1 import records_pb2
-from shakenfist.v1 import event_pb2, specs_pb2
+from shakenfist.v1 import blob_pb2, event_pb2, specs_pb2
 from shakenfist.v1 import instance_pb2 as pb
 from shakenfist.v1 import instance_service_pb2 as api
 
@@ -150,7 +150,8 @@ class Instances:
                 # The agent's vsock address, unique in the cluster (the guard makes it so).
                 cid = random.randint(3, 2**32 - 2)
                 txn.create(keys.vsock_cid(cid), inst.uuid.encode())
-            self._place(txn, inst, ON, size, cid)
+            bases = [self.base_blob(txn, inst, i, spec) for i, spec in enumerate(req.disk)]
+            self._place(txn, inst, ON, size, cid, bases)
             self.core.event(txn, ns, OBJ, inst.uuid, AUDIT, 'create request from API',
                             {'caller': me.namespace})
             for iface in interfaces:
@@ -165,21 +166,70 @@ class Instances:
         async with self._creating:
             return await self.core.mutate(build, request=req)
 
+    def base_blob(self, txn: Txn, inst: pb.Instance, i: int, spec) -> str:
+        """The blob a disk starts from when its base is one (sf://blob/<uuid>, the newest
+        version of sf://snapshot/<uuid> or sf://artifact/<uuid>, or sf://upload/<ns>/<name>),
+        held by the instance while it lives; '' for any other base."""
+        base = spec.base if spec.HasField('base') else ''
+        if not base.startswith('sf://'):
+            return ''
+        ns, me = inst.namespace, caller.current()
+        kind, _, rest = base.removeprefix('sf://').partition('/')
+        missing = errors.NotFound(f'disk[{i}].base: {base} not found')
+        if kind == 'blob':
+            blob = self.core.cache.get(keys.blob(rest))
+            refs = self.core.cache.range(keys.blob_refs(rest))[0]
+            if blob is None or not (me.is_system or any(r.value.namespace == ns for r in refs)):
+                raise missing
+            blob_uuid = rest
+        elif kind in ('snapshot', 'artifact', 'upload'):
+            if kind == 'upload':
+                found = self.core.cache.where(keys.ARTIFACTS, 'source_url', base)
+            else:
+                art = self.core.cache.by_uuid(keys.ARTIFACTS, rest)
+                found = [art] if art is not None else []
+            found = [a for a in found if a.value.namespace == ns or a.value.shared]
+            if not found:
+                raise missing
+            versions = sorted(found[0].value.blobs.items(), key=lambda v: -int(v[0]))
+            ready = [v.uuid for _, v in versions if (b := self.core.cache.get(keys.blob(v.uuid)))
+                     is not None and b.value.state == blob_pb2.BlobState.Value('BLOB_STATE_CREATED')]
+            if not ready:
+                raise errors.NotReady(f'disk[{i}].base: {base} has no complete version yet')
+            blob_uuid = ready[0]
+            blob = self.core.cache.get(keys.blob(blob_uuid))
+        else:
+            raise missing
+        if blob.value.state != blob_pb2.BlobState.Value('BLOB_STATE_CREATED'):
+            raise errors.NotReady(f'disk[{i}].base: blob {blob_uuid} is not complete '
+                                  f'({blob_pb2.BlobState.Name(blob.value.state)})')
+        txn.put(keys.blob_ref(blob_uuid, 'instance', inst.uuid), records_pb2.BlobRef(
+            blob_uuid=blob_uuid, holder_type='instance', holder_uuid=inst.uuid,
+            namespace=ns).SerializeToString())
+        return blob_uuid
+
     @staticmethod
-    def _place(txn: Txn, inst: pb.Instance, desired_power, size, vsock_cid: int):
+    def _place(txn: Txn, inst: pb.Instance, desired_power, size, vsock_cid: int, base_blobs=()):
         """Place the instance on its node (sfcontrol/feeds.py tells the node)."""
         placement = records_pb2.Placement(
             instance_uuid=inst.uuid, desired_power_state=desired_power, size=size, vsock_cid=vsock_cid,
+            base_blobs=base_blobs,
             # The graphical console's password, made once per instance (VNC reads 8 characters).
             console_password=secrets.token_urlsafe(6))
         txn.put(keys.placement(inst.node, inst.uuid), placement.SerializeToString())
 
-    @staticmethod
-    def drop_placement(txn: Txn, placement):
-        """Take an instance off its node (the node then removes it), freeing its vsock CID."""
+    def drop_placement(self, txn: Txn, placement):
+        """Take an instance off its node (the node then removes it), freeing its vsock CID;
+        snapshots it was still to take will never be (their blobs become errors)."""
         txn.delete(placement.key)
         if placement.value.vsock_cid:
             txn.delete(keys.vsock_cid(placement.value.vsock_cid))
+        for order in placement.value.snapshots:
+            blob = self.core.cache.get(keys.blob(order.blob_uuid))
+            if blob is not None and blob.value.state == blob_pb2.BlobState.Value('BLOB_STATE_INITIAL'):
+                failed = _copy(blob.value)
+                failed.state = blob_pb2.BlobState.Value('BLOB_STATE_ERROR')
+                txn.check_revision(blob.key, blob.mod_revision).put(blob.key, failed.SerializeToString())
 
     def _set_desired_power(self, txn: Txn, inst: pb.Instance, power):
         entry = self.core.cache.get(keys.placement(inst.node, inst.uuid))

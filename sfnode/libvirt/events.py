@@ -68,7 +68,8 @@ class DomainEvent:
     """Something libvirt reported about a domain."""
     name: str
     uuid: str
-    # 'lifecycle', 'reboot' (the guest rebooted or was reset) or 'device-removed'.
+    # 'lifecycle', 'reboot' (the guest rebooted or was reset), 'device-removed'
+    # or 'job-completed' (a block job such as a backup ended).
     kind: str
     # For lifecycle events: defined, undefined, started, suspended, resumed,
     # stopped, shutdown, pmsuspended or crashed; and libvirt's detail, for
@@ -80,6 +81,8 @@ class DomainEvent:
     power_state: int | None = None
     # For device-removed: the device's alias (net1, ua-...).
     device: str | None = None
+    # For job-completed: libvirt's job statistics ('success', 'errmsg', ...).
+    job: dict | None = None
     timestamp: float = dataclasses.field(default_factory=time.time)
 
 

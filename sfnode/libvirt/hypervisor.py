@@ -39,7 +39,8 @@ from sfnode.libvirt.embed import (MAX_EMBED_ROOT, claim_root, copy_new_files, de
 from sfnode.libvirt.errors import (DeviceNotFound, DomainNotFound, HypervisorError,
                                    HypervisorUnavailable, libvirt_errors, translate_error)
 from sfnode.libvirt.events import (EVENT_DETAILS, EVENT_NAMES, DomainEvent, DomainInfo, Listener,
-                                   ensure_event_loop, power_state_of, power_state_of_event)
+                                   POWER_OFF, ensure_event_loop, power_state_of,
+                                   power_state_of_event)
 from sfnode.libvirt.png import PNG_SIGNATURE, ppm_to_png
 from sfnode.libvirt.probe import probe_xml, xml_name
 from sfnode.libvirt.usage import usage_event
@@ -51,6 +52,10 @@ LOG = logging.getLogger(__name__)
 DEFAULT_EMULATOR = '/usr/bin/qemu-system-x86_64'
 KVM_PROBE_FILE = 'kvm-probe.json'
 KVM_PROBE_MARKER = 'SFTEST init: ready'
+
+def _disk_targets(dom) -> list[str]:
+    return [t.get('dev') for t in ET.fromstring(dom.XMLDesc(0)).findall('devices/disk/target')]
+
 
 def _in_thread(method):
     """Make a blocking method a coroutine that runs it in a worker thread."""
@@ -247,6 +252,8 @@ class Hypervisor:
                                         self._on_reboot, None),
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
                                         self._on_device_removed, None),
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
+                                        self._on_job_completed, None),
         ]
 
     # These run on the libvirt event thread: build the event there (the domain
@@ -262,6 +269,9 @@ class Hypervisor:
 
     def _on_device_removed(self, _conn, dom, alias, _opaque):
         self._post(DomainEvent(dom.name(), dom.UUIDString(), 'device-removed', device=alias))
+
+    def _on_job_completed(self, _conn, dom, params, _opaque):
+        self._post(DomainEvent(dom.name(), dom.UUIDString(), 'job-completed', job=dict(params)))
 
     def _post(self, event: DomainEvent):
         loop = self._loop
@@ -489,6 +499,40 @@ class Hypervisor:
         if mime == 'image/png' or image.startswith(PNG_SIGNATURE):
             return image
         return ppm_to_png(image)
+
+    # -- disks -------------------------------------------------------------------------
+
+    async def backup_disk(self, ref: str, device: str, target: str):
+        """Copy a running domain's disk as it is now into a new qcow2 file, whole (its
+        backing chain flattened), while the guest runs on: libvirt's push-mode backup,
+        whose end comes as a job-completed event."""
+        ended = asyncio.get_running_loop().create_future()
+
+        def listener(event: DomainEvent):
+            if ref in (event.name, event.uuid) and not ended.done() and (
+                    event.kind == 'job-completed' or event.power_state == POWER_OFF):
+                ended.set_result(event.job or {'success': False, 'errmsg': 'the domain stopped'})
+        self.add_listener(listener)
+        try:
+            await asyncio.to_thread(self._backup_begin, ref, device, target)
+            job = await ended
+        finally:
+            self.remove_listener(listener)
+        if not job.get('success'):
+            raise HypervisorError(f'backing up {device} of {ref} failed: '
+                                  f'{job.get("errmsg") or "the job did not succeed"}')
+
+    def _backup_begin(self, ref, device, target):
+        dom = self._domain(ref, 'back up')
+        root = ET.Element('domainbackup', mode='push')
+        disk = ET.SubElement(ET.SubElement(root, 'disks'), 'disk', name=device, backup='yes', type='file')
+        ET.SubElement(disk, 'driver', type='qcow2')
+        ET.SubElement(disk, 'target', file=target)
+        for other in _disk_targets(dom):
+            if other != device:
+                ET.SubElement(root.find('disks'), 'disk', name=other, backup='no')
+        with libvirt_errors('back up', ref):
+            dom.backupBegin(ET.tostring(root, encoding='unicode'), None, 0)
 
     # -- statistics --------------------------------------------------------------------
 
