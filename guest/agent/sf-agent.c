@@ -7,10 +7,14 @@
  * every read. A truncated buffer means "read more"; concatenated envelopes parse as one.
  * Each reply is one AgentToHypervisor envelope in one write.
  *
- * Transports: the virtio-serial port named "sf-agent2" (default; found through sysfs as the
- * guest has no udev), --device PATH, --unix PATH (listen, one connection at a time) or
- * --stdio. In the first two modes it also listens on vsock port 1025 if /dev/vsock exists
- * (each connection in its own process, as the host may hold several at once).
+ * It also speaks the legacy protocol v1 (JSON packets, what shakenfist-agent 0.7.0 speaks)
+ * on the port "sf-agent": see "protocol v1" below.
+ *
+ * Transports: the virtio-serial ports named "sf-agent2" and "sf-agent" (default; found
+ * through sysfs as the guest has no udev), or one of --device PATH, --unix PATH (listen, one
+ * connection at a time) or --stdio, for v2 or (--v1) v1. By default and with --device it also
+ * listens on vsock port 1025 for v2 if /dev/vsock exists (each connection in its own
+ * process, as the host may hold several at once).
  *
  * Build: guest/agent/build.sh (gcc -static -Os, C11, no libraries beyond libc).
  */
@@ -40,6 +44,7 @@
 
 #define VERSION "sf-test-agent 1"
 #define PORT_NAME "sf-agent2"
+#define V1_PORT_NAME "sf-agent"
 #define VSOCK_PORT 1025
 #define MAX_BUFFER (64u << 20) /* an input buffer this big that still does not parse is garbage */
 #define READ_SIZE (1u << 20)
@@ -664,6 +669,34 @@ static void gather_facts(sess_t *s) {
     send_reply(s, 42, &e);
 }
 
+/* Read a child's stdout (fo) and stderr (fe) until both are closed (and close them),
+ * then wait for it: its exit code, or minus the signal that ended it. */
+static int collect(pid_t pid, int fo, int fe, buf_t out[2]) {
+    struct pollfd pf[2] = { { fo, POLLIN, 0 }, { fe, POLLIN, 0 } };
+    uint8_t scratch[4096];
+    while (pf[0].fd >= 0 || pf[1].fd >= 0) {
+        if (poll(pf, 2, -1) < 0 && errno != EINTR)
+            break;
+        for (int i = 0; i < 2; i++) {
+            if (pf[i].fd < 0 || !pf[i].revents)
+                continue;
+            uint8_t *q = buf_space(&out[i], 65536); /* out of memory: keep draining */
+            ssize_t k = read(pf[i].fd, q ? q : scratch, q ? 65536 : sizeof scratch);
+            if (k > 0 && q)
+                out[i].len += k;
+            else if (k == 0 || (k < 0 && errno != EINTR && errno != EAGAIN))
+                close(pf[i].fd), pf[i].fd = -1;
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        if (pf[i].fd >= 0)
+            close(pf[i].fd);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+}
+
 static void execute(sess_t *s, const uint8_t *d, size_t n) {
     rd_t r = { d, d + n };
     fld_t f, g;
@@ -737,33 +770,11 @@ static void execute(sess_t *s, const uint8_t *d, size_t n) {
         _exit(127);
     }
     buf_t out[2] = { { 0 } }, fix[2] = { { 0 } };
-    if (pid > 0) { /* read stdout and stderr until both are closed */
-        struct pollfd pf[2] = { { po[0], POLLIN, 0 }, { pe[0], POLLIN, 0 } };
-        uint8_t scratch[4096];
+    if (pid > 0) {
         close(po[1]), close(pe[1]);
         po[1] = pe[1] = -1;
-        while (pf[0].fd >= 0 || pf[1].fd >= 0) {
-            if (poll(pf, 2, -1) < 0 && errno != EINTR)
-                break;
-            for (int i = 0; i < 2; i++) {
-                if (pf[i].fd < 0 || !pf[i].revents)
-                    continue;
-                uint8_t *q = buf_space(&out[i], 65536); /* out of memory: keep draining */
-                ssize_t k = read(pf[i].fd, q ? q : scratch, q ? 65536 : sizeof scratch);
-                if (k > 0 && q)
-                    out[i].len += k;
-                else if (k == 0 || (k < 0 && errno != EINTR && errno != EAGAIN))
-                    close(pf[i].fd), pf[i].fd = -1;
-            }
-        }
+        int code = collect(pid, po[0], pe[0], out);
         po[0] = pe[0] = -1;
-        for (int i = 0; i < 2; i++)
-            if (pf[i].fd >= 0)
-                close(pf[i].fd);
-        int status = 0;
-        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-            ;
-        int code = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
         if (out[0].oom || out[1].oom) {
             reply_error(s, "out of memory collecting the output");
         } else {
@@ -1280,23 +1291,584 @@ static int serve(int in, int out) {
     return s.dead ? -1 : ret;
 }
 
+/* ---- protocol v1 (shakenfist-agent 0.7.0 and older), on the port "sf-agent" ----
+ *
+ * Packets are "*SFv001[%08d]" and that many bytes of JSON (shared/reference/
+ * shakenfist-rest-api.md E.4, with 0.7.0's framing); each request's "unique" comes back in
+ * its answers. The answers are 0.7.0's: agent-start when the port opens, pong,
+ * is-system-running-response, gather-facts-response, execute-response (result true only
+ * for exit code 0), put-file (a stat_result packet, base64 chunks, a null chunk) ->
+ * put-file-response, chmod-response, get-file-response (a stat_result packet, base64
+ * chunks, a null chunk); command-error for what fails, unknown-command otherwise. The JSON
+ * is a flat object of strings, numbers, booleans and nulls; nested values are skipped. */
+
+#define V1_PREAMBLE "*SFv001"
+#define V1_HEADER 17 /* the preamble, "[", 8 digits, "]" */
+#define V1_MAX 99999999
+#define V1_CHUNK 65536
+
+typedef struct { char *key; char type; char *str; size_t slen; double num; } jv_t; /* type: s n b z(null) o(skipped) */
+typedef struct { jv_t v[24]; int n; } jobj_t;
+
+static void j_free(jobj_t *o) {
+    for (int i = 0; i < o->n; i++)
+        free(o->v[i].key), free(o->v[i].str);
+    o->n = 0;
+}
+
+static const char *j_ws(const char *p, const char *end) {
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    return p;
+}
+
+static void utf8_put(buf_t *b, uint32_t cp) {
+    uint8_t u[4];
+    int k = cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+    if (k == 1)
+        u[0] = cp;
+    else {
+        for (int i = k - 1; i > 0; i--, cp >>= 6)
+            u[i] = 0x80 | (cp & 0x3f);
+        u[0] = (k == 2 ? 0xc0 : k == 3 ? 0xe0 : 0xf0) | cp;
+    }
+    buf_add(b, u, k);
+}
+
+static int hex4(const char *p, const char *end, uint32_t *v) {
+    *v = 0;
+    for (int i = 0; i < 4; i++) {
+        if (p + i >= end || !isxdigit((unsigned char)p[i]))
+            return 0;
+        *v = *v << 4 | (uint32_t)(isdigit((unsigned char)p[i]) ? p[i] - '0' : (tolower((unsigned char)p[i]) - 'a' + 10));
+    }
+    return 1;
+}
+
+/* a string at p (after its quote): decoded into out (NUL-terminated); the end, or NULL */
+static const char *j_string(const char *p, const char *end, buf_t *out) {
+    while (p < end && *p != '"') {
+        if ((unsigned char)*p < 0x20)
+            return NULL;
+        if (*p != '\\') {
+            buf_add(out, p++, 1);
+            continue;
+        }
+        if (++p >= end)
+            return NULL;
+        char c = *p++, plain = 0;
+        switch (c) {
+        case '"': case '\\': case '/': plain = c; break;
+        case 'b': plain = '\b'; break;
+        case 'f': plain = '\f'; break;
+        case 'n': plain = '\n'; break;
+        case 'r': plain = '\r'; break;
+        case 't': plain = '\t'; break;
+        }
+        if (plain) {
+            buf_add(out, &plain, 1);
+        } else if (c == 'u') {
+            uint32_t cp, lo;
+            if (!hex4(p, end, &cp))
+                return NULL;
+            p += 4;
+            if (cp >= 0xd800 && cp < 0xdc00 && p + 6 <= end && p[0] == '\\' && p[1] == 'u' &&
+                hex4(p + 2, end, &lo) && lo >= 0xdc00 && lo < 0xe000) {
+                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+                p += 6;
+            } else if (cp >= 0xd800 && cp < 0xe000) {
+                cp = 0xfffd;
+            }
+            utf8_put(out, cp);
+        } else {
+            return NULL;
+        }
+    }
+    if (p >= end)
+        return NULL;
+    buf_add(out, "", 1);
+    return out->oom ? NULL : p + 1;
+}
+
+/* skip any value at p; the end, or NULL */
+static const char *j_skip(const char *p, const char *end, int depth) {
+    p = j_ws(p, end);
+    if (p >= end || depth > 32)
+        return NULL;
+    if (*p == '"') {
+        buf_t t = { 0 };
+        p = j_string(p + 1, end, &t);
+        buf_free(&t);
+        return p;
+    }
+    if (*p == '{' || *p == '[') {
+        char close = *p == '{' ? '}' : ']';
+        p = j_ws(p + 1, end);
+        if (p < end && *p == close)
+            return p + 1;
+        for (;;) {
+            if (close == '}') {
+                p = j_ws(p, end);
+                if (p >= end || *p != '"' || !(p = j_skip(p, end, depth + 1)))
+                    return NULL;
+                p = j_ws(p, end);
+                if (p >= end || *p++ != ':')
+                    return NULL;
+            }
+            if (!(p = j_skip(p, end, depth + 1)))
+                return NULL;
+            p = j_ws(p, end);
+            if (p < end && *p == ',') {
+                p++;
+                continue;
+            }
+            return p < end && *p == close ? p + 1 : NULL;
+        }
+    }
+    while (p < end && (isalnum((unsigned char)*p) || strchr("+-.", *p)))
+        p++;
+    return p;
+}
+
+/* one JSON object: 0, or -1 if it is not one */
+static int j_parse(const char *p, size_t n, jobj_t *o) {
+    const char *end = p + n;
+    o->n = 0;
+    p = j_ws(p, end);
+    if (p >= end || *p++ != '{')
+        return -1;
+    p = j_ws(p, end);
+    if (p < end && *p == '}')
+        return j_ws(p + 1, end) == end ? 0 : -1;
+    for (;;) {
+        buf_t key = { 0 };
+        jv_t v = { 0 };
+        p = j_ws(p, end);
+        if (p >= end || *p != '"' || !(p = j_string(p + 1, end, &key)))
+            return buf_free(&key), j_free(o), -1;
+        p = j_ws(p, end);
+        if (p >= end || *p++ != ':')
+            return buf_free(&key), j_free(o), -1;
+        p = j_ws(p, end);
+        const char *start = p;
+        if (p < end && *p == '"') {
+            buf_t val = { 0 };
+            if (!(p = j_string(p + 1, end, &val)))
+                return buf_free(&key), buf_free(&val), j_free(o), -1;
+            v.type = 's', v.str = (char *)val.p, v.slen = val.len - 1;
+        } else {
+            if (!(p = j_skip(p, end, 0)))
+                return buf_free(&key), j_free(o), -1;
+            char *num_end;
+            if (*start == '{' || *start == '[')
+                v.type = 'o';
+            else if (p - start == 4 && !strncmp(start, "true", 4))
+                v.type = 'b', v.num = 1;
+            else if (p - start == 5 && !strncmp(start, "false", 5))
+                v.type = 'b';
+            else if (p - start == 4 && !strncmp(start, "null", 4))
+                v.type = 'z';
+            else if ((v.num = strtod(start, &num_end)), num_end == p && p > start)
+                v.type = 'n';
+            else
+                return buf_free(&key), j_free(o), -1;
+        }
+        if (o->n < (int)(sizeof o->v / sizeof o->v[0])) { /* more fields than any request has: dropped */
+            v.key = (char *)key.p;
+            o->v[o->n++] = v;
+        } else {
+            free(v.str), buf_free(&key);
+        }
+        p = j_ws(p, end);
+        if (p < end && *p == ',') {
+            p++;
+            continue;
+        }
+        if (p < end && *p == '}' && j_ws(p + 1, end) == end)
+            return 0;
+        j_free(o);
+        return -1;
+    }
+}
+
+static const jv_t *j_get(const jobj_t *o, const char *key, char type) {
+    for (int i = 0; i < o->n; i++)
+        if (!strcmp(o->v[i].key, key) && (!type || o->v[i].type == type))
+            return &o->v[i];
+    return NULL;
+}
+
+/* ---- JSON out: one object into a buffer, field by field ---- */
+
+static void jw_key(buf_t *b, const char *key) {
+    buf_add(b, b->len > 1 ? ", \"" : "\"", b->len > 1 ? 3 : 1);
+    buf_add(b, key, strlen(key));
+    buf_add(b, "\": ", 3);
+}
+
+static void jw_text(buf_t *b, const uint8_t *d, size_t n) {
+    buf_t fix = { 0 };
+    const uint8_t *t = text(d, &n, &fix);
+    char esc[8];
+    buf_add(b, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        if (t[i] == '"' || t[i] == '\\')
+            buf_add(b, "\\", 1), buf_add(b, &t[i], 1);
+        else if (t[i] < 0x20)
+            snprintf(esc, sizeof esc, "\\u%04x", t[i]), buf_add(b, esc, 6);
+        else
+            buf_add(b, &t[i], 1);
+    }
+    buf_add(b, "\"", 1);
+    buf_free(&fix);
+}
+
+static void jw_str(buf_t *b, const char *key, const char *v) {
+    jw_key(b, key);
+    jw_text(b, (const uint8_t *)v, strlen(v));
+}
+
+static void jw_num(buf_t *b, const char *key, double v) {
+    char n[64];
+    jw_key(b, key);
+    if (v == (double)(long long)v)
+        snprintf(n, sizeof n, "%lld", (long long)v);
+    else
+        snprintf(n, sizeof n, "%.6f", v);
+    buf_add(b, n, strlen(n));
+}
+
+static void jw_raw(buf_t *b, const char *key, const char *json) {
+    jw_key(b, key);
+    buf_add(b, json, strlen(json));
+}
+
+typedef struct {
+    int fd;
+    buf_t in;
+    jobj_t req;          /* the packet being handled */
+    int put_fd;          /* a put-file under way, or -1 */
+    char *put_path;
+} v1_t;
+
+static const char *v1_unique(v1_t *v) {
+    const jv_t *u = j_get(&v->req, "unique", 's');
+    return u ? u->str : NULL;
+}
+
+/* Finish the object in b and send it as one packet (written in 2048-byte pieces, as 0.7.0). */
+static void v1_send(v1_t *v, buf_t *b) {
+    char head[V1_HEADER + 1];
+    const jv_t *number = j_get(&v->req, "unique", 'n'); /* answers carry the request's unique */
+    if (v1_unique(v))
+        jw_str(b, "unique", v1_unique(v));
+    else if (number)
+        jw_num(b, "unique", number->num);
+    buf_add(b, "}", 1);
+    if (b->oom || b->len > V1_MAX) {
+        buf_free(b);
+        return;
+    }
+    snprintf(head, sizeof head, V1_PREAMBLE "[%08zu]", b->len);
+    struct iovec iov[2] = { { head, V1_HEADER }, { b->p, b->len } };
+    for (int i = 0; i < 2; i++)
+        for (size_t off = 0; off < iov[i].iov_len;) {
+            size_t k = iov[i].iov_len - off < 2048 ? iov[i].iov_len - off : 2048;
+            struct pollfd pf = { v->fd, POLLOUT, 0 };
+            ssize_t w = poll(&pf, 1, 5000) > 0 ? write(v->fd, (char *)iov[i].iov_base + off, k) : -1;
+            if (w < 0 && (errno == EINTR || errno == EAGAIN))
+                continue;
+            if (w <= 0) { /* nobody is reading: the answer is lost, as on a real port */
+                buf_free(b);
+                return;
+            }
+            off += w;
+        }
+    buf_free(b);
+}
+
+static buf_t v1_begin(const char *command) {
+    buf_t b = { 0 };
+    buf_add(&b, "{", 1);
+    jw_str(&b, "command", command);
+    return b;
+}
+
+static void v1_error(v1_t *v, const char *command, const char *message) {
+    buf_t b = v1_begin(command);
+    jw_str(&b, "message", message);
+    v1_send(v, &b);
+}
+
+static void v1_errno(v1_t *v, const char *path) {
+    char m[600];
+    snprintf(m, sizeof m, "%s: %s", path ? path : "", strerror(errno));
+    v1_error(v, "command-error", m);
+}
+
+static void v1_facts(v1_t *v) {
+    buf_t b = v1_begin("gather-facts-response"), mounts = { 0 };
+    char *t = slurp("/proc/mounts"), **lines;
+    size_t n = 0;
+    buf_add(&mounts, "[", 1);
+    lines = t ? split_lines(t, &n) : NULL;
+    for (size_t i = 0; i < n; i++) {
+        char dev[1024], dir[1024], type[256];
+        if (sscanf(lines[i], "%1023s %1023s %255s", dev, dir, type) != 3)
+            continue;
+        buf_t m = { 0 };
+        buf_add(&m, "{", 1);
+        jw_str(&m, "device", dev), jw_str(&m, "mount_point", dir), jw_str(&m, "vfs_type", type);
+        buf_add(&m, "}", 1);
+        if (mounts.len > 1)
+            buf_add(&mounts, ", ", 2);
+        buf_add(&mounts, m.p, m.len);
+        buf_free(&m);
+    }
+    buf_add(&mounts, "]", 2); /* with the NUL */
+    free(lines), free(t);
+    jw_key(&b, "result");
+    static const char head[] = "{\"distribution\": {\"id\": \"sftest\", \"name\": \"sftest\"}, "
+                               "\"ssh-host-keys\": {}, \"mounts\": ";
+    buf_add(&b, head, strlen(head));
+    if (!mounts.oom)
+        buf_add(&b, mounts.p, mounts.len - 1);
+    buf_add(&b, "}", 1);
+    buf_free(&mounts);
+    v1_send(v, &b);
+}
+
+static void v1_execute(v1_t *v) {
+    const jv_t *cmd = j_get(&v->req, "command-line", 's');
+    int po[2] = { -1, -1 }, pe[2] = { -1, -1 };
+    pid_t pid = -1;
+    if (!cmd) {
+        buf_t b = v1_begin("execute-response");
+        jw_raw(&b, "result", "false"), jw_str(&b, "message", "command-line is not set");
+        v1_send(v, &b);
+        return;
+    }
+    if (pipe2(po, O_CLOEXEC) < 0 || pipe2(pe, O_CLOEXEC) < 0 || (pid = fork()) < 0) {
+        v1_errno(v, "/bin/sh");
+        for (int i = 0; i < 2; i++)
+            if (po[i] >= 0)
+                close(po[i]);
+        return;
+    }
+    if (pid == 0) {
+        int null = open("/dev/null", O_RDONLY);
+        signal(SIGPIPE, SIG_DFL);
+        dup2(null, 0), dup2(po[1], 1), dup2(pe[1], 2);
+        execl("/bin/sh", "sh", "-c", cmd->str, (char *)NULL);
+        _exit(127);
+    }
+    close(po[1]), close(pe[1]);
+    buf_t out[2] = { { 0 } };
+    int code = collect(pid, po[0], pe[0], out);
+    buf_t b = v1_begin("execute-response");
+    jw_str(&b, "command-line", cmd->str);
+    jw_raw(&b, "result", code == 0 ? "true" : "false");
+    jw_key(&b, "stdout"), jw_text(&b, out[0].p ? out[0].p : (const uint8_t *)"", out[0].len);
+    jw_key(&b, "stderr"), jw_text(&b, out[1].p ? out[1].p : (const uint8_t *)"", out[1].len);
+    jw_num(&b, "return-code", code);
+    if (out[0].oom || out[1].oom)
+        buf_free(&b), v1_error(v, "command-error", "out of memory collecting the output");
+    else
+        v1_send(v, &b);
+    buf_free(&out[0]), buf_free(&out[1]);
+}
+
+static void v1_put_close(v1_t *v) {
+    if (v->put_fd >= 0)
+        close(v->put_fd);
+    v->put_fd = -1;
+    free(v->put_path);
+    v->put_path = NULL;
+}
+
+static void v1_put(v1_t *v) {
+    const jv_t *path = j_get(&v->req, "path", 's'), *chunk = j_get(&v->req, "chunk", 0);
+    if (!path)
+        return v1_error(v, "command-error", "put-file: path is not set");
+    if (!v->put_path || strcmp(v->put_path, path->str)) { /* a new file: the stat_result packet */
+        v1_put_close(v);
+        v->put_fd = open(path->str, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (v->put_fd < 0)
+            return v1_errno(v, path->str);
+        v->put_path = strdup(path->str);
+    }
+    if (!chunk)
+        return; /* the stat_result packet */
+    if (chunk->type == 'z') {
+        int failed = close(v->put_fd) < 0;
+        v->put_fd = -1;
+        if (failed)
+            return v1_put_close(v), v1_errno(v, path->str);
+        v1_put_close(v);
+        buf_t b = v1_begin("put-file-response");
+        jw_str(&b, "path", path->str);
+        return v1_send(v, &b);
+    }
+    uint8_t *data = chunk->type == 's' ? malloc(chunk->slen / 4 * 3 + 3) : NULL;
+    long k = data ? b64_decode((const uint8_t *)chunk->str, chunk->slen, data) : -1;
+    if (k < 0 || pwrite_all(v->put_fd, data, k, lseek(v->put_fd, 0, SEEK_END)) < 0) {
+        free(data);
+        v1_put_close(v);
+        return k < 0 ? v1_error(v, "command-error", "put-file: a chunk is not base64") : v1_errno(v, path->str);
+    }
+    free(data);
+}
+
+static void v1_chmod(v1_t *v) {
+    const jv_t *path = j_get(&v->req, "path", 's'), *mode = j_get(&v->req, "mode", 'n');
+    if (!path || !mode)
+        return v1_error(v, "command-error", "chmod: path and mode are needed");
+    if (chmod(path->str, (mode_t)mode->num & 07777) < 0)
+        return v1_errno(v, path->str);
+    buf_t b = v1_begin("chmod-response");
+    jw_str(&b, "path", path->str);
+    v1_send(v, &b);
+}
+
+static void v1_get(v1_t *v) {
+    const jv_t *path = j_get(&v->req, "path", 's');
+    struct stat st;
+    int fd = path ? open(path->str, O_RDONLY | O_CLOEXEC) : -1;
+    if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        buf_t b = v1_begin("get-file-response");
+        jw_raw(&b, "result", "false");
+        jw_str(&b, "message", !path ? "path is not set" : fd < 0 ? "path does not exist" : "path is not a file");
+        if (fd >= 0)
+            close(fd);
+        return v1_send(v, &b);
+    }
+    char stat_json[512];
+    snprintf(stat_json, sizeof stat_json, "{\"mode\": %u, \"size\": %lld, \"uid\": %u, \"gid\": %u, "
+             "\"atime\": %lld, \"mtime\": %lld, \"ctime\": %lld}", (unsigned)st.st_mode, (long long)st.st_size,
+             (unsigned)st.st_uid, (unsigned)st.st_gid, (long long)st.st_atime, (long long)st.st_mtime,
+             (long long)st.st_ctime);
+    buf_t b = v1_begin("get-file-response");
+    jw_raw(&b, "result", "true"), jw_str(&b, "path", path->str), jw_raw(&b, "stat_result", stat_json);
+    v1_send(v, &b);
+    uint8_t *data = malloc(V1_CHUNK);
+    char *enc = malloc(V1_CHUNK / 3 * 4 + 8);
+    ssize_t k;
+    off_t offset = 0;
+    while (data && enc && (k = read(fd, data, V1_CHUNK)) > 0) {
+        enc[b64_encode(data, k, enc)] = 0;
+        b = v1_begin("get-file-response");
+        jw_raw(&b, "result", "true"), jw_str(&b, "path", path->str), jw_num(&b, "offset", offset);
+        jw_str(&b, "encoding", "base64"), jw_str(&b, "chunk", enc);
+        v1_send(v, &b);
+        offset += k;
+    }
+    b = v1_begin("get-file-response");
+    jw_raw(&b, "result", "true"), jw_str(&b, "path", path->str), jw_num(&b, "offset", offset);
+    jw_str(&b, "encoding", "base64"), jw_raw(&b, "chunk", "null");
+    v1_send(v, &b);
+    free(data), free(enc);
+    close(fd);
+}
+
+static void v1_handle(v1_t *v, const char *body, size_t n) {
+    if (j_parse(body, n, &v->req) < 0 || !j_get(&v->req, "command", 's')) {
+        j_free(&v->req);
+        return v1_error(v, "json-decode-failure", "the packet is not a JSON object with a command");
+    }
+    const char *c = j_get(&v->req, "command", 's')->str;
+    if (verbose)
+        logmsg("sf-agent: v1 %s", c);
+    if (!strcmp(c, "ping")) {
+        buf_t b = v1_begin("pong");
+        v1_send(v, &b);
+    } else if (!strcmp(c, "is-system-running")) {
+        buf_t b = v1_begin("is-system-running-response");
+        jw_raw(&b, "result", "true"), jw_str(&b, "message", "running"), jw_num(&b, "system_boot_time", boot_time());
+        v1_send(v, &b);
+    } else if (!strcmp(c, "gather-facts")) {
+        v1_facts(v);
+    } else if (!strcmp(c, "execute")) {
+        v1_execute(v);
+    } else if (!strcmp(c, "put-file")) {
+        v1_put(v);
+    } else if (!strcmp(c, "chmod")) {
+        v1_chmod(v);
+    } else if (!strcmp(c, "get-file")) {
+        v1_get(v);
+    } else if (strcmp(c, "pong") && strcmp(c, "agent-start") && strcmp(c, "agent-stop")) {
+        char m[300];
+        snprintf(m, sizeof m, "unknown command %.200s", c);
+        v1_error(v, "unknown-command", m);
+    }
+    j_free(&v->req);
+}
+
+/* Serve fd until EOF (0) or an error (-1). */
+static int v1_serve(int fd) {
+    v1_t v = { .fd = fd, .put_fd = -1 };
+    buf_t b = v1_begin("agent-start");
+    char unique[64];
+    snprintf(unique, sizeof unique, "%.6f", now(CLOCK_REALTIME));
+    jw_str(&b, "message", "version " VERSION), jw_num(&b, "system_boot_time", boot_time());
+    jw_str(&b, "unique", unique);
+    v1_send(&v, &b);
+    for (;;) {
+        struct pollfd pf = { fd, POLLIN, 0 };
+        if (poll(&pf, 1, -1) < 0 && errno != EINTR)
+            break;
+        uint8_t *q = buf_space(&v.in, 65536);
+        ssize_t k = q ? read(fd, q, 65536) : -1;
+        if (k < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (k <= 0) {
+            v1_put_close(&v), buf_free(&v.in);
+            return k == 0 ? 0 : -1;
+        }
+        v.in.len += k;
+        for (;;) { /* every whole packet in the buffer; bytes before a preamble are dropped */
+            uint8_t *start = memmem(v.in.p, v.in.len, V1_PREAMBLE, 7);
+            size_t skip = start ? (size_t)(start - v.in.p) : (v.in.len > 6 ? v.in.len - 6 : 0);
+            memmove(v.in.p, v.in.p + skip, v.in.len - skip);
+            v.in.len -= skip;
+            if (!start || v.in.len < V1_HEADER)
+                break;
+            char digits[9] = { 0 };
+            memcpy(digits, v.in.p + 8, 8);
+            size_t len = strspn(digits, "0123456789") == 8 ? strtoul(digits, NULL, 10) : V1_MAX + 1;
+            if (v.in.p[7] != '[' || v.in.p[16] != ']' || len > V1_MAX) {
+                memmove(v.in.p, v.in.p + 1, --v.in.len); /* not a header: look further */
+                continue;
+            }
+            if (v.in.len < V1_HEADER + len)
+                break;
+            v1_handle(&v, (const char *)v.in.p + V1_HEADER, len);
+            memmove(v.in.p, v.in.p + V1_HEADER + len, v.in.len - V1_HEADER - len);
+            v.in.len -= V1_HEADER + len;
+        }
+    }
+    v1_put_close(&v), buf_free(&v.in);
+    return -1;
+}
+
 /* ---- transports ---- */
 
-/* /dev/vportNpM named PORT_NAME */
-static const char *find_port(char *out, size_t size) {
+static int serve_v2(int fd) { return serve(fd, fd); }
+
+/* /dev/vportNpM named name */
+static const char *find_port(const char *name, char *out, size_t size) {
     DIR *dir = opendir("/sys/class/virtio-ports");
     struct dirent *de;
     const char *found = NULL;
     while (dir && !found && (de = readdir(dir))) {
-        char path[512], name[64] = "";
+        char path[512], found_name[64] = "";
         snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", de->d_name);
         FILE *f = fopen(path, "r");
         if (!f)
             continue;
-        if (fgets(name, sizeof name, f))
-            name[strcspn(name, "\n")] = 0;
+        if (fgets(found_name, sizeof found_name, f))
+            found_name[strcspn(found_name, "\n")] = 0;
         fclose(f);
-        if (!strcmp(name, PORT_NAME)) {
+        if (!strcmp(found_name, name)) {
             snprintf(out, size, "/dev/%s", de->d_name);
             found = out;
         }
@@ -1306,12 +1878,13 @@ static const char *find_port(char *out, size_t size) {
     return found;
 }
 
-static void port_server(const char *device) {
+/* Serve the port (device, or the virtio-serial port named name) with fn, forever. */
+static void port_server(const char *device, const char *name, int (*fn)(int)) {
     char path[300];
     int fd = -1, opened = 0;
     for (;;) {
         if (fd < 0) {
-            const char *p = device ? device : find_port(path, sizeof path);
+            const char *p = device ? device : find_port(name, path, sizeof path);
             if (!p || (fd = open(p, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY)) < 0) {
                 msleep(500);
                 continue;
@@ -1322,11 +1895,11 @@ static void port_server(const char *device) {
                 tcsetattr(fd, TCSANOW, &t);
             }
             if (!opened++)
-                logmsg("SFTEST agent: %s on %s", VERSION, p);
+                logmsg("SFTEST agent: %s on %s (%s)", VERSION, p, fn == v1_serve ? "protocol v1" : "protocol v2");
         }
         /* Returns at EOF: a virtio-serial port reads EOF while the host is not connected,
          * so poll it; reopen only after an error (a pty whose other end closed). */
-        if (serve(fd, fd) < 0) {
+        if (fn(fd) < 0) {
             close(fd);
             fd = -1;
         }
@@ -1361,7 +1934,7 @@ static void vsock_server(void) {
     }
 }
 
-static int unix_server(const char *path) {
+static int unix_server(const char *path, int (*fn)(int)) {
     struct sockaddr_un a = { .sun_family = AF_UNIX };
     int l = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (strlen(path) >= sizeof a.sun_path) {
@@ -1377,7 +1950,7 @@ static int unix_server(const char *path) {
     for (;;) { /* one connection at a time */
         int c = accept4(l, NULL, NULL, SOCK_CLOEXEC);
         if (c >= 0) {
-            serve(c, c);
+            fn(c);
             close(c);
         } else if (errno != EINTR) {
             msleep(100);
@@ -1385,9 +1958,19 @@ static int unix_server(const char *path) {
     }
 }
 
+/* A child running a port server, killed with us. */
+static pid_t port_child(const char *device, const char *name, int (*fn)(int)) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        port_server(device, name, fn);
+    }
+    return pid;
+}
+
 int main(int argc, char **argv) {
     const char *device = NULL, *unix_path = NULL;
-    int use_stdio = 0, vsock = 1;
+    int use_stdio = 0, vsock = 1, v1 = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--device") && i + 1 < argc)
             device = argv[++i];
@@ -1395,36 +1978,48 @@ int main(int argc, char **argv) {
             unix_path = argv[++i];
         else if (!strcmp(argv[i], "--stdio"))
             use_stdio = 1;
+        else if (!strcmp(argv[i], "--v1"))
+            v1 = 1;
         else if (!strcmp(argv[i], "--no-vsock"))
             vsock = 0;
         else if (!strcmp(argv[i], "--verbose"))
             verbose = 1;
         else {
-            fprintf(stderr, "usage: %s [--device PATH | --unix PATH | --stdio] [--no-vsock] [--verbose]\n"
-                    "Shaken Fist agent protocol v2 for the sftest guest; by default on the\n"
-                    "virtio-serial port %s, and vsock port %d if /dev/vsock exists.\n",
-                    argv[0], PORT_NAME, VSOCK_PORT);
+            fprintf(stderr, "usage: %s [--device PATH | --unix PATH | --stdio] [--v1] [--no-vsock] [--verbose]\n"
+                    "The Shaken Fist agent of the sftest guest. By default protocol v2 on the\n"
+                    "virtio-serial port %s (and vsock port %d if /dev/vsock exists) and protocol v1\n"
+                    "on the port %s; with a --device, --unix or --stdio, v2 there (v1 with --v1).\n",
+                    argv[0], PORT_NAME, VSOCK_PORT, V1_PORT_NAME);
             return 2;
         }
     }
     signal(SIGPIPE, SIG_IGN); /* a write to a closed connection fails with EPIPE instead */
+    int (*fn)(int) = v1 ? v1_serve : serve_v2;
     if (use_stdio)
-        return serve(0, 1) < 0;
+        return v1 ? v1_serve(0) < 0 : serve(0, 1) < 0;
     if (unix_path)
-        return unix_server(unix_path);
-    if (vsock && access("/dev/vsock", F_OK) == 0 && fork() == 0)
+        return unix_server(unix_path, fn);
+    if (vsock && !v1 && access("/dev/vsock", F_OK) == 0 && fork() == 0)
         vsock_server();
-    for (;;) { /* the port server runs in a child, restarted should it ever die */
-        pid_t pid = fork(), w;
+    /* the port servers run in children, restarted should one ever die */
+    pid_t v2_pid = device && v1 ? 0 : port_child(device, PORT_NAME, serve_v2);
+    pid_t v1_pid = device && !v1 ? 0 : port_child(device, V1_PORT_NAME, v1_serve);
+    for (;;) {
         int status = 0;
-        if (pid == 0) {
-            prctl(PR_SET_PDEATHSIG, SIGTERM);
-            port_server(device);
-        }
-        while (pid > 0 && (w = waitpid(-1, &status, 0)) != pid) /* also reaps the vsock server */
-            if (w < 0 && errno != EINTR)
-                break;
-        logmsg("SFTEST agent: restarting the agent (wait status %d)", status);
+        pid_t w = waitpid(-1, &status, 0); /* also reaps the vsock server */
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            break;
+        if (w != v2_pid && w != v1_pid)
+            continue;
+        logmsg("SFTEST agent: restarting the agent's %s server (wait status %d)",
+               w == v2_pid ? "v2" : "v1", status);
         msleep(1000);
+        if (w == v2_pid)
+            v2_pid = port_child(device, PORT_NAME, serve_v2);
+        else
+            v1_pid = port_child(device, V1_PORT_NAME, v1_serve);
     }
+    return 1;
 }
