@@ -19,16 +19,17 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 class Plane:
-    def __init__(self, nodes=1, image_allow=()):
+    def __init__(self, nodes=1, image_allow=(), env=None):
         # Short: libvirt's embed root (under it) must stay under about 50 characters.
         self.state = pathlib.Path(tempfile.mkdtemp(prefix='sfe', dir='/tmp'))
         self.nodes = nodes
         self.image_allow = list(image_allow)
+        self.env = dict(env or {})      # for sf-up and what it starts (SF_NODE_CAPACITY, ...)
         self.proc = None
 
     def start(self, timeout=240):
         env = {**os.environ, 'SF_NODE_DOMAIN_TYPE': os.environ.get('SF_NODE_DOMAIN_TYPE', 'qemu'),
-               'SF_NODE_USAGE_INTERVAL': '5'}
+               'SF_NODE_USAGE_INTERVAL': '5', **self.env}
         self.log = open(self.state / 'sf-up.log', 'wb')
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'sfup.main', '--state-dir', str(self.state), '--nodes',

@@ -1,0 +1,5 @@
+import json
+from shakenfist_client import apiclient
+
+sf_client = apiclient.Client()
+sf_client.delete_instance_metadata_item(instance_uuid, 'foo')
