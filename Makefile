@@ -19,7 +19,7 @@ REST_PORT ?= 13000
 NODES ?= 1
 PYTEST_ARGS ?=
 GUEST_DIR ?= build/guest
-GUEST_SRC := $(shell find guest/build-image.sh guest/syslinux.cfg guest/grub.cfg guest/initramfs guest/agent)
+GUEST_SRC := $(shell find guest/build-image.sh guest/efi.sh guest/syslinux.cfg guest/grub.cfg guest/initramfs guest/agent)
 
 .PHONY: run test deps gen schema-check guest-image debian-image clean
 
@@ -80,7 +80,7 @@ $(GUEST_DIR)/sftest.qcow2: $(GUEST_SRC) .stamps/system
 # (guest/debian/build-debian.sh, about 90 s cold; content-addressed, so a rerun is free).
 debian-image: $(GUEST_DIR)/debian-sftest.qcow2
 
-$(GUEST_DIR)/debian-sftest.qcow2: guest/debian/build-debian.sh $(shell find guest/debian/files -type f) .stamps/system
+$(GUEST_DIR)/debian-sftest.qcow2: guest/debian/build-debian.sh guest/efi.sh $(shell find guest/debian/files -type f) .stamps/system
 	bash guest/debian/build-debian.sh $(GUEST_DIR)
 
 schema-check: $(BUF)

@@ -95,6 +95,8 @@ newest_cloud_kernel() {
     sort -V | tail -n 1
 }
 
+source "$HERE/efi.sh"
+
 cached_deb() {  # cached_deb [PKG]: the newest cached .deb (of PKG, if given)
   local pattern=${1:-linux-image-*-cloud-amd64}
   compgen -G "$CACHE/${pattern}_*.deb" | sort -V | tail -n 1 || true
@@ -121,27 +123,9 @@ fi
 [[ -n $KERNEL_DEB ]] || die "kernel package download failed"
 log "kernel package: ${KERNEL_DEB##*/}"
 
-# 1b. UEFI boot: Debian's shim and GRUB, signed for secure boot (the kernel is signed
-# too), downloaded once into OUTDIR/cache and unpacked, never installed on the host.
+# 1b. UEFI boot: Debian's shim and GRUB (guest/efi.sh).
 EFI_DIR=$WORK/efi
-EFI_PACKAGES=(shim-signed grub-efi-amd64-signed)
-for pkg in "${EFI_PACKAGES[@]}"; do
-  if [[ -z $(cached_deb "$pkg") ]]; then
-    log "downloading $pkg"
-    tmp=$(mktemp -d "$CACHE/download.XXXXXX")
-    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg") >&2 ||
-      die "apt-get download $pkg failed"
-    mv "$tmp"/*.deb "$CACHE"/
-    rmdir "$tmp"
-  fi
-done
-if ! fresh "$EFI_DIR/grubx64.efi" "$(cached_deb shim-signed)" "$(cached_deb grub-efi-amd64-signed)" "$SELF"; then
-  rm -rf "$EFI_DIR.tmp" && mkdir -p "$EFI_DIR.tmp/deb"
-  for pkg in "${EFI_PACKAGES[@]}"; do dpkg-deb -x "$(cached_deb "$pkg")" "$EFI_DIR.tmp/deb"; done
-  cp "$EFI_DIR.tmp/deb/usr/lib/shim/shimx64.efi.signed" "$EFI_DIR.tmp/BOOTX64.EFI"
-  cp "$EFI_DIR.tmp/deb/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" "$EFI_DIR.tmp/grubx64.efi"
-  rm -rf "$EFI_DIR.tmp/deb" "$EFI_DIR" && mv "$EFI_DIR.tmp" "$EFI_DIR"
-fi
+efi_binaries "$EFI_DIR"
 
 # ---------------------------------------------------------------------------
 # 2. Kernel and modules: WORK/kernel/{vmlinuz,config,kver,modules.order,modules/*.ko}.

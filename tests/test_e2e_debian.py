@@ -165,3 +165,22 @@ async def test_a_soft_reboot_changes_the_agents_boot_time(client, guest):
     events = [e.message for e in (await client.instances.ListInstanceEvents(api.ListInstanceEventsRequest(
         instance_ref='bookworm'))).events]
     assert 'reboot detected' in events
+
+
+async def test_the_image_boots_under_uefi_with_secure_boot_to_its_agent(plane, client, guest):
+    # Debian's signed shim, GRUB and kernel, from the image's EFI system partition.
+    await client.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref='bookworm'))
+    inst = (await client.instances.CreateInstance(api.CreateInstanceRequest(
+        name='bookworm-uefi', cpus=1, memory=1024, uefi=True, secure_boot=True,
+        disk=[specs_pb2.DiskSpec(size=4, base='debian-sftest')],
+        side_channels=pb.SideChannelList(side_channels=[pb.SIDE_CHANNEL_SF_AGENT])))).instance
+
+    async def ready():
+        i = await get(client, inst.uuid)
+        assert i.state != pb.INSTANCE_STATE_ERROR, i.error_message
+        return i.agent_state == pb.AGENT_STATE_READY
+    await eventually(ready, BOOT, interval=1, what='bookworm-uefi: agent ready')
+    assert FINISHED.search(plane.console(inst.node, inst.uuid))
+    sf = plane.sf()
+    _, out, _ = await sf.run('instance', 'execute', 'bookworm-uefi', 'dmesg | grep -E "secureboot|efi: EFI"')
+    assert 'secureboot: Secure boot enabled' in out and 'efi: EFI v2' in out, out[-3000:]

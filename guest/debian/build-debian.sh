@@ -9,9 +9,11 @@
 #   - the real shakenfist-agent 0.7.0 in a venv (wheels fetched on the host:
 #     pip inside the chroot cannot verify certificates), a systemd unit running
 #     `sf-agent daemon run` on the sf-agent virtio-serial port (protocol v1);
-#   - a 2 GiB raw disk: one MBR partition at 1 MiB, `mkfs.ext4 -d` straight
-#     into it, GRUB's i386-pc core image with an embedded config in the MBR
-#     gap; converted to qcow2.
+#   - a 2 GiB raw disk, MBR: an EFI system partition (FAT, partition 2) at 1 MiB
+#     with Debian's signed shim and GRUB (guest/efi.sh), then the root
+#     (partition 1, ext4 by `mkfs.ext4 -d`, last so that it can grow with the
+#     disk); GRUB's i386-pc core image with an embedded config in the MBR gap.
+#     So it boots under BIOS, UEFI and secure boot. Converted to qcow2.
 #
 # Content-addressed: the image's key is the hash of this script and its files
 # (guest/debian/files); a warm run with the same key does nothing. About 80 s
@@ -23,11 +25,14 @@ OUT=$(realpath -m "${1:-build/guest}")
 CACHE=$OUT/cache
 AGENT_VERSION=0.7.0
 DISK_MB=2048
-PART_START=2048         # sectors: the partition at 1 MiB, GRUB's core image in the gap before it
+PART_START=2048         # sectors: the first partition at 1 MiB, GRUB's core image in the gap before it
+ESP_MB=32
 IMAGE=$OUT/debian-sftest.qcow2
-KEY=$( (cat "$0"; find "$HERE/files" -type f | LC_ALL=C sort | xargs cat) | sha256sum | cut -c1-16)
+KEY=$( (cat "$0" "$HERE/../efi.sh"; find "$HERE/files" -type f | LC_ALL=C sort | xargs cat) | sha256sum | cut -c1-16)
 
 log() { echo "debian-sftest: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+source "$HERE/../efi.sh"
 
 if [[ -f $IMAGE && $(cat "$IMAGE.key" 2>/dev/null) == "$KEY" ]]; then
   exit 0
@@ -77,9 +82,23 @@ mmdebstrap --variant=minbase --mode=root --quiet --include="$PACKAGES" \
 log "making the disk (${DISK_MB} MiB)"
 raw=$WORK/disk.raw
 truncate -s "${DISK_MB}M" "$raw"
-echo "start=$PART_START, type=83, bootable" | sfdisk -q "$raw"
-part_kib=$(((DISK_MB * 1024) - PART_START / 2))
-mkfs.ext4 -q -F -L debian-root -d "$ROOTFS" -E "offset=$((PART_START * 512))" "$raw" "${part_kib}k"
+root_start=$((PART_START + ESP_MB * 2048))
+# Partition 1 is the root (as grub-embedded.cfg and the kernel command line say), placed
+# after partition 2, the EFI system partition.
+printf 'start=%d, type=83, bootable\nstart=%d, size=%d, type=ef\n' "$root_start" "$PART_START" \
+  $((ESP_MB * 2048)) | sfdisk -q "$raw"
+part_kib=$(((DISK_MB * 1024) - root_start / 2))
+mkfs.ext4 -q -F -L debian-root -d "$ROOTFS" -E "offset=$((root_start * 512))" "$raw" "${part_kib}k"
+
+efi_binaries "$CACHE/efi"
+esp=$WORK/esp.img
+mkfs.vfat -C -n ESP "$esp" $((ESP_MB * 1024)) >/dev/null
+mmd -i "$esp" ::/EFI ::/EFI/BOOT ::/EFI/debian
+mcopy -i "$esp" "$CACHE/efi/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i "$esp" "$CACHE/efi/grubx64.efi" ::/EFI/BOOT/grubx64.efi
+mcopy -i "$esp" "$HERE/files/grub-efi.cfg" ::/EFI/debian/grub.cfg
+mcopy -i "$esp" "$HERE/files/grub-efi.cfg" ::/EFI/BOOT/grub.cfg
+dd if="$esp" of="$raw" bs=512 seek="$PART_START" conv=notrunc status=none
 
 GRUB=/usr/lib/grub/i386-pc
 grub-mkimage -O i386-pc -o "$WORK/core.img" -c "$HERE/files/grub-embedded.cfg" -p '(hd0,msdos1)/boot/grub' \
