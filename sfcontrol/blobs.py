@@ -258,20 +258,22 @@ class Blobs:
     def release_into(self, txn: Txn, holder_uuid: str) -> list[str]:
         """Drop holder's references in txn; the blobs this leaves unreferenced are
         marked deleted (and their bytes go when the cache sees that)."""
-        gone = []
-        for entry in self.core.cache.where(keys.BLOB_REFS, 'holder_uuid', holder_uuid):
-            txn.delete(entry.key)
-            blob_uuid = entry.value.blob_uuid
-            others = [r for r in self._refs(blob_uuid) if r.holder_uuid != holder_uuid]
-            blob = self.core.cache.get(keys.blob(blob_uuid))
-            if not others and blob is not None:
-                dead = pb.Blob()
-                dead.CopyFrom(blob.value)
-                dead.state = DELETED
-                txn.check_revision(blob.key, blob.mod_revision).put(blob.key, dead.SerializeToString())
-                self.replicas.forget_into(txn, blob_uuid)
-                gone.append(blob_uuid)
-        return gone
+        return [entry.value.blob_uuid for entry in self.core.cache.where(keys.BLOB_REFS, 'holder_uuid', holder_uuid)
+                if self.release_ref_into(txn, entry.value.blob_uuid, entry.value.holder_type, holder_uuid)]
+
+    def release_ref_into(self, txn: Txn, blob_uuid: str, holder_type: str, holder_uuid: str) -> bool:
+        """Drop one reference in txn; True if that leaves the blob unreferenced (deleted)."""
+        txn.delete(keys.blob_ref(blob_uuid, holder_type, holder_uuid))
+        others = [r for r in self._refs(blob_uuid) if (r.holder_type, r.holder_uuid) != (holder_type, holder_uuid)]
+        blob = self.core.cache.get(keys.blob(blob_uuid))
+        if others or blob is None:
+            return False
+        dead = pb.Blob()
+        dead.CopyFrom(blob.value)
+        dead.state = DELETED
+        txn.check_revision(blob.key, blob.mod_revision).put(blob.key, dead.SerializeToString())
+        self.replicas.forget_into(txn, blob_uuid)
+        return True
 
     def start(self):
         """Delete a blob's bytes here once its record says it is deleted (by any

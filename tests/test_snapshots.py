@@ -167,6 +167,7 @@ async def test_snapshots_are_watchable_events(system, node):
     inst = await create_created(system)
     stream = system.events.WatchEvents(ev.WatchEventsRequest(
         object_ref=inst.uuid, object_type=event_pb2.OBJECT_TYPE_INSTANCE))
+    assert not (await stream.read()).HasField('event')      # the watch is established
     target = (await snapshot(system))['vda']
     await store(node, inst.uuid, target.blob_uuid, b'x' * 10)
     seen = []
@@ -178,3 +179,27 @@ async def test_snapshots_are_watchable_events(system, node):
     stream.cancel()
     assert 'snapshot requested' in seen
     assert (await get(system, inst.uuid)).state == instance_pb2.INSTANCE_STATE_CREATED
+
+
+async def test_three_versions_are_kept_and_pending_snapshots_are_bounded(system, node):
+    from sfcontrol.instances.snapshots import MAX_PENDING, MAX_VERSIONS
+    inst = await create_created(system)
+    taken = []
+    for _ in range(MAX_VERSIONS + 2):
+        target = (await snapshot(system))['vda']
+        await store(node, inst.uuid, target.blob_uuid, os.urandom(1000))
+        taken.append(target)
+    shown = await listed(system)
+    assert [s.index for s in shown] == [3, 4, 5] and all(s.state == 'created' for s in shown)
+    # The oldest versions' blobs went with their last reference.
+    for old in taken[:2]:
+        async with raises(grpc.StatusCode.NOT_FOUND):
+            await blob(system, old.blob_uuid)
+    # Orders not yet taken are bounded: the next one waits. Pending ones take no finished
+    # version's place.
+    for _ in range(MAX_PENDING):
+        await snapshot(system)
+    async with raises(grpc.StatusCode.RESOURCE_EXHAUSTED, 'TOO_MANY_REQUESTS', match='still being taken'):
+        await snapshot(system)
+    await eventually(lambda: len(node.desired[inst.uuid].snapshots) == MAX_PENDING, what='8 orders')
+    assert len(await listed(system)) == MAX_VERSIONS + MAX_PENDING

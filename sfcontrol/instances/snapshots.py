@@ -31,6 +31,12 @@ from .lifecycle import OBJ, Instances, _copy
 
 STATUS, AUDIT = event_pb2.EVENT_TYPE_STATUS, event_pb2.EVENT_TYPE_AUDIT
 SNAPSHOT = 'snapshot'
+# Finished versions kept of each disk's snapshot artifact (Shaken Fist's default): one
+# more finishing releases the oldest, and its blob with its last reference.
+MAX_VERSIONS = 3
+# Snapshots of one instance still to be taken: more wait (their orders live in the
+# instance's placement record, which must stay small).
+MAX_PENDING = 8
 
 
 def source_url(instance_uuid: str, device: str) -> str:
@@ -59,6 +65,10 @@ class Snapshots:
             placement = self.core.cache.get(keys.placement(inst.node, inst.uuid))
             if placement is None:
                 raise errors.NotReady(f'instance {inst.uuid} is not placed on a node')
+            if len(placement.value.snapshots) + len(disks) > MAX_PENDING:
+                raise errors.TooManyRequests(
+                    f'{len(placement.value.snapshots)} snapshots of instance {inst.uuid} are still '
+                    f'being taken (at most {MAX_PENDING}); wait for them')
             ordered = _copy(placement.value)
             txn = Txn().check_revision(current.key, current.mod_revision).check_revision(
                 placement.key, placement.mod_revision)
@@ -114,9 +124,17 @@ class Snapshots:
         if found:
             return _copy(found[0].value)
         art = blob_pb2.Artifact(uuid=str(uuidlib.uuid4()), name=name, artifact_type=SNAPSHOT,
-                                source_url=url, namespace=ns, max_versions=0, version=1, state=INITIAL)
+                                source_url=url, namespace=ns, max_versions=MAX_VERSIONS, version=1, state=INITIAL)
         art.metadata.SetInParent()
         return art
+
+    def _trim_into(self, txn: Txn, art: blob_pb2.Artifact, keep: int):
+        """Drop the oldest finished (created or failed) versions but keep of them."""
+        finished = sorted(int(i) for i, v in art.blobs.items()
+                          if (b := self.core.cache.get(keys.blob(v.uuid))) is None or b.value.state != INITIAL)
+        for index in finished[:max(0, len(finished) - keep)]:
+            version = art.blobs.pop(str(index))
+            self.blobs.release_ref_into(txn, version.uuid, 'artifact', art.uuid)
 
     # -- the node's side ------------------------------------------------------------------
     def _order(self, node: str, instance_uuid: str, blob_uuid: str):
@@ -144,6 +162,8 @@ class Snapshots:
                     version.size = extra.get('size', 0)
             if state == CREATED:
                 art.state = CREATED
+                # This one (still initial in the cache) makes max_versions finished ones.
+                self._trim_into(txn, art, art.max_versions - 1)
             txn.check_revision(entry.key, entry.mod_revision).put(entry.key, art.SerializeToString())
         message = 'snapshot created' if state == CREATED else 'snapshot failed'
         self.core.event(txn, inst.namespace, OBJ, inst.uuid, STATUS, message,
