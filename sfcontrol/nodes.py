@@ -304,8 +304,8 @@ class NodeReports:
 
     def blob_stream(self, node: str, blob_uuid: str, offset: int):
         """A blob node is to put into a guest or start a disk from: only one an unfinished
-        agent operation of an instance on node puts, or a disk base of an instance placed
-        on node (NOT_FOUND for any other)."""
+        agent operation of an instance on node puts, or a disk base or NVRAM template of
+        an instance placed on node (NOT_FOUND for any other)."""
         if not self._blob_is_given_to(node, blob_uuid):
             raise errors.NotFound(f'blob {blob_uuid} is not for node {node}')
         return self.blobs.stream(blob_uuid, offset)
@@ -315,6 +315,9 @@ class NodeReports:
             if blob_uuid in placement.value.base_blobs:
                 return True
             uuid = placement.value.instance_uuid
+            inst = self.core.cache.by_uuid(keys.INSTANCES, uuid)
+            if inst is not None and inst.value.nvram_template == blob_uuid:
+                return True
             for op in self.core.cache.where(keys.AGENTOPS, 'instance_uuid', uuid):
                 if op.value.state not in OPERATION_FINAL and any(
                         c.blob_uuid == blob_uuid for c in op.value.commands):

@@ -28,9 +28,10 @@ def check_create(req: api.CreateInstanceRequest, images: ImagePolicy):
         raise errors.InvalidArgument('secure boot requires UEFI: set uefi as well')
     if req.vtpm and not req.uefi:
         raise errors.InvalidArgument('vtpm: a TPM is for UEFI guests: set uefi as well')
-    if req.HasField('nvram_template') and req.nvram_template:
-        raise errors.InvalidArgument("nvram_template: NVRAM templates from blobs are not supported yet; "
-                                     "leave it unset for OVMF's own")
+    if req.nvram_template and not req.uefi:
+        raise errors.InvalidArgument('nvram_template: an NVRAM template is for UEFI guests: set uefi as well')
+    if req.nvram_template.startswith('label:'):
+        raise errors.NotFound(f'nvram_template: {req.nvram_template} not found (this plane has no labels)')
     if not req.disk:
         raise errors.InvalidArgument('disk: an instance must specify at least one disk')
     for i, disk in enumerate(req.disk):

@@ -115,6 +115,8 @@ class DomainOptions:
     q35_hotplug_ports: int = Q35_HOTPLUG_PORTS
     # Debian's OVMF (package ovmf): the UEFI firmware and NVRAM templates.
     ovmf_dir: str = '/usr/share/OVMF'
+    # The instance's own NVRAM template (its nvram_template blob, fetched), else OVMF's.
+    nvram_template: str | None = None
 
 
 # -- disks -----------------------------------------------------------------------------
@@ -349,9 +351,8 @@ def _uefi(dom: ET.Element, inst: instance_pb2.Instance, paths: 'InstancePaths', 
     """OVMF from pflash, and the instance's own NVRAM (libvirt copies the template into
     it once; it then keeps the guest's boot entries and keys across power cycles).
     Secure boot needs q35 (the controller sets it) and SMM."""
-    if inst.nvram_template:
-        raise UnsupportedSpec('nvram_template: an NVRAM template from a blob is not supported yet; '
-                              "leave it unset for OVMF's own")
+    if inst.nvram_template and not options.nvram_template:
+        raise UnsupportedSpec(f'nvram_template: blob {inst.nvram_template} was not fetched')
     if inst.secure_boot and inst.machine_type != instance_pb2.MACHINE_TYPE_Q35:
         raise UnsupportedSpec('secure boot needs the q35 machine type')
     code, variables = (os.path.join(options.ovmf_dir, f) for f in (OVMF_SECURE if inst.secure_boot else OVMF_PLAIN))
@@ -361,7 +362,7 @@ def _uefi(dom: ET.Element, inst: instance_pb2.Instance, paths: 'InstancePaths', 
     os_el = dom.find('os')
     ET.SubElement(os_el, 'loader', readonly='yes', type='pflash',
                   secure='yes' if inst.secure_boot else 'no').text = code
-    ET.SubElement(os_el, 'nvram', template=variables).text = paths.nvram
+    ET.SubElement(os_el, 'nvram', template=options.nvram_template or variables).text = paths.nvram
     if inst.secure_boot:
         ET.SubElement(dom.find('features'), 'smm', state='on')
 

@@ -216,6 +216,10 @@ class InstanceWorker:
             url, trusted = source
             progress = images.Progress(url, self._event)
             bases.append(await self.node.images.fetch(url, progress, trusted=trusted))
+        template = None
+        if inst.nvram_template:
+            template = await self.node.images.fetch_blob(
+                inst.nvram_template, lambda: self._read_blob(inst.nvram_template))
         await self._advance(S.Value('INSTANCE_STATE_CREATING'))
         steps = []      # disks and the config drive are independent: make them at once
         for i, spec in enumerate(inst.disk_spec):
@@ -234,7 +238,8 @@ class InstanceWorker:
         options = domain.DomainOptions(
             vdi_port=ports['vdi'], vdi_password=desired.console_password,
             domain_type=self.node.domain_type, bridges=bridges, vsock=self._vsock(desired),
-            console_listen=self.node.console_listen, vdi_listen=self.node.console_listen)
+            console_listen=self.node.console_listen, vdi_listen=self.node.console_listen,
+            nvram_template=str(template) if template else None)
         xml = domain.build_domain_xml(desired, paths, options)
         shown = xml.replace(f"passwd=\"{desired.console_password}\"", 'passwd="(hidden)"') \
             if desired.console_password else xml

@@ -1,6 +1,8 @@
 """UEFI and secure boot on real TCG guests: Debian's OVMF, an NVRAM per instance, and the
 sftest image's signed shim, GRUB and kernel (guest/build-image.sh) under secure boot."""
 
+import pathlib
+
 import pytest
 
 from shakenfist.v1 import instance_pb2 as pb, instance_service_pb2 as api, specs_pb2
@@ -52,11 +54,35 @@ async def test_a_uefi_guest_and_a_secure_boot_guest_boot_and_reach_their_agents(
     await eventually(gone, 60, interval=0.5, what='the NVRAM files removed with their instances')
 
 
-async def test_an_nvram_template_is_refused_rather_than_ignored(client, image_url):  # noqa: F811
+async def test_an_nvram_template_from_a_blob_is_the_guests_first_nvram(plane, client, image_url):  # noqa: F811
+    # Debian's NVRAM with Microsoft's keys enrolled and secure boot on, as a tenant's
+    # template for an instance that does not ask for secure boot: its guest then boots
+    # with secure boot on (the plain OVMF code honours the variables), so the template
+    # is what the firmware read.
+    from tests.test_blobs import upload
+    template = await upload(client, pathlib.Path('/usr/share/OVMF/OVMF_VARS_4M.ms.fd').read_bytes(), 'ms-vars')
+    await client.instances.CreateInstance(api.CreateInstanceRequest(
+        name='templated', cpus=1, memory=1024, uefi=True, nvram_template=f'sf://blob/{template.blob_uuid}',
+        disk=[specs_pb2.DiskSpec(size=1, base=image_url)]))
+
+    async def ready():
+        inst = await get(client, 'templated')
+        assert inst.state != pb.INSTANCE_STATE_ERROR, inst.error_message
+        return inst.agent_state == pb.AGENT_STATE_READY
+    await eventually(ready, BOOT, interval=0.5, what='templated: agent ready')
+    inst = await get(client, 'templated')
+    assert inst.nvram_template == template.blob_uuid and not inst.secure_boot
+    log = await dmesg(client, 'templated')
+    assert 'secureboot: Secure boot enabled' in log, [line for line in log.splitlines() if 'ecure' in line]
+    await client.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref='templated'))
+
+
+async def test_an_nvram_template_must_be_a_blob_of_the_namespace(client, image_url):  # noqa: F811
     import grpc
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await client.instances.CreateInstance(api.CreateInstanceRequest(
-            name='template', cpus=1, memory=256, uefi=True, nvram_template='some-blob',
-            disk=[specs_pb2.DiskSpec(size=1, base=image_url)]))
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert 'nvram_template' in refused.value.details()
+    for template, code in (('sf://blob/8a9f2a4e-0000-4000-8000-000000000000', grpc.StatusCode.NOT_FOUND),
+                           ('label:ovmf', grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.instances.CreateInstance(api.CreateInstanceRequest(
+                name='template', cpus=1, memory=256, uefi=True, nvram_template=template,
+                disk=[specs_pb2.DiskSpec(size=1, base=image_url)]))
+        assert refused.value.code() == code and 'nvram_template' in refused.value.details()

@@ -762,7 +762,7 @@ def ascii_maxima(networks):
         disk=[disk(base='https://images.example.com/' + 'd' * (2048 - 27)) for _ in range(16)],
         ssh_key='s' * 16384, user_data='QUJD' * (65536 // 4),
         metadata=struct_pb2.Struct(fields={'k' * 256: filling('k' * 256, 65536)}),
-        request_id='r' * 255)       # no nvram_template: refused until templates from blobs work
+        request_id='r' * 255)       # no nvram_template: it must name an existing blob
 
 
 async def test_every_limit_at_once_keeps_each_transaction_far_below_etcds_limits(controller, system, node):

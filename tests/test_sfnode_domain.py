@@ -368,6 +368,14 @@ def test_uefi_that_cannot_be_done_right_is_refused_rather_than_booted_otherwise(
         build(desired, ovmf_dir=ovmf(tmp_path, *files))
 
 
+def test_an_nvram_template_of_the_instance_replaces_ovmfs(tmp_path):
+    desired = make_instance()
+    desired.instance.uefi = True
+    desired.instance.nvram_template = 'a-blob-uuid'
+    _, root, _ = build(desired, ovmf_dir=ovmf(tmp_path, *domain.OVMF_PLAIN), nvram_template='/cache/vars.fd')
+    assert root.find('os/nvram').get('template') == '/cache/vars.fd'
+
+
 def test_values_are_escaped_not_formatted():
     desired = make_instance()
     desired.instance.name = 'a<b & "c"'

@@ -203,3 +203,21 @@ async def test_three_versions_are_kept_and_pending_snapshots_are_bounded(system,
         await snapshot(system)
     await eventually(lambda: len(node.desired[inst.uuid].snapshots) == MAX_PENDING, what='8 orders')
     assert len(await listed(system)) == MAX_VERSIONS + MAX_PENDING
+
+
+async def test_an_nvram_template_is_a_blob_of_the_namespace_the_node_may_read(system, node, tenant):
+    from tests.test_blobs import upload
+    art = await upload(system, b'NVRAM' * 100, 'vars')
+    for ref in (art.blob_uuid, f'sf://blob/{art.blob_uuid}', f'sf://artifact/{art.uuid}'):
+        inst = await create_created(system, 'uefi', uefi=True, nvram_template=ref)
+        assert inst.nvram_template == art.blob_uuid     # shown as the blob it resolved to
+        got = b''
+        async for part in node.node_control.GetBlob(node_pb2.GetBlobRequest(blob_uuid=art.blob_uuid)):
+            got += part.data
+        assert got == b'NVRAM' * 100
+        await system.instances.DeleteInstance(api.DeleteInstanceRequest(instance_ref=inst.uuid))
+        await wait_state(system, inst.uuid, instance_pb2.INSTANCE_STATE_DELETED)
+    async with raises(grpc.StatusCode.INVALID_ARGUMENT, match='set uefi'):
+        await create(system, 'bios', nvram_template=art.blob_uuid)
+    async with raises(grpc.StatusCode.NOT_FOUND, match='nvram_template'):
+        await create(tenant, 'stolen', uefi=True, nvram_template=art.blob_uuid)

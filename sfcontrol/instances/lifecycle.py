@@ -128,7 +128,7 @@ class Instances:
             if req.HasField('video'):
                 inst.video.model, inst.video.memory = req.video.model, req.video.memory
                 inst.video.vdi = req.video.vdi or specs_pb2.VDI_TYPE_SPICE
-            for field in ('ssh_key', 'user_data', 'nvram_template'):
+            for field in ('ssh_key', 'user_data'):
                 if req.HasField(field):
                     setattr(inst, field, getattr(req, field))
             if req.HasField('user_data'):
@@ -144,6 +144,11 @@ class Instances:
                                     req.placed_on if req.HasField('placed_on') else None)
             inst.node = node.value.name
             scheduler.allocate(txn, node, size)
+            if req.nvram_template:      # shown as the blob it resolved to, as Shaken Fist does
+                template = req.nvram_template
+                inst.nvram_template = self.blob_of(
+                    txn, inst, template if template.startswith('sf://') else f'sf://blob/{template}',
+                    'nvram_template')
             txn.put(keys.instance(ns, inst.uuid), inst.SerializeToString())
             cid = 0
             if pb.SIDE_CHANNEL_SF_AGENT2 in inst.side_channels:
@@ -167,15 +172,21 @@ class Instances:
             return await self.core.mutate(build, request=req)
 
     def base_blob(self, txn: Txn, inst: pb.Instance, i: int, spec) -> str:
-        """The blob a disk starts from when its base is one (sf://blob/<uuid>, the newest
-        version of sf://snapshot/<uuid> or sf://artifact/<uuid>, or sf://upload/<ns>/<name>),
-        held by the instance while it lives; '' for any other base."""
+        """The blob a disk starts from when its base is one, held by the instance while
+        it lives; '' for any other base (a URL or shorthand, fetched by the node)."""
         base = spec.base if spec.HasField('base') else ''
-        if not base.startswith('sf://'):
-            return ''
+        return self.blob_of(txn, inst, base, f'disk[{i}].base') if base.startswith('sf://') else ''
+
+    def blob_of(self, txn: Txn, inst: pb.Instance, ref: str, field: str) -> str:
+        """The complete blob that ref names for inst's namespace (sf://blob/<uuid>, the
+        newest complete version of sf://snapshot/<uuid> or sf://artifact/<uuid>, or of
+        sf://upload/<ns>/<name>), held by the instance (a reference in txn)."""
+        base = ref
         ns, me = inst.namespace, caller.current()
         kind, _, rest = base.removeprefix('sf://').partition('/')
-        missing = errors.NotFound(f'disk[{i}].base: {base} not found')
+        missing = errors.NotFound(f'{field}: {base} not found')
+        if not base.startswith('sf://'):
+            raise missing
         if kind == 'blob':
             blob = self.core.cache.get(keys.blob(rest))
             refs = self.core.cache.range(keys.blob_refs(rest))[0]
@@ -195,13 +206,13 @@ class Instances:
             ready = [v.uuid for _, v in versions if (b := self.core.cache.get(keys.blob(v.uuid)))
                      is not None and b.value.state == blob_pb2.BlobState.Value('BLOB_STATE_CREATED')]
             if not ready:
-                raise errors.NotReady(f'disk[{i}].base: {base} has no complete version yet')
+                raise errors.NotReady(f'{field}: {base} has no complete version yet')
             blob_uuid = ready[0]
             blob = self.core.cache.get(keys.blob(blob_uuid))
         else:
             raise missing
         if blob.value.state != blob_pb2.BlobState.Value('BLOB_STATE_CREATED'):
-            raise errors.NotReady(f'disk[{i}].base: blob {blob_uuid} is not complete '
+            raise errors.NotReady(f'{field}: blob {blob_uuid} is not complete '
                                   f'({blob_pb2.BlobState.Name(blob.value.state)})')
         txn.put(keys.blob_ref(blob_uuid, 'instance', inst.uuid), records_pb2.BlobRef(
             blob_uuid=blob_uuid, holder_type='instance', holder_uuid=inst.uuid,
