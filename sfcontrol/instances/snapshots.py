@@ -129,7 +129,7 @@ class Snapshots:
         return art
 
     def _trim_into(self, txn: Txn, art: blob_pb2.Artifact, keep: int):
-        """Drop the oldest finished (created or failed) versions but keep of them."""
+        """Drop the oldest finished (created or failed) versions, keeping the newest `keep`."""
         finished = sorted(int(i) for i, v in art.blobs.items()
                           if (b := self.core.cache.get(keys.blob(v.uuid))) is None or b.value.state != INITIAL)
         for index in finished[:max(0, len(finished) - keep)]:
@@ -145,7 +145,8 @@ class Snapshots:
         return placement
 
     def _finish_into(self, txn: Txn, node: str, inst, blob_uuid: str, state, extra: dict):
-        """Drop the order and update its artifact version, in txn."""
+        """In txn: drop the order, record the version's size (and trim the artifact) if it was
+        created, and say how it ended."""
         placement = self._order(node, inst.uuid, blob_uuid)
         rest = _copy(placement.value)
         del rest.snapshots[:]
