@@ -96,8 +96,9 @@ async def run(plane, name, inst, tmp, network_uuid) -> tuple[int, str]:
     env = {'PATH': f'{bindir}:{os.environ["PATH"]}', 'HOME': str(tmp),
            'SHAKENFIST_API_URL': plane.endpoints['rest'], 'SHAKENFIST_NAMESPACE': 'system',
            'SHAKENFIST_KEY': plane.endpoints['key']}
-    # From the repository's root: the put-blob example uploads ./README.md.
-    proc = await asyncio.create_subprocess_exec(str(PYTHON), str(script), cwd=ROOT, env=env,
+    # From the repository's root: the put-blob example uploads ./README.md. Unbuffered:
+    # a failing example shows how far it got.
+    proc = await asyncio.create_subprocess_exec(str(PYTHON), '-u', str(script), cwd=ROOT, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
