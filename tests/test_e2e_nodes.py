@@ -93,6 +93,8 @@ async def test_a_node_killed_during_creates_recovers_them_all_without_duplicates
     assert restarted not in killed
     running = domains()
     wrong = {u: running.get(u, 0) for u in uuids if running.get(u) != 1}
-    assert not wrong, f'QEMU processes per instance, where not one: {wrong}'
+    log = (plane.state / 'node0.log').read_text(errors='replace') if wrong else ''
+    assert not wrong, (f'QEMU processes per instance, where not one: {wrong}; node0 said of them:\n'
+                       + '\n'.join(line for line in log.splitlines() if any(u in line for u in wrong))[-4000:])
     ours = {u for u in running if (plane.state / 'nodes' / 'node0' / 'instances' / u).exists()}
     assert ours == set(uuids), 'an orphan or missing domain on node0'
