@@ -156,11 +156,18 @@ async def list_all(client) -> list[instance_pb2.Instance]:
 
 
 async def all_created(client, names, timeout=30):
+    waiting = {}
+
     async def check():
         states = {i.name: i.state for i in await list_all(client) if i.name in names}
-        return len(states) == len(names) and all(
-            s == S.INSTANCE_STATE_CREATED for s in states.values())
-    await eventually(check, timeout, interval=0.1, what='every instance created')
+        waiting.clear()
+        waiting.update({n: S.InstanceState.Name(states[n]) if n in states else 'missing'
+                        for n in names if states.get(n) != S.INSTANCE_STATE_CREATED})
+        return not waiting
+    try:
+        await eventually(check, timeout, interval=0.1, what='every instance created')
+    except AssertionError as e:     # which, and where they stopped (a rare CI failure)
+        raise AssertionError(f'{e}; not created: {waiting}') from None
 
 
 def cached(ctl, prefix):
