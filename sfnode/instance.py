@@ -292,14 +292,8 @@ class InstanceWorker:
             await hv.start(self.name)
             await self._event('poweron')
         elif want == P.Value('POWER_STATE_ON') and have == P.Value('POWER_STATE_PAUSED'):
-            if await hv.start_interrupted(self.name):
-                # Seen in CI: the node was killed during the start; resuming fails forever.
-                await hv.destroy(self.name)
-                await hv.start(self.name)
-                await self._event('poweron', {'why': 'its start was cut short by a node restart'})
-            else:
-                await hv.resume(self.name)
-                await self._event('unpause')
+            await hv.resume(self.name)
+            await self._event('unpause')
         elif want == P.Value('POWER_STATE_PAUSED') and have == P.Value('POWER_STATE_ON'):
             await hv.suspend(self.name)
             await self._event('pause')

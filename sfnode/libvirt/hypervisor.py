@@ -429,16 +429,6 @@ class Hypervisor:
             dom.suspend()
 
     @_in_thread
-    def start_interrupted(self, ref: str) -> bool:
-        """Whether the domain is paused because its start never finished: the node died
-        while libvirt started it (QEMU starts paused). libvirt keeps that start's job, so
-        such a domain cannot be resumed; it is to be destroyed and started again."""
-        dom = self._domain(ref, 'inspect')
-        with libvirt_errors('inspect', ref):
-            state, reason = dom.state()
-        return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP
-
-    @_in_thread
     def resume(self, ref: str):
         dom = self._domain(ref, 'resume')
         with libvirt_errors('resume', ref):
