@@ -169,6 +169,18 @@ def sftest_instance(memory=128) -> node_pb2.DesiredInstance:
     return node_pb2.DesiredInstance(instance=inst, desired_power_state=ipb.POWER_STATE_ON)
 
 
+def guest_on_disk(embed_state, guest_image):
+    """An sftest instance with its directory and a disk over the image:
+    (desired, domain name, directory, paths)."""
+    desired = sftest_instance()
+    workdir = embed_state / 'instances' / desired.instance.uuid[:8]
+    workdir.mkdir(parents=True)
+    paths = domain.InstancePaths.under(str(workdir), desired.instance)
+    subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', str(guest_image),
+                    paths.disks[0]], check=True)
+    return desired, domain.domain_name(desired.instance.uuid), workdir, paths
+
+
 async def read_until(reader, needle: bytes, timeout: float, seen: bytearray) -> bytes:
     """Read the console stream until needle appears (seen keeps what was read)."""
     async def go():
@@ -228,14 +240,8 @@ async def agent_ping(path: str, timeout: float) -> float:
 @pytest.mark.real_vm
 async def test_real_guest_lifecycle_hotplug_and_events(real_hv, guest_image, embed_state, bridge):
     hv, events = real_hv, real_hv.events
-    desired = sftest_instance()
+    desired, name, _, paths = guest_on_disk(embed_state, guest_image)
     inst = desired.instance
-    name = domain.domain_name(inst.uuid)
-    workdir = embed_state / 'instances' / inst.uuid[:8]
-    workdir.mkdir(parents=True)
-    paths = domain.InstancePaths.under(str(workdir), inst)
-    subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', str(guest_image),
-                    paths.disks[0]], check=True)
     console_port = free_port()
     xml = domain.build_domain_xml(desired, paths, domain.DomainOptions(
         domain_type='qemu', emulator=EMULATOR))
@@ -369,14 +375,8 @@ async def test_a_live_backup_read_at_once_is_the_whole_disk(real_hv, guest_image
     before QEMU has written the copy's qcow2 tables, and a copy read at that moment was
     broken in 13 of 15 tries (sfnode/libvirt/hypervisor.py _backup_settled)."""
     hv = real_hv
-    desired = sftest_instance()
+    desired, name, workdir, paths = guest_on_disk(embed_state, guest_image)
     inst = desired.instance
-    name = domain.domain_name(inst.uuid)
-    workdir = embed_state / 'instances' / inst.uuid[:8]
-    workdir.mkdir(parents=True)
-    paths = domain.InstancePaths.under(str(workdir), inst)
-    subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', str(guest_image),
-                    paths.disks[0]], check=True)
     serial = await SerialConsole(inst.uuid, paths.console_socket, None, open_access=True).start(
         '127.0.0.1', free_port())
     try:
