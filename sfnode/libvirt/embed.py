@@ -8,8 +8,7 @@ import os
 import pwd
 import shutil
 import tempfile
-
-
+import xml.etree.ElementTree as ET
 
 
 # The longest embed root whose guests' monitor sockets fit in a unix socket
@@ -41,6 +40,32 @@ def claimed_root() -> str | None:
     return _root_in_process
 
 
+def forget_unlaunched_starts(root: str) -> list[str]:
+    """Remove the status of domains whose start was cut short before QEMU ran;
+    their names. Call before opening the root.
+
+    libvirt 9.0 saves a starting domain's status (paused, "starting up", with
+    an async start job) before it launches QEMU. If the process dies in that
+    window, the next open loads the domain as running with pid 0, skips its
+    reconnect (there is no QEMU to reconnect to) and keeps the dead start job
+    for good: every later call on the domain, destroy included, times out on
+    its job lock. Without the status the domain is defined and shut off, and
+    starts again like any other. (A status with a pid is libvirt's own to
+    recover: it kills a guest found half started.)"""
+    run = os.path.join(root, 'run', 'qemu')
+    forgotten = []
+    for name in sorted(os.listdir(run)) if os.path.isdir(run) else []:
+        path = os.path.join(run, name)
+        if not name.endswith('.xml') or not os.path.isfile(path):
+            continue
+        try:
+            status = ET.parse(path).getroot()
+        except ET.ParseError:
+            continue
+        if status.tag == 'domstatus' and status.get('pid', '0') == '0':
+            os.unlink(path)
+            forgotten.append(name[:-len('.xml')])
+    return forgotten
 
 
 # -- the embedded driver's configuration -------------------------------------------------

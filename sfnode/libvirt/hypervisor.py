@@ -185,6 +185,10 @@ class Hypervisor:
                 f'connect to {self.uri}: this process already runs the embedded driver '
                 f'of {claimed}, and libvirt allows one per process')
         write_if_changed(os.path.join(root, 'etc', 'qemu.conf'), embed_qemu_conf(self.display_ports))
+        # Only before this process's driver runs: then no start of ours is under way.
+        for name in embed.forget_unlaunched_starts(root) if claimed is None else []:
+            LOG.warning('domain %s: its start was cut short before QEMU ran; '
+                        'it is shut off now, to be started again', name)
         if self.caps_cache:
             copy_new_files(self.caps_cache, self._caps_dir(root))
 
