@@ -74,7 +74,7 @@ class Events:
                         # This watch is not the cache's: an event may come before the cache
                         # has its transaction, and a read right after it would show the
                         # object as it was. Held until reads include it.
-                        await self.core.cache.wait_for(change.mod_revision, elsewhere=True)
+                        await self.core.cache.wait_for(change.mod_revision)
                         yield event_service_pb2.WatchEventsResponse(event=ev, cursor=str(change.mod_revision))
             except StoreCompacted:
                 raise errors.CursorExpired(

@@ -24,6 +24,7 @@ from typing import Callable
 
 from google.protobuf.message import Message
 
+from sfcontrol.store import keys
 from sfcontrol.store.etcd import Store, StoreCompacted
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class ObjectCache:
         self._listeners: list[tuple[str, Callable[[str, Entry | None], None]]] = []
         self.revision = 0
         self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._marking = asyncio.Lock()
+        self._marked = 0                # the revision of the last mark written
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -124,9 +127,8 @@ class ObjectCache:
             revision = await self._load()
             self._ready.set()
             try:
-                async for ev in self._store.watch_prefix('', start_revision=revision + 1, progress=True):
-                    kind = self._kind_of(ev.key) if ev.type != 'progress' else None
-                    if kind:
+                async for ev in self._store.watch_prefix('', start_revision=revision + 1):
+                    if kind := self._kind_of(ev.key):
                         if ev.type == 'put':
                             self._apply(kind, ev.key, kind.message.FromString(ev.value),
                                         ev.mod_revision)
@@ -183,8 +185,8 @@ class ObjectCache:
         if old is None:
             return
         kind = self._kind_of(key)
-        keys = self._sorted[kind.prefix]
-        del keys[bisect.bisect_left(keys, key)]
+        in_order = self._sorted[kind.prefix]
+        del in_order[bisect.bisect_left(in_order, key)]
         self._unindex(kind, old)
         self._by_uuid.pop((kind.prefix, key.rsplit('/', 1)[-1]), None)
         self._notify(key, None)
@@ -214,8 +216,9 @@ class ObjectCache:
     # -- reads -----------------------------------------------------------------
     async def wait_for(self, revision: int, timeout: float = 10.0, *, elsewhere: bool = False):
         """Return once every change up to revision is visible here. With elsewhere, the
-        revision may be of no change of this prefix (a failed transaction's, say): etcd
-        is asked to tell the watch once it has passed it."""
+        revision may be of no change of this prefix (a failed transaction's, say), which
+        the watch never shows: a mark is written here, and the watch passes it after
+        every change before it (a watch delivers in revision order)."""
         if revision <= self.revision:
             return
         fut = asyncio.get_running_loop().create_future()
@@ -223,9 +226,15 @@ class ObjectCache:
 
         async def passed():
             if elsewhere:
-                await self._store.request_progress()
+                await self._mark(revision)
             await fut
         await asyncio.wait_for(passed(), timeout)
+
+    async def _mark(self, revision: int):
+        # One mark at a time, and none for a revision an earlier mark is past.
+        async with self._marking:
+            if self._marked < revision:
+                self._marked = await self._store.put(keys.REVISION_MARK, b'')
 
     def listen(self, prefix: str, callback: Callable[[str, Entry | None], None]):
         """Call callback(key, entry or None when deleted) on every change under prefix."""

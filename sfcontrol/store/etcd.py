@@ -59,7 +59,7 @@ class StoreCompacted(StoreError):
 
 
 class Event(NamedTuple):
-    type: str  # "put", "delete", or "progress" (every change up to mod_revision was yielded)
+    type: str  # "put" or "delete"
     key: str  # relative to the store prefix
     value: bytes  # b"" for deletes
     mod_revision: int
@@ -157,9 +157,7 @@ class Store:
         self._root = prefix.rstrip("/") + "/"
         self._kv, self._lease = rpc.KVStub(channel), rpc.LeaseStub(channel)
         self._watch = rpc.WatchStub(channel)
-        self._progress_calls: set = set()       # the watches that yield progress events
-        self._progress_lock = asyncio.Lock()    # one write at a time on a stream
-        #: RPCs made to etcd, by kind: range, txn, put, delete, watch_create, watch_progress,
+        #: RPCs made to etcd, by kind: range, txn, put, delete, watch_create,
         #: lease (grant, revoke), lease_keepalive, compact.
         self.requests: collections.Counter[str] = collections.Counter()
 
@@ -291,23 +289,14 @@ class Store:
         finally:
             call.cancel()
 
-    async def request_progress(self) -> None:
-        """Ask etcd to tell each progress watch the revision it is at (a "progress"
-        event): how a watcher learns that a revision made outside its prefix (a change
-        of another prefix, a lease expiry) holds nothing more for it."""
-        async with self._progress_lock:
-            for call in list(self._progress_calls):
-                self.requests["watch_progress"] += 1
-                # Bounded: a stream whose etcd is gone may take a write and never finish it
-                # (the watch itself reconnects, and its next events advance the waiter).
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
-                    await asyncio.wait_for(
-                        call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())), 1.0)
-
     async def watch_prefix(self, prefix: str, start_revision: int = 0, *,
-                           max_outage: float | None = None, progress: bool = False) -> AsyncIterator[Event]:
-        """Every change under prefix from start_revision (0: from when the watch starts),
-        and with progress, "progress" events answering request_progress().
+                           max_outage: float | None = None) -> AsyncIterator[Event]:
+        """Every change under prefix from start_revision (0: from when the watch starts).
+
+        No progress notifications: etcd 3.4 answers a progress request at once with
+        its current revision, ahead of the events a watch that is catching up (after
+        a reconnect, say) has not sent yet, so a notification does not say that
+        everything before it was seen. (ObjectCache.wait_for writes a key instead.)
 
         Survives etcd restarts: reconnects with capped backoff and resumes after the last
         event yielded, so nothing is missed or repeated. Raises StoreCompacted if the
@@ -329,8 +318,6 @@ class Store:
                     next_rev = created.header.revision + 1
                 down_since = None
                 backoff.reset()
-                if progress:
-                    self._progress_calls.add(call)
                 while True:
                     resp = await call.read()
                     if resp is grpc.aio.EOF:
@@ -346,9 +333,6 @@ class Store:
                                     self._rel(ev.kv.key), ev.kv.value, ev.kv.mod_revision)
                     if resp.events:
                         next_rev = resp.events[-1].kv.mod_revision + 1
-                    elif progress and resp.header.revision >= next_rev:    # a progress notification
-                        next_rev = resp.header.revision + 1
-                        yield Event("progress", "", b"", resp.header.revision)
             except grpc.aio.AioRpcError as e:
                 if self._closed or e.code() not in _WATCH_RETRY:
                     raise _map_error(e) from e
@@ -360,7 +344,6 @@ class Store:
                 raise
             finally:
                 if call is not None:
-                    self._progress_calls.discard(call)
                     call.cancel()
             down_since = down_since or loop.time()
             if max_outage is not None and loop.time() - down_since > max_outage:

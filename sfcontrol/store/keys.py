@@ -31,6 +31,10 @@ they protect, so that two controllers cannot both take one:
   floating/<ipv4>                        interface uuid
   vsock-cids/<cid>                       instance uuid (the agent's vsock address)
 
+Written only to be seen passing by in the cache's watch (ObjectCache.wait_for):
+
+  revision-mark                          empty
+
 Not cached (read from etcd when asked for):
 
   events/<ns>/<object type>/<object uuid>/<seq>   shakenfist.v1.Event; seq sorts by time
@@ -88,6 +92,7 @@ def blob_location(blob_uuid, holder): return f'blob-locations/{blob_uuid}/{holde
 def upload(uuid): return f'uploads/{uuid}'
 def artifact(ns, uuid): return f'artifacts/{ns}/{uuid}'
 def artifacts(ns): return f'artifacts/{ns}/'
+REVISION_MARK = 'revision-mark'
 LEGACY_TOKEN_SECRET = 'config/token-secret'     # before signing keys had ids; removed at start
 
 
