@@ -558,6 +558,98 @@ async def test_a_start_cut_short_before_qemu_ran_is_shut_off_at_the_next_open(gu
     assert result['open_seconds'] < 20      # not libvirt's 30 s job timeout
 
 
+# A node process that starts a guest with a 512 MiB data disk and a live backup of that
+# disk, then holds the backup's block job paused in QEMU, so that the backup is still
+# running when the node is killed.
+BACKING_UP_SCRIPT = r"""
+import asyncio, json, subprocess, sys
+import libvirt_qemu
+from sfnode import domain
+from sfnode.libvirt.hypervisor import Hypervisor
+from shakenfist.v1 import specs_pb2 as spb
+from tests.test_sfnode_hypervisor import sftest_instance
+
+async def main(state, caps_cache, image):
+    hv = await Hypervisor.connect(state, caps_cache=caps_cache)
+    desired = sftest_instance()
+    desired.instance.disk_spec.add(size=1, bus=spb.DISK_BUS_VIRTIO)
+    paths = domain.InstancePaths.under(state, desired.instance)
+    subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', image, paths.disks[0]], check=True)
+    subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', paths.disks[1], '1G'], check=True)
+    subprocess.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x5a 0 512M', paths.disks[1]],
+                   check=True, capture_output=True)
+    await hv.define_and_start(domain.build_domain_xml(desired, paths, domain.DomainOptions()))
+    dom = hv.conn.lookupByUUIDString(desired.instance.uuid)
+    dom.backupBegin(f"<domainbackup mode='push'><disks><disk name='vda' backup='no'/>"
+                    f"<disk name='vdb' backup='yes' type='file'><driver type='qcow2'/>"
+                    f"<target file='{state}/leftover.qcow2'/></disk></disks></domainbackup>", None, 0)
+
+    def qmp(command, **arguments):
+        return json.loads(libvirt_qemu.qemuMonitorCommand(
+            dom, json.dumps({'execute': command, 'arguments': arguments}), 0))['return']
+    for job in qmp('query-block-jobs'):
+        qmp('block-job-pause', device=job['device'])
+    print(json.dumps({'uuid': desired.instance.uuid, 'disk': paths.disks[1],
+                      'paused': [job['paused'] for job in qmp('query-block-jobs')]}), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+# A restarted node: back the disk up, and say how it went.
+BACKUP_SCRIPT = r"""
+import asyncio, json, sys
+from sfnode.libvirt.hypervisor import Hypervisor
+
+async def main(state, caps_cache, uuid, target):
+    hv = await Hypervisor.connect(state, caps_cache=caps_cache)
+    try:
+        await hv.backup_disk(uuid, 'vdb', target)
+        print(json.dumps({}), flush=True)
+    except Exception as e:
+        print(json.dumps({'error': str(e)}), flush=True)
+    await hv.destroy(uuid)
+    await hv.undefine(uuid)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.real_vm
+async def test_a_node_restarted_mid_backup_takes_the_backup_again(guest_image, caps_cache):
+    """QEMU copies on while no libvirt is there, the next open restores the backup job,
+    and libvirt allows one per domain: backup_disk aborts the leftover and takes its own
+    (without that, backupBegin timed out on the job lock)."""
+    state = short_tmpdir()
+    try:
+        node = await asyncio.create_subprocess_exec(
+            sys.executable, '-c', BACKING_UP_SCRIPT, str(state), str(caps_cache), str(guest_image),
+            cwd=REPO, stdout=asyncio.subprocess.PIPE)
+        try:
+            started = json.loads(await asyncio.wait_for(node.stdout.readline(), 120))
+        finally:
+            node.kill()
+            await node.wait()
+        assert started['paused'] == [True], 'no backup left running'
+
+        target = state / 'again.qcow2'
+        restarted = await asyncio.create_subprocess_exec(
+            sys.executable, '-c', BACKUP_SCRIPT, str(state), str(caps_cache), started['uuid'], str(target),
+            cwd=REPO, stdout=asyncio.subprocess.PIPE)
+        try:
+            result = json.loads(await asyncio.wait_for(restarted.stdout.readline(), 120))
+        finally:
+            if restarted.returncode is None:
+                await asyncio.wait_for(restarted.wait(), 60)
+        assert result.get('error') is None, result
+        same = subprocess.run(['qemu-img', 'compare', '-U', str(target), started['disk']],
+                              capture_output=True, text=True)
+        assert same.returncode == 0, (same.stdout, same.stderr)
+    finally:
+        subprocess.run(['pkill', '-9', '-f', f'guest=sf-.*{state}'], capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def test_only_statuses_without_a_qemu_are_forgotten(tmp_path):
     run = tmp_path / 'run' / 'qemu'
     run.mkdir(parents=True)

@@ -509,7 +509,10 @@ class Hypervisor:
     async def backup_disk(self, ref: str, device: str, target: str):
         """Copy a running domain's disk as it is now into a new qcow2 file, whole (its
         backing chain flattened), while the guest runs on: libvirt's push-mode backup,
-        whose end comes as a job-completed event."""
+        whose end comes as a job-completed event. A backup still running that this
+        call did not start (the node was restarted mid-copy: QEMU copies on without
+        libvirt) is aborted first, since a domain has one backup job at a time."""
+        await self._abort_leftover_backup(ref)
         ended = asyncio.get_running_loop().create_future()
 
         def listener(event: DomainEvent):
@@ -526,6 +529,39 @@ class Hypervisor:
         if not job.get('success'):
             raise HypervisorError(f'backing up {device} of {ref} failed: '
                                   f'{job.get("errmsg") or "the job did not succeed"}')
+
+    async def _abort_leftover_backup(self, ref: str):
+        ended = asyncio.get_running_loop().create_future()
+
+        def listener(event: DomainEvent):
+            if ref in (event.name, event.uuid) and event.kind == 'job-completed' and not ended.done():
+                ended.set_result(None)
+        self.add_listener(listener)     # before the look, so that its end is not missed
+        try:
+            if await asyncio.to_thread(self._abort_backup_job, ref):
+                LOG.warning('%s: a backup left running (by a restart mid-copy) is aborted', ref)
+                await asyncio.wait_for(ended, 60)
+                await asyncio.to_thread(self._backup_settled, ref)
+        finally:
+            self.remove_listener(listener)
+
+    def _abort_backup_job(self, ref) -> bool:
+        """Abort the domain's backup job; False if it had none."""
+        dom = self._domain(ref, 'back up')
+        with libvirt_errors('back up', ref):
+            try:
+                dom.backupGetXMLDesc(0)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_BACKUP:
+                    return False
+                raise
+            try:
+                dom.abortJob()
+            except libvirt.libvirtError as e:
+                # It ended between the look and the abort: its job-completed event is coming.
+                if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
+        return True
 
     def _backup_settled(self, ref):
         """Return once libvirt has closed the backup's target. It sends job-completed
