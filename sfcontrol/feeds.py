@@ -35,7 +35,8 @@ def desired_instance(cache: ObjectCache, placement) -> pb.DesiredInstance | None
         return None
     desired = pb.DesiredInstance(desired_power_state=record.desired_power_state,
                                  vsock_cid=record.vsock_cid, console_password=record.console_password,
-                                 base_blobs=record.base_blobs, snapshots=record.snapshots)
+                                 base_blobs=record.base_blobs, snapshots=record.snapshots,
+                                 power_generation=record.power_generation)
     desired.instance.CopyFrom(entry.value)
     for name in OBSERVED:
         desired.instance.ClearField(name)

@@ -123,6 +123,8 @@ async def test_power_off_and_on_soft_and_hard_reboot_pause_and_unpause(plane, cl
     ref = api.PowerOffInstanceRequest(instance_ref='guest')
     await client.instances.PowerOffInstance(ref)
     await until(client, 'guest', 'off', lambda i: i.power_state == pb.POWER_STATE_OFF)
+    await client.instances.PowerOffInstance(ref)      # again: it shows off, not on its way there
+    await until(client, 'guest', 'off again', lambda i: i.power_state == pb.POWER_STATE_OFF)
     seen = len(boots(plane, guest))
     await client.instances.PowerOnInstance(api.PowerOnInstanceRequest(instance_ref='guest'))
     await until(client, 'guest', 'on', lambda i: i.power_state == pb.POWER_STATE_ON)
@@ -139,6 +141,20 @@ async def test_power_off_and_on_soft_and_hard_reboot_pause_and_unpause(plane, cl
                 and i.agent_state == pb.AGENT_STATE_NOT_READY_INSTANCE_PAUSED)
     await client.instances.UnpauseInstance(api.UnpauseInstanceRequest(instance_ref='guest'))
     await until(client, 'guest', 'running and ready', lambda i: i.power_state == pb.POWER_STATE_ON
+                and i.agent_state == pb.AGENT_STATE_READY)
+
+
+async def test_a_guest_that_powered_itself_off_powers_on_again(plane, client, guest):
+    from shakenfist.v1 import agent_operation_service_pb2 as aop
+    await until(client, 'guest', 'agent ready', lambda i: i.agent_state == pb.AGENT_STATE_READY)
+    await client.agentops.ExecuteCommand(aop.ExecuteCommandRequest(instance_ref='guest',
+                                                                   command_line='poweroff -f'))
+    await until(client, 'guest', 'off by itself', lambda i: i.power_state == pb.POWER_STATE_OFF)
+    seen = len(boots(plane, guest))
+    # The desired power was on all along: the power on still reaches the node.
+    await client.instances.PowerOnInstance(api.PowerOnInstanceRequest(instance_ref='guest'))
+    await eventually(lambda: len(boots(plane, guest)) > seen, BOOT, what='a boot after power on')
+    await until(client, 'guest', 'on and ready', lambda i: i.power_state == pb.POWER_STATE_ON
                 and i.agent_state == pb.AGENT_STATE_READY)
 
 

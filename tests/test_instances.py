@@ -211,6 +211,27 @@ async def test_power_off_then_on_reaches_the_node(system, node):
     await _power(system, inst.uuid, pb.POWER_STATE_ON)
 
 
+async def test_a_power_call_that_asks_for_the_power_already_asked_still_reaches_the_node(system, node):
+    """Power off twice, or power on a guest that shut itself down: the desired power is
+    what it was, yet the node must look again and report (the power state showed
+    transition-to-off or -on for good, and a guest off by itself could not be powered on)."""
+    inst = await create_created(system)
+    await system.instances.PowerOffInstance(api.PowerOffInstanceRequest(instance_ref='inst1'))
+    await _power(system, inst.uuid, pb.POWER_STATE_OFF)
+    await system.instances.PowerOffInstance(api.PowerOffInstanceRequest(instance_ref='inst1'))
+    await _power(system, inst.uuid, pb.POWER_STATE_OFF)
+    await system.instances.PowerOnInstance(api.PowerOnInstanceRequest(instance_ref='inst1'))
+    await _power(system, inst.uuid, pb.POWER_STATE_ON)
+    # The guest powers itself off: its node says so, and the desired power is still on.
+    await node.report(inst.uuid, power_state=pb.POWER_STATE_OFF)
+    await _power(system, inst.uuid, pb.POWER_STATE_OFF)
+    seen = node.upserts[inst.uuid]
+    await system.instances.PowerOnInstance(api.PowerOnInstanceRequest(instance_ref='inst1'))
+    await _power(system, inst.uuid, pb.POWER_STATE_ON)
+    assert node.upserts[inst.uuid] == seen + 1
+    assert node.desired[inst.uuid].desired_power_state == pb.POWER_STATE_ON
+
+
 async def _power(client, uuid, state):
     from tests.waiting import eventually
 

@@ -243,12 +243,14 @@ class Instances:
                 txn.check_revision(blob.key, blob.mod_revision).put(blob.key, failed.SerializeToString())
 
     def _set_desired_power(self, txn: Txn, inst: pb.Instance, power):
+        """Ask the node for power, even if it was asked before (power_generation)."""
         entry = self.core.cache.get(keys.placement(inst.node, inst.uuid))
-        if entry is None or entry.value.desired_power_state == power:
+        if entry is None:
             return
         placement = records_pb2.Placement()
         placement.CopyFrom(entry.value)
         placement.desired_power_state = power
+        placement.power_generation += 1
         txn.put(entry.key, placement.SerializeToString())
 
     # -- read ----------------------------------------------------------------------
