@@ -188,6 +188,28 @@ async def test_delete_all_needs_confirm_and_system_needs_a_namespace(system, nod
     await wait_state(system, r.instance_uuids[0], DELETED)
 
 
+def allocated(controller, node):
+    from sfcontrol.store import keys
+    a = controller.core.cache.get(keys.node(node.name)).value.allocated
+    return a.cpus, a.memory_mib, a.disk_gib
+
+
+async def test_delete_all_of_more_instances_than_one_transaction_holds(system, node, controller):
+    """etcd takes 128 operations per transaction: one delete-all transaction failed past
+    about 40 instances ("the state store is unavailable; retry", which a retry never cured)."""
+    await network(system, netblock='10.2.0.0/24')
+    made = {(await create(system, f'many{i}', memory=64, networks=['net1'])).uuid for i in range(60)}
+    for uuid in made:
+        await wait_state(system, uuid, CREATED)
+    request = api.DeleteAllInstancesRequest(confirm=True, namespace='system', request_id='delete-them-all')
+    r = await system.instances.DeleteAllInstances(request)
+    assert len(r.instance_uuids) == 60 and set(r.instance_uuids) == made
+    assert (await system.instances.DeleteAllInstances(request)).instance_uuids == r.instance_uuids
+    for uuid in made:
+        await wait_state(system, uuid, DELETED)
+    assert allocated(controller, node) == (0, 0, 0)
+
+
 # -- power -------------------------------------------------------------------------------
 
 async def test_power_calls_before_created_are_not_ready(system, node):

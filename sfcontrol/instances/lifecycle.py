@@ -19,6 +19,7 @@ from sfcontrol.events import Events
 from sfcontrol.networks import Networks
 from sfcontrol.nodeclient import NodeClients
 from sfcontrol.store import keys
+from sfcontrol.store.cache import untracked
 from sfcontrol.store.etcd import Txn
 from shakenfist.store.v1alpha1 import records_pb2
 from shakenfist.v1 import blob_pb2, event_pb2, specs_pb2
@@ -33,6 +34,9 @@ A = pb.AgentState
 DEFAULT_PAGE = 1000
 # Interfaces per instance, hot-plugged ones included: the schema's limit on
 # Instance.interfaces (and on CreateInstanceRequest.network).
+# The operations of one delete-all transaction at most: etcd takes 128 (checks and
+# operations each), and the reads each delete makes are checks too.
+BATCH_OPS = 60
 MAX_INTERFACES = limits.max_items(pb.Instance.DESCRIPTOR.fields_by_name['interfaces'])
 
 
@@ -323,17 +327,39 @@ class Instances:
                         'cleaned up after error' if failed else 'deleted')
 
     async def delete_all(self, req: api.DeleteAllInstancesRequest):
+        """Delete every instance of the scope, in transactions of a bounded size (etcd
+        takes at most 128 operations in one), then record the request. Not atomic, as
+        no delete-all is: a retry deletes what is left and answers with all of it."""
         ns = caller.delete_all_scope(req)
+        if (prior := await self.core.replayed(req)) is not None:
+            return prior
+        uuids: list[str] = []
+        while batch := (await self.core.mutate(lambda: self._delete_batch(ns, set(uuids)))).instance_uuids:
+            uuids.extend(batch)
 
-        def build():
-            txn, uuids = Txn(), []
-            live, _ = self.core.cache.range(
-                keys.instances(ns), filter=lambda i: i.state not in (states.DELETED, states.DELETE_WAIT_ERROR))
-            for entry in live:
-                self._delete(txn, entry)
-                uuids.append(entry.value.uuid)
-            return txn, api.DeleteAllInstancesResponse(instance_uuids=uuids)
-        return await self.core.mutate(build, request=req)
+        def record():
+            return Txn(), api.DeleteAllInstancesResponse(instance_uuids=uuids)
+        return await self.core.mutate(record, request=req)
+
+    def _delete_batch(self, ns, done: set[str]):
+        """A transaction deleting the next instances not in done, and their uuids (an
+        empty response when none is left). Two deletes that write one key (a node
+        record) go in different transactions: the second must see the first's."""
+        txn, written, response = Txn(), set(), api.DeleteAllInstancesResponse()
+        with untracked():       # what is left only chooses; each instance read is checked
+            live, _ = self.core.cache.range(keys.instances(ns), filter=lambda i: (
+                i.uuid not in done and i.state not in (states.DELETED, states.DELETE_WAIT_ERROR)))
+        for entry in live:
+            one = Txn()
+            self._delete(one, entry)
+            touched = {op[1] for op in one.ops}
+            if response.instance_uuids and (touched & written or len(txn.ops) + len(one.ops) > BATCH_OPS):
+                break
+            txn.checks += one.checks
+            txn.ops += one.ops
+            written |= touched
+            response.instance_uuids.append(entry.value.uuid)
+        return txn, response
 
     # -- interfaces -----------------------------------------------------------------
     def list_interfaces(self, req: api.ListInstanceInterfacesRequest):
