@@ -210,6 +210,27 @@ async def test_delete_all_of_more_instances_than_one_transaction_holds(system, n
     assert allocated(controller, node) == (0, 0, 0)
 
 
+async def test_failed_instances_give_their_node_capacity_back_once(system, node, controller):
+    """An instance in error was freed when its node reported it gone; deleting it freed it
+    again (the node showed negative use, so more could be placed on it than it holds), and
+    two of them on one node could not be deleted together (one transaction wrote the
+    node's record twice)."""
+    node.auto_create = False
+    failed = []
+    for i in range(3):
+        inst = await create(system, f'failed{i}', memory=64)
+        await node.report(inst.uuid, state=pb.INSTANCE_STATE_PREFLIGHT)
+        await node.report(inst.uuid, state=pb.INSTANCE_STATE_PREFLIGHT_ERROR, error_message='no disk')
+        await node.report(inst.uuid, state=DELETED)
+        assert (await get(system, inst.uuid)).state == pb.INSTANCE_STATE_ERROR
+        failed.append(inst.uuid)
+    assert allocated(controller, node) == (0, 0, 0)
+    r = await system.instances.DeleteAllInstances(api.DeleteAllInstancesRequest(confirm=True, namespace='system'))
+    assert sorted(r.instance_uuids) == sorted(failed)
+    assert [(await get(system, u)).state for u in failed] == [DELETED] * 3
+    assert allocated(controller, node) == (0, 0, 0)
+
+
 # -- power -------------------------------------------------------------------------------
 
 async def test_power_calls_before_created_are_not_ready(system, node):

@@ -296,9 +296,16 @@ class Instances:
         if inst.state == states.DELETE_WAIT:
             return          # already on its way
         if placement is None:
-            # Nothing on a node (it failed and was cleaned up): delete now.
+            # Nothing on a node any more (it failed): delete now. One in error was freed
+            # when its node reported it gone (freeing it again gave its node's capacity
+            # back twice); one still in its failed state is freed here. Either way it
+            # ends deleted, as asked.
             states.check(inst.state, states.DELETED)
-            self.finish_delete(txn, inst)
+            if inst.state == states.ERROR:
+                self.core.event(txn, inst.namespace, OBJ, inst.uuid, STATUS, 'deleted')
+            else:
+                self.finish_delete(txn, inst)
+            inst.state = states.DELETED
         else:
             states.check(inst.state, states.DELETE_WAIT)
             inst.state = states.DELETE_WAIT
