@@ -32,11 +32,11 @@ P = pb.PowerState
 ON, OFF, PAUSED = P.Value('POWER_STATE_ON'), P.Value('POWER_STATE_OFF'), P.Value('POWER_STATE_PAUSED')
 A = pb.AgentState
 DEFAULT_PAGE = 1000
-# Interfaces per instance, hot-plugged ones included: the schema's limit on
-# Instance.interfaces (and on CreateInstanceRequest.network).
 # The operations of one delete-all transaction at most: etcd takes 128 (checks and
 # operations each), and the reads each delete makes are checks too.
 BATCH_OPS = 60
+# Interfaces per instance, hot-plugged ones included: the schema's limit on
+# Instance.interfaces (and on CreateInstanceRequest.network).
 MAX_INTERFACES = limits.max_items(pb.Instance.DESCRIPTOR.fields_by_name['interfaces'])
 
 
