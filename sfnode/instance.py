@@ -144,7 +144,11 @@ class InstanceWorker:
         if not exists:
             await self._build(desired)
         elif self.state != _ORDER[-1]:
-            await self._advance(_ORDER[-1])
+            # Defined by a node that was restarted before it said created (libvirt may
+            # have killed its guest half started): power it as the build would have,
+            # then say created with what a build says.
+            await self._converge_power(desired)
+            await self._advance(_ORDER[-1], **self._created(desired))
         await self._start_console(desired)
         await self._converge_power(desired)
         await self._converge_interfaces(desired)
@@ -248,16 +252,21 @@ class InstanceWorker:
             name=f'event-{self.uuid}')
         start = desired.desired_power_state != P.Value('POWER_STATE_OFF')
         await self.node.hypervisor.define(xml, start=start)
-        slots = domain.disk_layout(inst, paths)
-        await self._advance(
-            S.Value('INSTANCE_STATE_CREATED'), console_port=ports['console'],
-            vdi_port=ports['vdi'], disks_set=True,
+        await self._advance(S.Value('INSTANCE_STATE_CREATED'), **self._created(desired))
+        await event
+
+    def _created(self, desired) -> dict:
+        """What the report of created says: ports, disks, interfaces, the agent."""
+        inst = desired.instance
+        ports = self.ports()
+        slots = domain.disk_layout(inst, domain.InstancePaths.under(str(self.dir), inst))
+        return dict(
+            console_port=ports['console'], vdi_port=ports['vdi'], disks_set=True,
             disks=[s.to_pb(self._base_blob(desired, s.index) if s.index is not None else None)
                    for s in slots],
             interface_states={i.uuid: network_pb2.NETWORK_INTERFACE_STATE_CREATED
                               for i in inst.interfaces},
             **({'agent_state': ipb.AGENT_STATE_NOT_READY_NO_CONTACT} if inst.side_channels else {}))
-        await event
 
     @staticmethod
     def _base_blob(desired, i: int) -> str:

@@ -158,3 +158,40 @@ async def test_a_started_node_kills_orphaned_qemu_of_its_guests(tmp_path):
         for p in (orphan, known, stranger):
             p.kill()
             p.wait()
+
+
+async def test_a_domain_defined_before_its_node_restarted_is_started_then_said_created(system, controller,
+                                                                                      pki, tmp_path):
+    """A node killed after it defined a domain and before it said created (libvirt kills a
+    guest it finds half started) adopts the domain when it starts again: it starts it, then
+    says created with the ports and disks a build reports. It used to say created first,
+    with none of them (the instance showed no console port), and start the guest after."""
+    node, hv = await start_node(controller, pki, tmp_path)
+    inst = (await system.instances.CreateInstance(create_request('adopted', placed_on='tn1'))).instance
+    await wait_state(system, inst.uuid, pb.INSTANCE_STATE_CREATED, timeout=30)
+    await node.stop()
+    # As the killed node left it: the domain defined and shut off, the instance creating.
+    # (The first connection stays open: the test driver's domains live while one is.)
+    first_hv = hv
+    await first_hv.destroy(inst.uuid)
+    entry = controller.core.cache.get(keys.instance('system', inst.uuid))
+    left = pb.Instance()
+    left.CopyFrom(entry.value)
+    left.state = pb.INSTANCE_STATE_CREATING
+    for field in ('console_port', 'vdi_port', 'power_state', 'disks'):
+        left.ClearField(field)
+    await controller.core.cache.wait_for(await controller.core.store.put(entry.key, left.SerializeToString()))
+
+    node, hv = await start_node(controller, pki, tmp_path)
+    try:
+        await wait_state(system, inst.uuid, pb.INSTANCE_STATE_CREATED, timeout=30)
+        assert (await hv.domain_info(inst.uuid)).active
+        assert 'state changed to preflight' not in [    # adopted, not built again
+            e.message for e in (await events_of(system, inst.uuid))[:5]]
+        shown = await get(system, inst.uuid)
+        assert shown.console_port and shown.vdi_port and [d.device for d in shown.disks][:1] == ['vda']
+        assert shown.power_state == pb.POWER_STATE_ON
+    finally:
+        await node.stop(stop_guests=True)
+        hv.close()
+        first_hv.close()
