@@ -202,6 +202,7 @@ class Node(node_pb2_grpc.NodeServiceServicer):
         await self._kill_orphan_guests()
         r = await self.link.call('RegisterNode', self._registration())
         self.hypervisor.on_power_change(self._power_changed)
+        self.hypervisor.add_listener(self._guest_reset)
         self._tasks = [asyncio.create_task(self._follow(), name='follow'),
                        asyncio.create_task(self._heartbeat(r.heartbeat_interval_seconds), name='heartbeat')]
         if self.config.usage_interval > 0:
@@ -322,6 +323,11 @@ class Node(node_pb2_grpc.NodeServiceServicer):
                 await self.hypervisor.undefine(info.name)
                 images.remove_tree(self.instances_dir / uuid)
         self.synced.set()
+
+    def _guest_reset(self, event):
+        worker = self.workers.get(event.uuid) if event.kind == 'reboot' else None
+        if worker is not None and worker.agent is not None:
+            worker.agent.guest_reset()
 
     def _power_changed(self, uuid: str, power_state: int):
         worker = self.workers.get(uuid)

@@ -74,6 +74,14 @@ class AgentSession:
             self.state = None
             self._ready.clear()
 
+    def guest_reset(self):
+        """The guest was reset (libvirt's reboot event): its agent starts again, but a
+        virtio-serial connection does not break, and a reboot quicker than REPLY_TIMEOUT
+        went unseen (the new agent answered the ping). Drop the connection: the monitor
+        connects again, and the agent's welcome says its new boot time."""
+        if self.channel is not None:
+            self.channel.closed.set()
+
     async def stop(self):
         if self._task:
             self._task.cancel()
