@@ -512,7 +512,23 @@ class Hypervisor:
         whose end comes as a job-completed event. A backup still running that this
         call did not start (the node was restarted mid-copy: QEMU copies on without
         libvirt) is aborted first, since a domain has one backup job at a time."""
-        await self._abort_leftover_backup(ref)
+        with self._job_end(ref) as ended:     # listened for before the look: not missed
+            if await asyncio.to_thread(self._abort_backup_job, ref):
+                LOG.warning('%s: a backup left running (by a restart mid-copy) is aborted', ref)
+                await asyncio.wait_for(ended, 60)
+                await asyncio.to_thread(self._backup_settled, ref)
+        with self._job_end(ref) as ended:
+            await asyncio.to_thread(self._backup_begin, ref, device, target)
+            job = await ended
+        await asyncio.to_thread(self._backup_settled, ref)
+        if not job.get('success'):
+            raise HypervisorError(f'backing up {device} of {ref} failed: '
+                                  f'{job.get("errmsg") or "the job did not succeed"}')
+
+    @contextlib.contextmanager
+    def _job_end(self, ref: str):
+        """A future of how the domain's next job ends (libvirt's job-completed event, or
+        the domain stopping), for as long as the block runs."""
         ended = asyncio.get_running_loop().create_future()
 
         def listener(event: DomainEvent):
@@ -521,27 +537,7 @@ class Hypervisor:
                 ended.set_result(event.job or {'success': False, 'errmsg': 'the domain stopped'})
         self.add_listener(listener)
         try:
-            await asyncio.to_thread(self._backup_begin, ref, device, target)
-            job = await ended
-        finally:
-            self.remove_listener(listener)
-        await asyncio.to_thread(self._backup_settled, ref)
-        if not job.get('success'):
-            raise HypervisorError(f'backing up {device} of {ref} failed: '
-                                  f'{job.get("errmsg") or "the job did not succeed"}')
-
-    async def _abort_leftover_backup(self, ref: str):
-        ended = asyncio.get_running_loop().create_future()
-
-        def listener(event: DomainEvent):
-            if ref in (event.name, event.uuid) and event.kind == 'job-completed' and not ended.done():
-                ended.set_result(None)
-        self.add_listener(listener)     # before the look, so that its end is not missed
-        try:
-            if await asyncio.to_thread(self._abort_backup_job, ref):
-                LOG.warning('%s: a backup left running (by a restart mid-copy) is aborted', ref)
-                await asyncio.wait_for(ended, 60)
-                await asyncio.to_thread(self._backup_settled, ref)
+            yield ended
         finally:
             self.remove_listener(listener)
 
